@@ -1,0 +1,1 @@
+"""sparsetrain: train transformers with trainable sparse attention in JAX/Pallas."""

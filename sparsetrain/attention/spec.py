@@ -1,0 +1,71 @@
+"""Per-layer attention specs: which method and implementation each layer's attention uses.
+
+A model config holds a tuple of `AttentionSpec` rules. Each rule names the layers it covers; for a
+layer, the last rule that covers it wins. So "layers 0,1 dense, the rest sparse" is
+
+    attention=(AttentionSpec(layers="all", method="dense"),
+               AttentionSpec(layers="2:", method="<sparse method>"))
+
+and needs no code change. New methods add their name and implementations to `METHODS` and a builder
+to the dispatcher (`sparsetrain/attention/dispatch.py`); a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from sparsetrain.configbase import Config, ConfigError
+
+# method -> implementations it accepts ("auto" picks by platform at trace time).
+METHODS: dict[str, tuple[str, ...]] = {
+    "dense": ("auto", "xla", "cudnn"),
+}
+
+
+def parse_layers(selector: str, num_layers: int) -> frozenset[int]:
+    """Layer indices named by a selector: "all", "3", "0,1", "2:", ":4", "4:8" (slices as in Python)."""
+    if selector.strip() == "all":
+        return frozenset(range(num_layers))
+    chosen: set[int] = set()
+    for part in selector.split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                lo, hi = part.split(":", 1)
+                chosen.update(range(num_layers)[slice(int(lo) if lo else None, int(hi) if hi else None)])
+            else:
+                index = int(part)
+                if not -num_layers <= index < num_layers:
+                    raise ConfigError(f"layer {index} does not exist (model has {num_layers} layers)")
+                chosen.add(index % num_layers)
+        except ValueError:
+            raise ConfigError(
+                f"layers={selector!r}: use 'all', indices '0,1', or slices '2:', ':4', '4:8'") from None
+    return frozenset(chosen)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec(Config):
+    layers: str = "all"          # which layers this rule covers (see parse_layers)
+    method: str = "dense"        # a key of METHODS
+    impl: str = "auto"           # one of METHODS[method]
+    block_size: int = 64         # sparse methods: tokens per selection block
+
+    def validate(self) -> None:
+        self.require(self.method in METHODS, "method", f"choose one of {sorted(METHODS)}")
+        self.require(self.impl in METHODS[self.method], "impl",
+                     f"method {self.method!r} accepts {METHODS[self.method]}")
+        self.require(self.block_size > 0 and self.block_size % 16 == 0, "block_size",
+                     "must be a positive multiple of 16")
+        parse_layers(self.layers, 1 << 20)  # syntax check; ranges are checked against the model later
+
+
+def spec_for_layer(specs: tuple[AttentionSpec, ...], layer: int, num_layers: int) -> AttentionSpec:
+    """The last rule covering `layer`."""
+    chosen = None
+    for spec in specs:
+        if layer in parse_layers(spec.layers, num_layers):
+            chosen = spec
+    if chosen is None:
+        raise ConfigError(f"model.attention: no rule covers layer {layer}; start with layers='all'")
+    return chosen
+

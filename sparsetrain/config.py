@@ -1,0 +1,200 @@
+"""The run configuration: a tree of frozen, validated dataclasses.
+
+`configs/NAME.py` files build one with `get_config()`; `train.py ... key.sub=value` overrides any leaf
+(see `sparsetrain.configbase.apply_overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from sparsetrain.attention.spec import AttentionSpec, parse_layers, spec_for_layer
+from sparsetrain.configbase import Config
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig(Config):
+    theta: float = 10000.0
+    # Context-extension scaling; only "none" is implemented now, the others are the seam for later.
+    scaling: Literal["none"] = "none"
+    factor: float = 1.0
+    original_max_len: int = 0    # training length before extension (for PI/NTK/YaRN)
+
+    def validate(self) -> None:
+        self.require(self.theta > 0, "theta", "must be > 0")
+        self.require(self.factor >= 1.0, "factor", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Config):
+    vocab_size: int = 320        # byte tokenizer needs 258; padded to a multiple of 64
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    mlp_dim: int = 704
+    max_seq_len: int = 256
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    rope: RopeConfig = RopeConfig()
+    dtype: DTypeName = "bfloat16"        # activations / matmul inputs
+    param_dtype: DTypeName = "float32"   # master weights
+    # Rematerialisation per layer: "none" keeps all activations, "full" recomputes the layer,
+    # "dots" saves only matmul outputs without batch dims (attention/MLP projections).
+    remat: Literal["none", "full", "dots"] = "none"
+    scan_layers: bool = False
+    attention: tuple[AttentionSpec, ...] = (AttentionSpec(),)
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "mlp_dim", "max_seq_len"):
+            self.require(getattr(self, name) > 0, name, "must be > 0")
+        self.require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                     f"must divide num_heads={self.num_heads}")
+        self.require(self.head_dim % 2 == 0, "head_dim", "must be even (rotary pairs)")
+        self.require(len(self.attention) > 0, "attention", "needs at least one AttentionSpec")
+        covered = set()
+        for spec in self.attention:
+            covered |= parse_layers(spec.layers, self.num_layers)
+        self.require(covered == set(range(self.num_layers)), "attention",
+                     f"rules cover layers {sorted(covered)}, need all of 0..{self.num_layers - 1}")
+        if self.scan_layers:
+            self.require(len({self._spec_key(i) for i in range(self.num_layers)}) == 1, "scan_layers",
+                         "needs the same attention spec on every layer")
+
+    def _spec_key(self, layer: int) -> AttentionSpec:
+        spec = spec_for_layer(self.attention, layer, self.num_layers)
+        return dataclasses.replace(spec, layers="all")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Config):
+    # "stdlib": the running interpreter's standard library source (embedded default, no download);
+    # "files": text/JSONL files under `path` (a directory or a glob);
+    # "tokens": pre-tokenized `.npy` or ArrayRecord files under `path`.
+    source: Literal["stdlib", "files", "tokens"] = "stdlib"
+    path: str = ""
+    tokenizer: str = "byte"      # "byte" or a path to a Hugging Face tokenizers JSON file
+    jsonl_field: str = "text"
+    seq_len: int = 256
+    batch_size: int = 16         # global batch, in sequences
+    val_fraction: float = 0.02   # fraction of documents held out for validation
+    max_documents: int = 0       # 0 = all
+    seed: int = 0
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        self.require(self.seq_len > 0, "seq_len", "must be > 0")
+        self.require(self.batch_size > 0, "batch_size", "must be > 0")
+        self.require(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
+        self.require(self.max_documents >= 0, "max_documents", "must be >= 0")
+        self.require(self.source == "stdlib" or bool(self.path), "path",
+                     f"is required when source={self.source!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig(Config):
+    learning_rate: float = 3e-3
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2   # wsd: fraction of steps spent decaying at the end
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0        # 0 disables global-norm clipping
+    # Regexes over parameter paths like "layers/3/attn/q_proj/kernel".
+    no_decay: tuple[str, ...] = ("norm", "embed")
+    freeze: tuple[str, ...] = ()
+    # "regex=multiplier" pairs: a learning-rate multiplier per parameter group (first match wins).
+    lr_multipliers: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        self.require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self.require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self.require(0.0 <= self.decay_fraction <= 1.0, "decay_fraction", "must be in [0, 1]")
+        self.require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+        self.require(self.clip_norm >= 0, "clip_norm", "must be >= 0")
+        for item in self.lr_multipliers:
+            ok = "=" in item
+            if ok:
+                try:
+                    float(item.rsplit("=", 1)[1])
+                except ValueError:
+                    ok = False
+            self.require(ok, "lr_multipliers", f"entry {item!r} must be 'regex=float'")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig(Config):
+    steps: int = 300
+    grad_accum: int = 1           # microbatches per step; batch_size must divide evenly
+    seed: int = 0
+    z_loss: float = 0.0
+    # "name=weight" pairs for auxiliary losses that attention layers report (unlisted ones weigh 1).
+    aux_loss_weights: tuple[str, ...] = ()
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite_in_row: int = 10
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "grad_accum", "log_every", "eval_every", "eval_batches",
+                     "max_nonfinite_in_row"):
+            self.require(getattr(self, name) > 0, name, "must be > 0")
+        self.require(self.z_loss >= 0, "z_loss", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Config):
+    # Device mesh axis sizes; exactly one may be -1 ("all remaining devices").
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def validate(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        self.require(all(s == -1 or s > 0 for s in sizes), "data", "axis sizes must be > 0 or -1")
+        self.require(sum(s == -1 for s in sizes) <= 1, "data", "at most one axis size may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig(Config):
+    every: int = 0                # steps between saves; 0 = only at the end
+    keep: int = 3
+    async_save: bool = True
+    keep_best: bool = False       # also keep the checkpoint with the best validation loss
+    init_from: str = ""           # start a new run from another run's (or an import's) weights
+
+    def validate(self) -> None:
+        self.require(self.every >= 0, "every", "must be >= 0")
+        self.require(self.keep > 0, "keep", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(Config):
+    name: str = "tiny"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    run_dir: str = "runs"         # outputs go to run_dir/name/
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        self.require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty file name")
+        self.require(self.data.seq_len <= self.model.max_seq_len, "data",
+                     f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        self.require(self.data.batch_size % self.trainer.grad_accum == 0, "trainer",
+                     f"trainer.grad_accum={self.trainer.grad_accum} must divide "
+                     f"data.batch_size={self.data.batch_size}")
