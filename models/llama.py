@@ -1,0 +1,72 @@
+"""Llama-style decoder-only transformer in Flax NNX.
+
+    tokens [B, T] -> embed -> L x Block -> RMSNorm -> lm_head -> logits [B, T, V] (float32)
+
+Each layer's attention is chosen by the config's per-layer AttentionSpec through the dispatcher in
+`sparsetrain.attention`. Layers are a list (`layers/<i>/...` parameter paths) or, with
+`scan_layers=True`, one stacked Block scanned over a leading "layers" axis (faster compiles for deep
+models; all layers must then share one attention spec).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import Block, RMSNorm, param
+from sparsetrain.attention.spec import spec_for_layer
+from sparsetrain.config import ModelConfig
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_forward(block: Block, x, positions, segment_ids):
+    return block(x, positions, segment_ids)
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        specs = [spec_for_layer(cfg.attention, i, cfg.num_layers) for i in range(cfg.num_layers)]
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_stack(r):
+                return Block(cfg, specs[0], r)
+            self.layers = make_stack(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, spec, rngs) for spec in specs])
+        self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens int32 [B, T]; positions [B, T] (default 0..T-1); returns float32 logits [B, T, V]."""
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+        forward = _block_forward
+        if cfg.remat != "none":
+            forward = nnx.remat(_block_forward, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def run_stack(block, h):
+                return forward(block, h, positions, segment_ids)
+            x = run_stack(self.layers, x)
+        else:
+            for block in self.layers:
+                x = forward(block, x, positions, segment_ids)
+        x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        return jnp.einsum("BTD,DV->BTV", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
