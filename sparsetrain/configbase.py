@@ -82,7 +82,9 @@ class Config:
 
     def require(self, ok: bool, field: str, message: str) -> None:
         if not ok:
-            raise ConfigError(f"{field}={getattr(self, field)!r}: {message}")
+            value = getattr(self, field)
+            shown = field if isinstance(value, Config) else f"{field}={value!r}"
+            raise ConfigError(f"{shown}: {message}")
 
 
 def _parse_scalar(text: str, tp: Any, path: str) -> Any:

@@ -1,0 +1,210 @@
+"""The training loop: build everything from a RunConfig, resume or initialise, step, evaluate, save.
+
+Runs unchanged on one CPU, fake CPU devices, one GPU, several GPUs and several hosts: the mesh comes
+from `cfg.mesh`, the step is one `jax.jit` with explicit in/out shardings and donated state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from sparsetrain.config import RunConfig
+from sparsetrain.configbase import to_dict
+from sparsetrain.data import build_data
+from sparsetrain.train import checkpoint as ckpt_lib
+from sparsetrain.train.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_bytes
+from sparsetrain.train.model_state import ModelDef
+from sparsetrain.train.optimizer import learning_rate_schedule, make_optimizer
+from sparsetrain.train.sharding import (batch_sharding, global_batch, make_mesh, param_shardings,
+                                        replicated)
+from sparsetrain.train.step import make_eval_step, make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped because the loss or gradient was not finite (see trainer.nonfinite)."""
+
+
+def maybe_initialize_distributed() -> None:
+    """Join a multi-host job when the launcher's environment says there is one."""
+    markers = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+    multi = any(os.environ.get(m) for m in markers) or int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
+        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def state_shardings(optimizer, abstract_params, p_shard, mesh) -> dict:
+    """Optimizer state placed as XLA propagates it from the parameters (Adam moments end up sharded
+    like their parameters, counters replicated), read off the compiled init without allocating."""
+    init = jax.jit(optimizer.init, in_shardings=(p_shard,)).lower(abstract_params).compile()
+    return {"params": p_shard, "opt_state": init.output_shardings, "step": replicated(mesh)}
+
+
+class Trainer:
+    """Owns the compiled steps, the state and the run directory of one run."""
+
+    def __init__(self, cfg: RunConfig, devices=None):
+        maybe_initialize_distributed()
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir) / cfg.name
+        self.is_main = jax.process_index() == 0
+        self.data = build_data(cfg.data, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+        if cfg.model.vocab_size < self.data.tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                             f"vocabulary ({self.data.tokenizer.vocab_size})")
+        self.mesh = make_mesh(cfg.mesh, devices)
+        self.model = ModelDef.create(cfg.model)
+        abstract_params = self.model.abstract_params()
+        p_shard = param_shardings(self.model.logical_axes(), abstract_params, self.mesh)
+        self.schedule = learning_rate_schedule(cfg.optimizer, cfg.trainer.steps)
+        self.optimizer = make_optimizer(cfg.optimizer, abstract_params, cfg.trainer.steps)
+        self.abstract_state = jax.eval_shape(self._init_state)
+        self.shardings = state_shardings(self.optimizer, abstract_params, p_shard, self.mesh)
+        batch_shard = batch_sharding(self.mesh)
+        self.train_step = jax.jit(make_train_step(self.model, self.optimizer, cfg.trainer, self.schedule),
+                                  in_shardings=(self.shardings, batch_shard),
+                                  out_shardings=(self.shardings, replicated(self.mesh)),
+                                  donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(self.model),
+                                 in_shardings=(self.shardings["params"], batch_shard),
+                                 out_shardings=replicated(self.mesh))
+        self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.checkpoint)
+        self.train_iter = self.data.train_iter()
+        self.state = self._resume_or_init()
+
+    def _init_state(self) -> dict:
+        params = self.model.init(self.cfg.trainer.seed)
+        return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.int32(0)}
+
+    def _resume_or_init(self) -> dict:
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            state, meta = self.checkpointer.restore(latest, self.abstract_state, self.shardings,
+                                                    self.train_iter)
+            self.log(f"resumed from {self.checkpointer.directory}/{latest} (step {meta['step']})")
+            return state
+        state = jax.jit(self._init_state, out_shardings=self.shardings)()
+        if self.cfg.checkpoint.init_from:
+            source, _ = ckpt_lib.load_params(self.cfg.checkpoint.init_from)
+            params, fresh, unused = ckpt_lib.merge_init_params(jax.device_get(state["params"]), source)
+            state["params"] = jax.device_put(params, self.shardings["params"])
+            self.log(f"initialised from {self.cfg.checkpoint.init_from}; "
+                     f"fresh: {fresh or 'none'}; unused from source: {unused or 'none'}")
+        return state
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+    def evaluate(self) -> dict:
+        loss_sum = tokens = 0.0
+        with jax.set_mesh(self.mesh):
+            for batch in self.data.val_batches(self.cfg.trainer.eval_batches):
+                out = self.eval_step(self.state["params"], global_batch(batch, self.mesh))
+                loss_sum += float(out["loss_sum"])
+                tokens += float(out["tokens"])
+        loss = loss_sum / max(tokens, 1.0)
+        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+
+    def save(self, step: int, *, force: bool = False, extra: dict | None = None) -> None:
+        meta = {"step": step, "config": to_dict(self.cfg), **(extra or {})}
+        self.checkpointer.save(step, self.state, self.train_iter, meta, force=force)
+
+    def run(self) -> dict:
+        """Train to cfg.trainer.steps (or until SIGTERM/SIGINT); returns the final metrics."""
+        cfg, tcfg = self.cfg, self.cfg.trainer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        writer = MetricsWriter(self.run_dir, cfg.tensorboard) if self.is_main else None
+        stop = {"signal": None}
+        handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
+                    for s in (signal.SIGTERM, signal.SIGINT)}
+        step = int(self.state["step"])
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        flops_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+        peak = peak_flops()
+        bar = tqdm(total=tcfg.steps, initial=step, disable=not (self.is_main and tcfg.progress_bar),
+                   dynamic_ncols=True)
+        bad_in_row, window_start, window_steps, summary = 0, time.perf_counter(), 0, {}
+        best_val = math.inf
+        try:
+            with jax.set_mesh(self.mesh):
+                while step < tcfg.steps and stop["signal"] is None:
+                    batch = global_batch(next(self.train_iter), self.mesh)
+                    self.state, metrics = self.train_step(self.state, batch)
+                    step += 1
+                    window_steps += 1
+                    if not bool(metrics["finite"]):
+                        bad_in_row += 1
+                        self.log(f"step {step}: non-finite loss/gradient "
+                                 f"(loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])}); "
+                                 f"update skipped ({bad_in_row} in a row)")
+                        if tcfg.nonfinite == "stop" or bad_in_row >= tcfg.max_nonfinite_in_row:
+                            raise NonFiniteError(
+                                f"stopping at step {step}: {bad_in_row} non-finite step(s) in a row "
+                                f"(trainer.nonfinite={tcfg.nonfinite!r}, "
+                                f"max_nonfinite_in_row={tcfg.max_nonfinite_in_row}); last good "
+                                f"checkpoint: {self.checkpointer.latest_step()}")
+                    else:
+                        bad_in_row = 0
+                    if step % tcfg.log_every == 0 or step == tcfg.steps:
+                        jax.block_until_ready(metrics)
+                        elapsed = time.perf_counter() - window_start
+                        values = {k: float(v) for k, v in metrics.items() if k != "finite"}
+                        values["step_time"] = elapsed / window_steps
+                        values["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
+                        if peak:
+                            values["mfu"] = flops_step / values["step_time"] / peak
+                        if (mem := peak_memory_bytes()) is not None:
+                            values["peak_memory_gb"] = mem / 1e9
+                        summary.update(values)
+                        bar.set_postfix(loss=f"{values['loss']:.3f}",
+                                        tok_s=f"{values['tokens_per_sec']:.0f}")
+                        if writer:
+                            writer.write(step, values)
+                        window_start, window_steps = time.perf_counter(), 0
+                    if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                        val = self.evaluate()
+                        if cfg.checkpoint.keep_best and val["val/loss"] < best_val:
+                            best_val = val["val/loss"]
+                            ckpt_lib.save_params(self.run_dir / "best", step, self.state["params"],
+                                                 {"step": step, "config": to_dict(cfg), **val}, keep=1)
+                        summary.update(val)
+                        self.log(f"step {step}: val loss {val['val/loss']:.4f}")
+                        if writer:
+                            writer.write(step, val)
+                        window_start = time.perf_counter()  # keep eval time out of tokens/s
+                    if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                        self.save(step)
+                    bar.update(1)
+            if stop["signal"] is not None:
+                self.log(f"received signal {stop['signal']}: saving step {step} and exiting")
+            if self.checkpointer.latest_step() != step:
+                self.save(step, force=True)
+            self.checkpointer.wait()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            bar.close()
+            self.checkpointer.close()
+            if writer:
+                writer.close()
+        summary["step"] = step
+        summary["interrupted"] = stop["signal"] is not None
+        return summary
+
+
+def train(cfg: RunConfig) -> dict:
+    return Trainer(cfg).run()

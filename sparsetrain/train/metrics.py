@@ -1,0 +1,63 @@
+"""Training metrics: model FLOPs and MFU, device memory, and the JSONL + TensorBoard writers."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+
+from sparsetrain.config import ModelConfig
+
+# Dense bf16 tensor-core peak per chip, for MFU. Unknown devices report no MFU rather than a guess.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, attention_density: float = 1.0) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward).
+
+    Matmuls: 2 FLOPs per weight per token (embedding lookup excluded, lm_head included). Attention:
+    QK^T and PV cost 2 * 2 * H per (query, key) pair and head; a causal query sees (T+1)/2 keys on
+    average; `attention_density` is the fraction of those a sparse layer actually computes."""
+    d, f, n, k, h = cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
+    matmul = cfg.num_layers * per_layer + d * cfg.vocab_size
+    attention = cfg.num_layers * n * 4 * h * (seq_len + 1) / 2 * attention_density
+    return 3 * (2 * matmul + attention)
+
+
+def peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    total = sum(v for k, v in PEAK_BF16_FLOPS.items() if k in kind) or None
+    return total and total * jax.device_count()
+
+
+def peak_memory_bytes() -> int | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, step: int, values: dict) -> None:
+        values = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in values.items()}
+        self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in values.items():
+                if isinstance(v, float):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb:
+            self.tb.close()

@@ -1,0 +1,74 @@
+"""The bridge between an NNX model and the pure parameter dicts the trainer, checkpoints and export use.
+
+Training state holds parameters as nested dicts of arrays (`{"layers": {0: {"attn": {"q_proj": ...}}}}`)
+so optax masks, orbax checkpoints and export tables all address them by plain paths such as
+"layers/0/attn/q_proj". `ModelDef` remembers the graph and each parameter's logical axes, and rebuilds
+a live model from a dict inside jitted code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+from flax.nnx import traversals
+
+from models import Llama
+from sparsetrain.attention import AuxLoss
+from sparsetrain.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+def path_str(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """{"layers/0/attn/q_proj": array, ...}"""
+    return {path_str(k): v for k, v in traversals.flatten_mapping(params).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    cfg: ModelConfig
+    graphdef: Any
+    template: tuple          # ((path, abstract Variable), ...) in the graph's order
+
+    @classmethod
+    def create(cls, cfg: ModelConfig) -> "ModelDef":
+        abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        return cls(cfg, graphdef, tuple(nnx.to_flat_state(state)))
+
+    def init(self, seed: int) -> Params:
+        """Fresh float32 parameters (call under jax.jit with out_shardings to place them)."""
+        return nnx.to_pure_dict(nnx.state(Llama(self.cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+    def logical_axes(self) -> Params:
+        """Same tree as the params, each leaf the tuple of logical axis names of that parameter."""
+        flat = {path: var.get_metadata().get("out_sharding") for path, var in self.template}
+        return traversals.unflatten_mapping(flat)
+
+    def abstract_params(self) -> Params:
+        flat = {path: var.get_value() for path, var in self.template}  # already ShapeDtypeStructs
+        return traversals.unflatten_mapping(flat)
+
+    def bind(self, params: Params) -> nnx.Module:
+        """A live model whose parameters are `params` (works on tracers inside jit)."""
+        flat = traversals.flatten_mapping(params)
+        state = nnx.from_flat_state([(path, var.replace(flat[path])) for path, var in self.template])
+        return nnx.merge(self.graphdef, state)
+
+    def apply(self, params: Params, tokens, positions=None, segment_ids=None):
+        """Logits [B, T, V] float32 and the auxiliary losses layers reported, {name: mean over layers}."""
+        model = self.bind(params)
+        logits = model(tokens, positions, segment_ids)
+        reported: dict[str, list] = {}
+        for path, var in nnx.to_flat_state(nnx.pop(model, AuxLoss)):
+            for value in var[...]:
+                reported.setdefault(str(path[-1]), []).append(value)
+        aux = {name: sum(values) / len(values) for name, values in reported.items()}
+        return logits, aux

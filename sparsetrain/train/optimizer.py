@@ -1,0 +1,62 @@
+"""AdamW with warmup + cosine/WSD schedule, clipping, decay masks, frozen groups and per-group LR."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+
+from sparsetrain.config import OptimizerConfig
+from sparsetrain.train.model_state import Params, path_str
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if cfg.schedule == "constant":
+        rest = optax.constant_schedule(peak)
+    elif cfg.schedule == "cosine":
+        rest = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1), alpha=cfg.min_lr_ratio)
+    else:  # wsd: warmup, hold at peak, then a linear decay over the last decay_fraction of steps
+        decay = max(int(total_steps * cfg.decay_fraction), 1)
+        hold = max(total_steps - warmup - decay, 0)
+        rest = optax.join_schedules([optax.constant_schedule(peak),
+                                     optax.linear_schedule(peak, floor, decay)], [hold])
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), rest], [warmup])
+
+
+def _labels(params: Params, fn) -> Params:
+    return jax.tree_util.tree_map_with_path(lambda path, _: fn(path_str(path)), params)
+
+
+def _first_match(patterns, path: str):
+    return next((p for p in patterns if re.search(p, path)), None)
+
+
+def make_optimizer(cfg: OptimizerConfig, params: Params, total_steps: int) -> optax.GradientTransformation:
+    """The full update rule. Parameters matching `cfg.freeze` get exactly zero updates (their optimizer
+    state is not even allocated), `cfg.no_decay` ones get no weight decay, and `lr_multipliers`
+    ("regex=x") scale the learning rate of matching groups."""
+    schedule = learning_rate_schedule(cfg, total_steps)
+    multipliers = [(p, float(m)) for p, m in (item.rsplit("=", 1) for item in cfg.lr_multipliers)]
+
+    def group_of(path: str) -> str:
+        if _first_match(cfg.freeze, path):
+            return "frozen"
+        match = next((i for i, (p, _) in enumerate(multipliers) if re.search(p, path)), None)
+        return "base" if match is None else f"group{match}"
+
+    def adamw(scale: float) -> optax.GradientTransformation:
+        return optax.adamw(lambda step: scale * schedule(step), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay,
+                           mask=lambda p: _labels(p, lambda path: not _first_match(cfg.no_decay, path)))
+
+    labels = _labels(params, group_of)
+    transforms = {"frozen": optax.set_to_zero(), "base": adamw(1.0)}
+    transforms.update({f"group{i}": adamw(m) for i, (_, m) in enumerate(multipliers)})
+    # Frozen gradients are zeroed before clipping so they do not shrink the trained parameters' steps.
+    chain = [optax.masked(optax.set_to_zero(), jax.tree.map(lambda g: g == "frozen", labels))]
+    if cfg.clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+    return optax.chain(*chain, optax.multi_transform(transforms, labels))

@@ -1,0 +1,67 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparsetrain.train.sharding import LOGICAL_RULES, logical_to_spec, mesh_shape
+from sparsetrain.config import MeshConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def eight_device_results(tmp_path_factory):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, str(ROOT / "tests/train/multi_device_script.py"),
+                          str(tmp_path_factory.mktemp("mesh"))], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_losses_match_single_device_on_every_mesh(eight_device_results):
+    losses = eight_device_results["losses"]
+    for name in ("8x1x1", "2x4x1", "2x2x2"):
+        assert len(losses[name]) == 3
+        np.testing.assert_allclose(losses[name], losses["1dev"], rtol=2e-5, err_msg=name)
+
+
+def test_parameters_are_sharded_as_the_rules_say(eight_device_results):
+    specs = eight_device_results["specs"]
+    # q_proj [embed, heads, head_dim]: embed -> fsdp, heads -> tensor.
+    assert specs["2x2x2"]["layers/0/attn/q_proj"] == ["fsdp", "tensor", None]
+    assert specs["2x2x2"]["layers/0/attn/k_proj"] == ["fsdp", "tensor", None]
+    assert specs["2x4x1"]["layers/0/mlp/down_proj"] == [None, "fsdp"]
+    assert specs["2x2x2"]["lm_head"] == ["fsdp", "tensor"]
+    assert specs["2x2x2"]["layers/1/input_norm/scale"] == [None]
+    # Pure data parallel replicates every parameter.
+    assert all(set(spec) == {None} for spec in specs["8x1x1"].values())
+
+
+def test_restore_onto_other_meshes(eight_device_results):
+    assert eight_device_results["restored_equal"] == {"8x1x1": True, "1dev": True}
+    assert eight_device_results["restored_step"] == 3
+    for spec in eight_device_results["specs"]["restored_on_8x1x1"].values():
+        assert set(spec) == {None}
+
+
+def test_mesh_shape_resolves_and_rejects():
+    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=1), 8) == (4, 2, 1)
+    with pytest.raises(ValueError, match="does not divide"):
+        mesh_shape(MeshConfig(data=-1, fsdp=3), 8)
+    with pytest.raises(ValueError, match="devices"):
+        mesh_shape(MeshConfig(data=2, fsdp=2, tensor=1), 8)
+
+
+def test_indivisible_dims_stay_replicated():
+    class FakeMesh:
+        shape = {"data": 1, "fsdp": 2, "tensor": 8}
+    assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 4, 16), FakeMesh()) == \
+        logical_to_spec(("embed", None, None), (64, 4, 16), FakeMesh())
+    assert set(LOGICAL_RULES) >= {"embed", "heads", "kv_heads", "mlp", "vocab", "layers", "norm"}

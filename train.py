@@ -1,0 +1,55 @@
+"""Train a sparsetrain model.
+
+    python train.py                                   # configs/tiny.py on the embedded corpus
+    python train.py --config configs/small_125m.py model.remat=full trainer.steps=1000
+    python train.py --init_from runs/other            # start from another run's weights
+    python train.py --help                            # configs and every overridable field
+
+Runs resume automatically from the latest checkpoint in run_dir/name. The loop itself lives in
+sparsetrain.train so it can be imported, tested and reused; this file only parses the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import configs
+from sparsetrain.configbase import ConfigError, apply_overrides, describe
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser.add_argument("--config", default="tiny", help="config name or path (configs/NAME.py)")
+    parser.add_argument("--init_from", default=None, help="run or checkpoint to take weights from")
+    parser.add_argument("-h", "--help", action="store_true", help="list configs and fields, then exit")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of config fields")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = configs.load(args.config)
+        overrides = list(args.overrides)
+        if args.init_from:
+            overrides.append(f"checkpoint.init_from={args.init_from}")
+        cfg = apply_overrides(cfg, overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.help:
+        print(__doc__)
+        print(f"configs: {', '.join(configs.available())}\n\nfields of {args.config} (set with key=value):")
+        print("\n".join(describe(cfg)))
+        return 0
+    from sparsetrain.train import train  # imports JAX: keep --help and config errors fast
+    summary = train(cfg)
+    print(json.dumps({k: v for k, v in summary.items()}, indent=None, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
