@@ -131,7 +131,7 @@ class Trainer:
         stop = {"signal": None}
         handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
                     for s in (signal.SIGTERM, signal.SIGINT)}
-        step = int(self.state["step"])
+        step = start_step = int(self.state["step"])
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         flops_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
         peak = peak_flops()
@@ -146,6 +146,10 @@ class Trainer:
                     self.state, metrics = self.train_step(self.state, batch)
                     step += 1
                     window_steps += 1
+                    if window_steps == 1 and step == start_step + 1:
+                        # The first step compiles; keep it out of step time, tokens/s and MFU.
+                        jax.block_until_ready(metrics)
+                        window_start, window_steps = time.perf_counter(), 0
                     if not bool(metrics["finite"]):
                         bad_in_row += 1
                         self.log(f"step {step}: non-finite loss/gradient "
@@ -163,15 +167,16 @@ class Trainer:
                         jax.block_until_ready(metrics)
                         elapsed = time.perf_counter() - window_start
                         values = {k: float(v) for k, v in metrics.items() if k != "finite"}
-                        values["step_time"] = elapsed / window_steps
-                        values["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
-                        if peak:
-                            values["mfu"] = flops_step / values["step_time"] / peak
+                        if window_steps:  # not right after the compile step
+                            values["step_time"] = elapsed / window_steps
+                            values["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
+                            if peak:
+                                values["mfu"] = flops_step / values["step_time"] / peak
                         if (mem := peak_memory_bytes()) is not None:
                             values["peak_memory_gb"] = mem / 1e9
                         summary.update(values)
                         bar.set_postfix(loss=f"{values['loss']:.3f}",
-                                        tok_s=f"{values['tokens_per_sec']:.0f}")
+                                        tok_s=f"{values.get('tokens_per_sec', 0):.0f}")
                         if writer:
                             writer.write(step, values)
                         window_start, window_steps = time.perf_counter(), 0

@@ -56,6 +56,23 @@ class ModelDef:
         flat = {path: var.get_value() for path, var in self.template}  # already ShapeDtypeStructs
         return traversals.unflatten_mapping(flat)
 
+    def params_from_flat(self, flat: dict[str, Any]) -> Params:
+        """Params in this model's structure from {"layers/0/attn/q_proj": array, ...} (checkpoint
+        restores give string layer keys; imports give flat names). Every parameter must be present
+        exactly once with its shape."""
+        expected = {path_str(path): (path, var.get_value()) for path, var in self.template}
+        missing = sorted(set(expected) - set(flat))
+        unexpected = sorted(set(flat) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"parameters do not match the model: missing {missing}, unexpected {unexpected}")
+        out = {}
+        for key, (path, abstract) in expected.items():
+            if tuple(flat[key].shape) != tuple(abstract.shape):
+                raise ValueError(f"parameter {key}: shape {tuple(flat[key].shape)}, model expects "
+                                 f"{tuple(abstract.shape)}")
+            out[path] = flat[key]
+        return traversals.unflatten_mapping(out)
+
     def bind(self, params: Params) -> nnx.Module:
         """A live model whose parameters are `params` (works on tracers inside jit)."""
         flat = traversals.flatten_mapping(params)
