@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import time
 from pathlib import Path
 
 import jax
@@ -22,7 +21,7 @@ from sparsetrain.config import RunConfig
 from sparsetrain.configbase import to_dict
 from sparsetrain.data import build_data
 from sparsetrain.train import checkpoint as ckpt_lib
-from sparsetrain.train.metrics import MetricsWriter, flops_per_token, peak_flops, peak_memory_bytes
+from sparsetrain.train.metrics import MetricsWriter, Throughput, flops_per_token
 from sparsetrain.train.model_state import ModelDef
 from sparsetrain.train.optimizer import learning_rate_schedule, make_optimizer
 from sparsetrain.train.sharding import (batch_sharding, global_batch, make_mesh, param_shardings,
@@ -121,8 +120,32 @@ class Trainer:
         meta = {"step": step, "config": to_dict(self.cfg), **(extra or {})}
         self.checkpointer.save(step, self.state, self.train_iter, meta, force=force)
 
+    def _check_finite(self, step: int, metrics: dict) -> None:
+        """Apply trainer.nonfinite: the step already left the state untouched; count and maybe stop."""
+        tcfg = self.cfg.trainer
+        if bool(metrics["finite"]):
+            self.bad_in_row = 0
+            return
+        self.bad_in_row += 1
+        self.log(f"step {step}: non-finite loss/gradient (loss={float(metrics['loss'])}, "
+                 f"grad_norm={float(metrics['grad_norm'])}); update skipped ({self.bad_in_row} in a row)")
+        if tcfg.nonfinite == "stop" or self.bad_in_row >= tcfg.max_nonfinite_in_row:
+            raise NonFiniteError(
+                f"stopping at step {step}: {self.bad_in_row} non-finite step(s) in a row "
+                f"(trainer.nonfinite={tcfg.nonfinite!r}, max_nonfinite_in_row={tcfg.max_nonfinite_in_row}); "
+                f"last good checkpoint: {self.checkpointer.latest_step()}")
+
+    def _evaluate_and_keep_best(self, step: int) -> dict:
+        val = self.evaluate()
+        if self.cfg.checkpoint.keep_best and val["val/loss"] < self.best_val:
+            self.best_val = val["val/loss"]
+            ckpt_lib.save_params(self.run_dir / "best", step, self.state["params"],
+                                 {"step": step, "config": to_dict(self.cfg), **val}, keep=1)
+        self.log(f"step {step}: val loss {val['val/loss']:.4f}")
+        return val
+
     def run(self) -> dict:
-        """Train to cfg.trainer.steps (or until SIGTERM/SIGINT); returns the final metrics."""
+        """Train to cfg.trainer.steps (or until SIGTERM/SIGINT); returns the last metrics."""
         cfg, tcfg = self.cfg, self.cfg.trainer
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
@@ -133,64 +156,36 @@ class Trainer:
                     for s in (signal.SIGTERM, signal.SIGINT)}
         step = start_step = int(self.state["step"])
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        flops_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-        peak = peak_flops()
+        throughput = Throughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step)
         bar = tqdm(total=tcfg.steps, initial=step, disable=not (self.is_main and tcfg.progress_bar),
                    dynamic_ncols=True)
-        bad_in_row, window_start, window_steps, summary = 0, time.perf_counter(), 0, {}
-        best_val = math.inf
+        self.bad_in_row, self.best_val, summary = 0, math.inf, {}
         try:
             with jax.set_mesh(self.mesh):
                 while step < tcfg.steps and stop["signal"] is None:
                     batch = global_batch(next(self.train_iter), self.mesh)
                     self.state, metrics = self.train_step(self.state, batch)
                     step += 1
-                    window_steps += 1
-                    if window_steps == 1 and step == start_step + 1:
-                        # The first step compiles; keep it out of step time, tokens/s and MFU.
+                    throughput.tick()
+                    if step == start_step + 1:  # the first step compiles: keep it out of tokens/s and MFU
                         jax.block_until_ready(metrics)
-                        window_start, window_steps = time.perf_counter(), 0
-                    if not bool(metrics["finite"]):
-                        bad_in_row += 1
-                        self.log(f"step {step}: non-finite loss/gradient "
-                                 f"(loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])}); "
-                                 f"update skipped ({bad_in_row} in a row)")
-                        if tcfg.nonfinite == "stop" or bad_in_row >= tcfg.max_nonfinite_in_row:
-                            raise NonFiniteError(
-                                f"stopping at step {step}: {bad_in_row} non-finite step(s) in a row "
-                                f"(trainer.nonfinite={tcfg.nonfinite!r}, "
-                                f"max_nonfinite_in_row={tcfg.max_nonfinite_in_row}); last good "
-                                f"checkpoint: {self.checkpointer.latest_step()}")
-                    else:
-                        bad_in_row = 0
+                        throughput.restart()
+                    self._check_finite(step, metrics)
                     if step % tcfg.log_every == 0 or step == tcfg.steps:
                         jax.block_until_ready(metrics)
-                        elapsed = time.perf_counter() - window_start
                         values = {k: float(v) for k, v in metrics.items() if k != "finite"}
-                        if window_steps:  # not right after the compile step
-                            values["step_time"] = elapsed / window_steps
-                            values["tokens_per_sec"] = tokens_per_step * window_steps / elapsed
-                            if peak:
-                                values["mfu"] = flops_step / values["step_time"] / peak
-                        if (mem := peak_memory_bytes()) is not None:
-                            values["peak_memory_gb"] = mem / 1e9
+                        values.update(throughput.report())
                         summary.update(values)
                         bar.set_postfix(loss=f"{values['loss']:.3f}",
                                         tok_s=f"{values.get('tokens_per_sec', 0):.0f}")
                         if writer:
                             writer.write(step, values)
-                        window_start, window_steps = time.perf_counter(), 0
                     if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                        val = self.evaluate()
-                        if cfg.checkpoint.keep_best and val["val/loss"] < best_val:
-                            best_val = val["val/loss"]
-                            ckpt_lib.save_params(self.run_dir / "best", step, self.state["params"],
-                                                 {"step": step, "config": to_dict(cfg), **val}, keep=1)
+                        val = self._evaluate_and_keep_best(step)
                         summary.update(val)
-                        self.log(f"step {step}: val loss {val['val/loss']:.4f}")
                         if writer:
                             writer.write(step, val)
-                        window_start = time.perf_counter()  # keep eval time out of tokens/s
+                        throughput.restart()
                     if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                         self.save(step)
                     bar.update(1)
@@ -206,9 +201,7 @@ class Trainer:
             self.checkpointer.close()
             if writer:
                 writer.close()
-        summary["step"] = step
-        summary["interrupted"] = stop["signal"] is not None
-        return summary
+        return {**summary, "step": step, "interrupted": stop["signal"] is not None}
 
 
 def train(cfg: RunConfig) -> dict:

@@ -38,6 +38,36 @@ def peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+class Throughput:
+    """Step time, tokens/s and MFU over the steps since the last report.
+
+    `restart()` after work that must not count (the compiling first step, evaluation)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_step: float):
+        self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
+        self.peak = peak_flops()
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def report(self) -> dict:
+        """Call after blocking on the last step's outputs."""
+        values = {}
+        if self.steps:
+            step_time = (time.perf_counter() - self.start) / self.steps
+            values = {"step_time": step_time, "tokens_per_sec": self.tokens_per_step / step_time}
+            if self.peak:
+                values["mfu"] = self.flops_per_step / step_time / self.peak
+        if (mem := peak_memory_bytes()) is not None:
+            values["peak_memory_gb"] = mem / 1e9
+        self.restart()
+        return values
+
+
 class MetricsWriter:
     """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
 
