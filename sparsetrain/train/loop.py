@@ -22,7 +22,7 @@ from sparsetrain.configbase import to_dict
 from sparsetrain.data import build_data
 from sparsetrain.train import checkpoint as ckpt_lib
 from sparsetrain.train.metrics import MetricsWriter, Throughput, flops_per_token
-from sparsetrain.train.model_state import ModelDef
+from sparsetrain.train.model_state import ModelDef, path_str
 from sparsetrain.train.optimizer import learning_rate_schedule, make_optimizer
 from sparsetrain.train.sharding import (batch_sharding, global_batch, make_mesh, param_shardings,
                                         replicated)
@@ -42,11 +42,24 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def state_shardings(optimizer, abstract_params, p_shard, mesh) -> dict:
-    """Optimizer state placed as XLA propagates it from the parameters (Adam moments end up sharded
-    like their parameters, counters replicated), read off the compiled init without allocating."""
-    init = jax.jit(optimizer.init, in_shardings=(p_shard,)).lower(abstract_params).compile()
-    return {"params": p_shard, "opt_state": init.output_shardings, "step": replicated(mesh)}
+def state_shardings(optimizer_state, params_shardings, abstract_params, mesh) -> dict:
+    """Shardings of the whole train state. An optimizer-state leaf whose trailing dict keys name a
+    parameter of the same shape (Adam's mu/nu inside any optax wrapper) is placed like that
+    parameter; everything else (step counters) is replicated."""
+    by_path = {path_str(path): (shard, a.shape) for (path, shard), a in zip(
+        jax.tree_util.tree_flatten_with_path(params_shardings)[0], jax.tree.leaves(abstract_params))}
+
+    def place(path, leaf):
+        keys = []
+        for entry in reversed(path):
+            if not isinstance(entry, jax.tree_util.DictKey):
+                break
+            keys.insert(0, entry)
+        shard, shape = by_path.get(path_str(tuple(keys)), (None, None))
+        return shard if shard is not None and shape == leaf.shape else replicated(mesh)
+
+    opt = jax.tree_util.tree_map_with_path(place, optimizer_state)
+    return {"params": params_shardings, "opt_state": opt, "step": replicated(mesh)}
 
 
 class Trainer:
@@ -69,7 +82,8 @@ class Trainer:
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.trainer.steps)
         self.optimizer = make_optimizer(cfg.optimizer, abstract_params, cfg.trainer.steps)
         self.abstract_state = jax.eval_shape(self._init_state)
-        self.shardings = state_shardings(self.optimizer, abstract_params, p_shard, self.mesh)
+        self.shardings = state_shardings(self.abstract_state["opt_state"], p_shard, abstract_params,
+                                         self.mesh)
         batch_shard = batch_sharding(self.mesh)
         self.train_step = jax.jit(make_train_step(self.model, self.optimizer, cfg.trainer, self.schedule),
                                   in_shardings=(self.shardings, batch_shard),

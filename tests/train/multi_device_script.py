@@ -39,6 +39,10 @@ def main(root: Path) -> None:
                                (root / name / "metrics.jsonl").read_text().splitlines()
                                if "loss" in json.loads(line)]
         out["specs"][name] = {k: spec_of(v) for k, v in flatten(trainer.state["params"]).items()}
+        if name == "2x2x2":
+            mu = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(trainer.state["opt_state"])[0]
+                  if "mu" in str(path) and "'q_proj'" in str(path) and "DictKey(key=0)" in str(path)]
+            out["opt_specs_2x2x2"] = {"layers/0/attn/q_proj": spec_of(mu[0])}
     # Restore the (2,2,2) run's final checkpoint onto other meshes: same values, new placement.
     saved = {k: np.asarray(v) for k, v in flatten(Trainer(small_config(
         root, "trainer.steps=3", "name=2x2x2", "model.dtype=float32",

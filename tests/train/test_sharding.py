@@ -40,6 +40,8 @@ def test_parameters_are_sharded_as_the_rules_say(eight_device_results):
     assert specs["2x4x1"]["layers/0/mlp/down_proj"] == [None, "fsdp"]
     assert specs["2x2x2"]["lm_head"] == ["fsdp", "tensor"]
     assert specs["2x2x2"]["layers/1/input_norm/scale"] == [None]
+    # Adam moments are sharded like their parameter.
+    assert eight_device_results["opt_specs_2x2x2"]["layers/0/attn/q_proj"] == ["fsdp", "tensor", None]
     # Pure data parallel replicates every parameter.
     assert all(set(spec) == {None} for spec in specs["8x1x1"].values())
 
@@ -65,3 +67,25 @@ def test_indivisible_dims_stay_replicated():
     assert logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 4, 16), FakeMesh()) == \
         logical_to_spec(("embed", None, None), (64, 4, 16), FakeMesh())
     assert set(LOGICAL_RULES) >= {"embed", "heads", "kv_heads", "mlp", "vocab", "layers", "norm"}
+
+
+def test_optimizer_moments_follow_their_parameters():
+    import jax
+    from sparsetrain.train.loop import state_shardings
+    from sparsetrain.train.model_state import ModelDef
+    from sparsetrain.train.optimizer import make_optimizer
+    from sparsetrain.train.sharding import make_mesh, param_shardings
+    from tests.train.helpers import small_config
+
+    cfg = small_config("/tmp", "optimizer.freeze=^embed", "optimizer.lr_multipliers=lm_head=0.5")
+    model = ModelDef.create(cfg.model)
+    abstract = model.abstract_params()
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    p_shard = param_shardings(model.logical_axes(), abstract, mesh)
+    opt = make_optimizer(cfg.optimizer, abstract, 10)
+    shardings = state_shardings(jax.eval_shape(opt.init, abstract), p_shard, abstract, mesh)
+    leaves = jax.tree_util.tree_flatten_with_path(shardings["opt_state"])[0]
+    moments = [s for path, s in leaves if "mu" in str(path) and "q_proj" in str(path)]
+    assert len(moments) == 2 and all(s == p_shard["layers"][0]["attn"]["q_proj"] for s in moments)
+    counts = [s for path, s in leaves if "count" in str(path)]
+    assert counts and all(s.spec == jax.sharding.PartitionSpec() for s in counts)
