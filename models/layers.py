@@ -17,6 +17,7 @@ from models.rope import apply_rope
 from sparsetrain.attention import build_attention
 from sparsetrain.attention.spec import AttentionSpec
 from sparsetrain.config import ModelConfig
+from sparsetrain.partitioning import constrain
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
@@ -55,8 +56,9 @@ class Attention(nnx.Module):
         q_raw = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
         k_raw = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
-        q = apply_rope(q_raw, positions, self.cfg.rope)
-        k = apply_rope(k_raw, positions, self.cfg.rope)
+        q = constrain(apply_rope(q_raw, positions, self.cfg.rope), ("batch", None, "heads", "head_dim"))
+        k = constrain(apply_rope(k_raw, positions, self.cfg.rope), ("batch", None, "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
         out = self.attend(q, k, v, q_raw=q_raw, k_raw=k_raw, segment_ids=segment_ids)  # [B, T, N, H]
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
 

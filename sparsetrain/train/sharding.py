@@ -2,7 +2,8 @@
 
 Mesh axes: "data" (pure data parallel: parameters replicated), "fsdp" (data parallel with parameters
 and optimizer state sharded, all-gathered per layer), "tensor" (heads/MLP width split). Axis types are
-Auto so XLA's GSPMD propagates shardings through the step, as MaxText's `shard_mode: auto` does.
+Auto so XLA's GSPMD propagates shardings through the step, as MaxText's `shard_mode: auto` does. The
+logical-axis rules themselves live in `sparsetrain.partitioning`.
 """
 
 from __future__ import annotations
@@ -14,21 +15,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from sparsetrain.config import MeshConfig
-
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# logical axis (models/layers.py) -> mesh axes it may be split over, in order of preference.
-LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "embed": ("fsdp",),
-    "vocab": ("tensor",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "head_dim": (),
-    "norm": (),
-    "layers": (),
-}
+from sparsetrain.partitioning import LOGICAL_RULES, MESH_AXES, logical_to_spec
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -50,23 +37,6 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     shape = mesh_shape(cfg, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
-
-
-def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> P:
-    """PartitionSpec for one array: each dim takes the mesh axes its rule names, if they divide it and
-    no earlier dim already took them; otherwise that dim stays replicated (e.g. 4 kv heads on tensor=8)."""
-    used: set[str] = set()
-    spec = []
-    for name, dim in zip(axes, shape):
-        if name is not None and name not in LOGICAL_RULES:
-            raise ValueError(f"unknown logical axis {name!r}; known: {sorted(LOGICAL_RULES)}")
-        chosen = tuple(a for a in LOGICAL_RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
-        if chosen and dim % math.prod(mesh.shape[a] for a in chosen) == 0:
-            used.update(chosen)
-            spec.append(chosen[0] if len(chosen) == 1 else chosen)
-        else:
-            spec.append(None)
-    return P(*spec)
 
 
 def param_shardings(logical_axes, abstract_params, mesh):

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsetrain.train.sharding import LOGICAL_RULES, logical_to_spec, mesh_shape
+from sparsetrain.partitioning import LOGICAL_RULES, logical_to_spec
+from sparsetrain.train.sharding import mesh_shape
 from sparsetrain.config import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[2]
