@@ -1,0 +1,15 @@
+"""Public kernel API: block-sparse attention, SeerAttention's block ground truth, and block selection.
+
+Arrays in, arrays out; no config or model knowledge. The kernels live in `pallas_kernels/`.
+"""
+
+from sparsetrain.ops.block_sparse import block_attention_scores, block_sparse_attention
+from sparsetrain.ops.selection import (causal_block_mask, forced_block_mask, indices_to_mask,
+                                       mask_to_indices, threshold_block_mask, topk_block_mask,
+                                       topp_block_mask, transposed_indices)
+
+__all__ = [
+    "block_attention_scores", "block_sparse_attention", "causal_block_mask", "forced_block_mask",
+    "indices_to_mask", "mask_to_indices", "threshold_block_mask", "topk_block_mask",
+    "topp_block_mask", "transposed_indices",
+]

@@ -1,0 +1,175 @@
+"""Shapes, tile classes and index lists shared by the block-sparse kernels and their references.
+
+Axis letters: B batch, T query length, S key length, N query heads, K kv heads, G = N // K,
+H mask heads (K or N), D head dim, nQ = ceil(T / bs), nK = ceil(S / bs).
+
+Causality is aligned at the end (FlashAttention's convention): query row i sits at absolute
+position i + (S - T) and sees keys j <= i + (S - T).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK_SIZES = (16, 32, 64, 128)
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Static sizes of one call, validated once and shared by kernels and references."""
+
+    batch: int
+    seq_q: int
+    seq_kv: int
+    q_heads: int
+    kv_heads: int
+    mask_heads: int
+    head_dim: int
+    block: int
+
+    @property
+    def group(self) -> int:  # query heads per kv head
+        return self.q_heads // self.kv_heads
+
+    @property
+    def mask_group(self) -> int:  # query heads per mask head (1 or group)
+        return self.q_heads // self.mask_heads
+
+    @property
+    def n_q(self) -> int:
+        return -(-self.seq_q // self.block)
+
+    @property
+    def n_k(self) -> int:
+        return -(-self.seq_kv // self.block)
+
+    @property
+    def offset(self) -> int:
+        return self.seq_kv - self.seq_q
+
+
+def _check_qk(q, k, block_size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size={block_size} is not supported; choose one of {BLOCK_SIZES}")
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"q and k must be [batch, seq, heads, head_dim]; got q{q.shape}, k{k.shape}")
+    if q.dtype not in DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"q and k must share one dtype among float32/bfloat16/float16; "
+                         f"got q {q.dtype}, k {k.dtype}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q{q.shape} and k{k.shape} must agree in batch and head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"num_q_heads={q.shape[2]} must be a multiple of num_kv_heads={k.shape[2]}")
+    if min(q.shape[1], k.shape[1]) < 1:
+        raise ValueError(f"empty sequence: q{q.shape}, k{k.shape}")
+
+
+def attention_dims(q, k, v, block_mask, block_size: int) -> Dims:
+    """Validates the inputs of `block_sparse_attention` (ValueError with the shapes) and returns Dims."""
+    _check_qk(q, k, block_size)
+    if v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"v must match k in shape and dtype; got k{k.shape} {k.dtype}, v{v.shape} {v.dtype}")
+    b, t, n, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if block_mask.dtype != jnp.bool_:
+        raise ValueError(f"block_mask must be bool; got {block_mask.dtype}")
+    n_q, n_k = -(-t // block_size), -(-s // block_size)
+    if (block_mask.ndim != 4 or block_mask.shape[0] != b or block_mask.shape[1] not in (kh, n)
+            or block_mask.shape[2:] != (n_q, n_k)):
+        raise ValueError(
+            f"block_mask must be [batch={b}, heads={kh} (kv) or {n} (q), {n_q}, {n_k}] for seq={t}, "
+            f"seq_kv={s}, block_size={block_size}; got {block_mask.shape}")
+    return Dims(b, t, s, n, kh, block_mask.shape[1], d, block_size)
+
+
+def scores_dims(q, k, block_size: int) -> Dims:
+    """Validates the inputs of `block_attention_scores` and returns Dims (one mask head per q head)."""
+    _check_qk(q, k, block_size)
+    b, t, n, d = q.shape
+    return Dims(b, t, k.shape[1], n, k.shape[2], n, d, block_size)
+
+
+def default_scale(sm_scale: float | None, head_dim: int) -> float:
+    return float(head_dim) ** -0.5 if sm_scale is None else float(sm_scale)
+
+
+def causal_element_mask(seq_q: int, seq_kv: int, causal: bool):
+    """bool [T, S]: key j is visible to query i (end-aligned causality)."""
+    i = jnp.arange(seq_q)[:, None]
+    j = jnp.arange(seq_kv)[None, :]
+    return (j <= i + (seq_kv - seq_q)) if causal else jnp.ones((seq_q, seq_kv), bool)
+
+
+def tile_classes(dims: Dims, causal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Static numpy bool [nQ, nK] pair (possible, full).
+
+    possible: the tile holds at least one visible (real query, real key) pair; other tiles are
+    dropped from every list. full: every key of the tile is real and visible to every query row
+    of the tile, so the kernels skip the elementwise mask. For a fixed query block the full tiles
+    are a prefix of the ascending key blocks, and for a fixed key block the masked tiles are a
+    prefix of the ascending query blocks: the kernels rely on both orders.
+    """
+    bs = dims.block
+    q_lo = np.arange(dims.n_q)[:, None] * bs
+    q_hi = np.minimum(q_lo + bs, dims.seq_q) - 1
+    k_lo = np.arange(dims.n_k)[None, :] * bs
+    k_hi = k_lo + bs - 1
+    keys_real = k_hi < dims.seq_kv
+    if not causal:
+        return np.ones((dims.n_q, dims.n_k), bool), np.broadcast_to(keys_real, (dims.n_q, dims.n_k)).copy()
+    possible = k_lo <= q_hi + dims.offset
+    full = keys_real & (k_hi <= q_lo + dims.offset)
+    return possible, full
+
+
+def mask_to_indices(mask):
+    """Sorted column indices of the True entries of each row, padded with -1.
+
+    mask: bool [..., n] -> int32 [..., n]. Built with a cumsum and a scatter, so the cost is
+    linear in the size of the mask (no sort), which matters for the transposed dk/dv lists at
+    long context.
+    """
+    n = mask.shape[-1]
+    flat = mask.reshape(-1, n)
+    cols = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), flat.shape)
+    slot = jnp.cumsum(flat, axis=-1, dtype=jnp.int32) - 1
+    # Unselected entries go to distinct out-of-range slots, which mode="drop" discards; keeping
+    # them distinct makes unique_indices truthful.
+    slot = jnp.where(flat, slot, n + cols)
+    rows = jnp.arange(flat.shape[0], dtype=jnp.int32)[:, None]
+    idx = jnp.full(flat.shape, -1, jnp.int32).at[rows, slot].set(cols, mode="drop", unique_indices=True)
+    return idx.reshape(mask.shape)
+
+
+def block_lists(mask, first):
+    """Index lists the kernels loop over.
+
+    mask: bool [B, H, R, C] (already restricted to possible tiles); first: static bool [R, C], the
+    tiles each row visits first (a prefix of every row's ascending list).
+    Returns idx int32 [B, H, R, C] and counts int32 [B, H, R, 2] = (tiles in `first`, all tiles).
+    """
+    idx = mask_to_indices(mask)
+    n_all = mask.sum(-1, dtype=jnp.int32)
+    n_first = (mask & first).sum(-1, dtype=jnp.int32)
+    return idx, jnp.stack([n_first, n_all], axis=-1)
+
+
+def pad_axis(x, axis: int, size: int):
+    """Zero-pads `axis` of x up to `size` (no copy when already that size)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Triton tiles need power-of-two sizes and dots need K >= 16: zero columns change no dot product."""
+    return max(16, 1 << (head_dim - 1).bit_length())

@@ -1,0 +1,410 @@
+"""Block-sparse flash attention on the Pallas Triton lowering: forward, dq and dk/dv kernels.
+
+FlashAttention-2 restricted to the selected (query block, key block) tiles of a bool block mask.
+The Triton lowering has no scalar prefetch, so each program loads its own index list from global
+memory and loops over it with a dynamic trip count:
+
+  forward  grid (nQ, B, N): one query block, loop over its selected key blocks, online softmax in
+           base 2 (exp2 of log2(e)-scaled logits); writes o and the base-2 row LSE.
+  dq       grid (nQ, B, N): same lists, recomputes p from the LSE; ds = p * (dp - delta).
+  dk/dv    grid (nK, B, N): one key block, loop over the query blocks that selected it (the
+           transposed lists, built with a cumsum + scatter). GQA: dk/dv are written per query head
+           and summed over the group outside, so K/V are never repeated in memory.
+
+Each list is ordered so that the tiles needing an elementwise mask (the causal diagonal and the
+ragged last key block) form a prefix or suffix: the kernels run two loops, and only the short one
+pays for `where`. Ragged lengths are zero-padded to a whole block, non power-of-two head dims to
+the next power of two.
+
+The kernels are deprecated with the Triton backend in JAX 0.11 (we pin jax<0.13); the public API
+in `sparsetrain.ops` keeps the same signature so a Mosaic GPU version can replace this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from pallas_kernels.block_sparse import common
+from pallas_kernels.block_sparse.common import LN2, LOG2E, Dims
+
+
+# ------------------------------------------------------------------------------------------------
+# Trace-time overrides (tests and benchmarks). Read while the kernels are traced, so a caller must
+# trace inside the context (a fresh jax.jit, or eager calls).
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Triton launch parameters: forward (also used by the scores kernels) and backward."""
+
+    fwd_warps: int = 4
+    fwd_stages: int = 2
+    bwd_warps: int = 4
+    bwd_stages: int = 2
+
+
+def default_tuning(block: int, head_dim: int) -> Tuning:
+    # H100 sweep (docs/benchmarks.md): up to 64x128 tiles, 4 warps / 2 stages beats 8 warps by
+    # 1.4x (fwd) and 1.8x (fwd+bwd), and 3 stages slows the backward; 128x128 tiles want 8 warps,
+    # and with 3 stages their backward exceeds the shared memory.
+    big = block * head_dim > 64 * 128
+    return Tuning(fwd_warps=8 if big else 4, bwd_warps=8 if big else 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Overrides:
+    poison: float | None = None
+    tuning: Tuning | None = None
+
+
+_OVERRIDES = contextvars.ContextVar("block_sparse_overrides", default=_Overrides())
+
+
+@contextlib.contextmanager
+def poison_outputs(value: float = float("nan")):
+    """Kernel outputs traced inside start filled with `value`, so a tile the kernel forgets to
+    write shows up in a test (compiled kernels otherwise start from whatever memory held)."""
+    token = _OVERRIDES.set(dataclasses.replace(_OVERRIDES.get(), poison=value))
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
+@contextlib.contextmanager
+def tuning(params: Tuning):
+    """Overrides the launch parameters of kernels traced inside (for benchmark sweeps)."""
+    token = _OVERRIDES.set(dataclasses.replace(_OVERRIDES.get(), tuning=params))
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
+def current_tuning(block: int, head_dim: int) -> Tuning:
+    return _OVERRIDES.get().tuning or default_tuning(block, head_dim)
+
+
+def pallas(kernel, *, grid, in_specs, out_specs, out_shape, warps, stages, interpret, name):
+    """pl.pallas_call with the poison hook: poisoned outputs alias NaN-filled inputs."""
+    poison = _OVERRIDES.get().poison
+    params = pltr.CompilerParams(num_warps=warps, num_stages=stages)
+    if poison is None:
+        return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                              out_shape=out_shape, compiler_params=params, interpret=interpret, name=name)
+    single = not isinstance(out_shape, (list, tuple))
+    out_shape, out_specs = ([out_shape], [out_specs]) if single else (out_shape, out_specs)
+    n_in, n_out = len(in_specs), len(out_shape)
+
+    def kernel_skipping_aliases(*refs):  # the aliased inputs are never read
+        kernel(*refs[:n_in], *refs[n_in + n_out:])
+
+    call = pl.pallas_call(
+        kernel_skipping_aliases, grid=grid, in_specs=[*in_specs, *out_specs], out_specs=out_specs,
+        out_shape=out_shape, compiler_params=params, interpret=interpret, name=name,
+        input_output_aliases={n_in + i: i for i in range(n_out)})
+
+    def run(*args):
+        outs = call(*args, *(jnp.full(o.shape, poison, o.dtype) for o in out_shape))
+        return outs[0] if single else outs
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared pieces of the kernel bodies.
+
+def visible(rows, cols, *, causal: bool, offset: int, seq_kv: int):
+    """Elementwise mask of a tile: real keys, and (causal) keys at or before the query position."""
+    keep = cols < seq_kv
+    if causal:
+        keep = keep & (cols <= rows + offset)
+    return keep
+
+
+def logits_tile(q, k_ref, start, rows, *, dims: Dims, causal: bool, scale: float, masked: bool,
+                precision):
+    """Base-2 logits [bq, bs] of a query tile against the key block at `start` (-inf where hidden)."""
+    bs = dims.block
+    s = pltr.dot(q, k_ref[pl.ds(start, bs), :], trans_b=True, precision=precision) * (scale * LOG2E)
+    if masked:
+        keep = visible(rows[:, None], start + jnp.arange(bs)[None, :], causal=causal,
+                       offset=dims.offset, seq_kv=dims.seq_kv)
+        s = jnp.where(keep, s, -jnp.inf)
+    return s
+
+
+def dot_precision(dtype):
+    # f32 inputs: IEEE products (Triton's default for f32 is TF32); 16-bit inputs: tensor cores.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def run_two_loops(cnt_ref, step, carry, *, masked_first: bool):
+    """Loops t over [0, cnt[0]) then [cnt[0], cnt[1]); `step(t, carry, masked)`."""
+    split, total = cnt_ref[0], cnt_ref[1]
+    first, second = (True, False) if masked_first else (False, True)
+    carry = lax.fori_loop(0, split, functools.partial(step, masked=first), carry)
+    return lax.fori_loop(split, total, functools.partial(step, masked=second), carry)
+
+
+def query_block(i, n_q: int, reverse: bool):
+    # Causal rows grow with the block index: launching the longest rows first shortens the tail.
+    return n_q - 1 - i if reverse else i
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    dims: Dims
+    causal: bool
+    scale: float
+    interpret: bool
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels.
+
+def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config, precision):
+    d, bs = cfg.dims, cfg.dims.block
+    qi = query_block(pl.program_id(0), d.n_q, cfg.causal)
+    q = q_ref[...]
+    rows = qi * bs + jnp.arange(bs)
+    tile = functools.partial(logits_tile, q, k_ref, rows=rows, dims=d, causal=cfg.causal,
+                             scale=cfg.scale, precision=precision)
+
+    def step(t, carry, *, masked):
+        acc, m, l = carry
+        start = pl.multiple_of(idx_ref[t] * bs, bs)
+        s = tile(start, masked=masked)
+        v = v_ref[pl.ds(start, bs), :]
+        m_new = jnp.maximum(m, s.max(axis=1))
+        # A row may have seen only masked keys so far (m_new = -inf): subtract 0 instead, so that
+        # exp2 gives 0 rather than NaN. Unmasked tiles always hold a finite maximum.
+        m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        alpha = jnp.exp2(m - m_sub)
+        p = jnp.exp2(s - m_sub[:, None])
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * alpha[:, None] + pltr.dot(p.astype(v.dtype), v, precision=precision)
+        return acc, m_new, l
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bs,), -jnp.inf, jnp.float32),
+            jnp.zeros((bs,), jnp.float32))
+    acc, m, l = run_two_loops(cnt_ref, step, init, masked_first=False)
+    empty = l == 0.0  # no visible key: output 0, and LSE +inf so that the backward's p is 0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_safe))
+
+
+def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               cfg: _Config, precision):
+    d, bs = cfg.dims, cfg.dims.block
+    qi = query_block(pl.program_id(0), d.n_q, cfg.causal)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    rows = qi * bs + jnp.arange(bs)
+    tile = functools.partial(logits_tile, q, k_ref, rows=rows, dims=d, causal=cfg.causal,
+                             scale=cfg.scale, precision=precision)
+
+    def step(t, dq, *, masked):
+        start = pl.multiple_of(idx_ref[t] * bs, bs)
+        s = tile(start, masked=masked)
+        k = k_ref[pl.ds(start, bs), :]
+        v = v_ref[pl.ds(start, bs), :]
+        p = jnp.exp2(s - lse[:, None])
+        dp = pltr.dot(do, v, trans_b=True, precision=precision)
+        ds = p * (dp - delta[:, None])
+        return dq + pltr.dot(ds.astype(k.dtype), k, precision=precision)
+
+    dq = run_two_loops(cnt_ref, step, jnp.zeros(q.shape, jnp.float32), masked_first=False)
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                cfg: _Config, precision):
+    # Works on transposed tiles (keys x queries) so that every product is a plain or trans_b dot.
+    d, bs = cfg.dims, cfg.dims.block
+    k, v = k_ref[...], v_ref[...]
+    cols = pl.program_id(0) * bs + jnp.arange(bs)
+    c = cfg.scale * LOG2E
+
+    def step(t, carry, *, masked):
+        dk, dv = carry
+        start = pl.multiple_of(idx_ref[t] * bs, bs)
+        q = q_ref[pl.ds(start, bs), :]
+        do = do_ref[pl.ds(start, bs), :]
+        lse = lse_ref[pl.ds(start, bs)]
+        delta = delta_ref[pl.ds(start, bs)]
+        st = pltr.dot(k, q, trans_b=True, precision=precision) * c  # [keys, queries]
+        if masked:
+            keep = visible(start + jnp.arange(bs)[None, :], cols[:, None], causal=cfg.causal,
+                           offset=d.offset, seq_kv=d.seq_kv)
+            st = jnp.where(keep, st, -jnp.inf)
+        pt = jnp.exp2(st - lse[None, :])
+        dv = dv + pltr.dot(pt.astype(do.dtype), do, precision=precision)
+        dpt = pltr.dot(v, do, trans_b=True, precision=precision)
+        dst = pt * (dpt - delta[None, :])
+        dk = dk + pltr.dot(dst.astype(q.dtype), q, precision=precision)
+        return dk, dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = run_two_loops(cnt_ref, step, (zeros, zeros), masked_first=True)
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# pallas_call wrappers. Arrays here are padded: T_p = nQ*bs, S_p = nK*bs, D_p a power of two.
+
+def _row_specs(cfg: _Config, n_rows: int, reverse: bool):
+    """BlockSpecs of a (query block, batch, head) grid: lists, counts, q-row tiles, whole K/V."""
+    d = cfg.dims
+    qb = functools.partial(query_block, n_q=n_rows, reverse=reverse)
+    lists = pl.BlockSpec((None, None, None, d.n_k), lambda i, b, h: (b, h // d.mask_group, qb(i), 0))
+    counts = pl.BlockSpec((None, None, None, 2), lambda i, b, h: (b, h // d.mask_group, qb(i), 0))
+    return qb, lists, counts
+
+
+def _forward(q, k, v, idx, cnt, cfg: _Config):
+    d, bs = cfg.dims, cfg.dims.block
+    b, t_p, n, dh = q.shape
+    s_p = k.shape[1]
+    qb, lists, counts = _row_specs(cfg, d.n_q, cfg.causal)
+    tune = current_tuning(bs, dh)
+    q_tile = pl.BlockSpec((None, bs, None, dh), lambda i, b, h: (b, qb(i), h, 0))
+    kv_all = pl.BlockSpec((None, s_p, None, dh), lambda i, b, h: (b, 0, h // d.group, 0))
+    return pallas(
+        functools.partial(_fwd_kernel, cfg=cfg, precision=dot_precision(q.dtype)),
+        grid=(d.n_q, b, n),
+        in_specs=[lists, counts, q_tile, kv_all, kv_all],
+        out_specs=[q_tile, pl.BlockSpec((None, None, bs), lambda i, b, h: (b, h, qb(i)))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, n, t_p), jnp.float32)],
+        warps=tune.fwd_warps, stages=tune.fwd_stages, interpret=cfg.interpret,
+        name="block_sparse_fwd")(idx, cnt, q, k, v)
+
+
+def _backward(q, k, v, do, lse, delta, mask, full, cfg: _Config):
+    d, bs = cfg.dims, cfg.dims.block
+    b, t_p, n, dh = q.shape
+    s_p = k.shape[1]
+    tune = current_tuning(bs, dh)
+    precision = dot_precision(q.dtype)
+
+    idx, cnt = common.block_lists(mask, full)
+    qb, lists, counts = _row_specs(cfg, d.n_q, cfg.causal)
+    q_tile = pl.BlockSpec((None, bs, None, dh), lambda i, b, h: (b, qb(i), h, 0))
+    kv_all = pl.BlockSpec((None, s_p, None, dh), lambda i, b, h: (b, 0, h // d.group, 0))
+    row_vec = pl.BlockSpec((None, None, bs), lambda i, b, h: (b, h, qb(i)))
+    dq = pallas(
+        functools.partial(_dq_kernel, cfg=cfg, precision=precision),
+        grid=(d.n_q, b, n),
+        in_specs=[lists, counts, q_tile, kv_all, kv_all, q_tile, row_vec, row_vec],
+        out_specs=q_tile, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        warps=tune.bwd_warps, stages=tune.bwd_stages, interpret=cfg.interpret,
+        name="block_sparse_dq")(idx, cnt, q, k, v, do, lse, delta)
+
+    # Transposed lists: per key block, the query blocks that selected it; masked tiles first.
+    idx_t, cnt_t = common.block_lists(jnp.swapaxes(mask, -1, -2), ~full.T)
+    lists_t = pl.BlockSpec((None, None, None, d.n_q), lambda j, b, h: (b, h // d.mask_group, j, 0))
+    counts_t = pl.BlockSpec((None, None, None, 2), lambda j, b, h: (b, h // d.mask_group, j, 0))
+    q_all = pl.BlockSpec((None, t_p, None, dh), lambda j, b, h: (b, 0, h, 0))
+    kv_tile = pl.BlockSpec((None, bs, None, dh), lambda j, b, h: (b, j, h // d.group, 0))
+    row_all = pl.BlockSpec((None, None, t_p), lambda j, b, h: (b, h, 0))
+    dkv_tile = pl.BlockSpec((None, bs, None, dh), lambda j, b, h: (b, j, h, 0))
+    # Per query head; with GQA accumulate in f32 and sum over the group below.
+    dkv_dtype = k.dtype if d.group == 1 else jnp.float32
+    dk, dv = pallas(
+        functools.partial(_dkv_kernel, cfg=cfg, precision=precision),
+        grid=(d.n_k, b, n),
+        in_specs=[lists_t, counts_t, q_all, kv_tile, kv_tile, q_all, row_all, row_all],
+        out_specs=[dkv_tile, dkv_tile],
+        out_shape=[jax.ShapeDtypeStruct((b, s_p, n, dh), dkv_dtype)] * 2,
+        warps=tune.bwd_warps, stages=tune.bwd_stages, interpret=cfg.interpret,
+        name="block_sparse_dkv")(idx_t, cnt_t, q, k, v, do, lse, delta)
+    if d.group > 1:
+        dk = dk.reshape(b, s_p, d.kv_heads, d.group, dh).sum(3).astype(k.dtype)
+        dv = dv.reshape(b, s_p, d.kv_heads, d.group, dh).sum(3).astype(v.dtype)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# custom_vjp glue: padding, selection restricted to possible tiles, natural-log LSE.
+
+def _pad(x, seq: int, dh: int):
+    return common.pad_axis(common.pad_axis(x, 1, seq), 3, dh)
+
+
+def _restricted(block_mask, cfg: _Config):
+    """The selection without impossible tiles, and the static full-tile classes."""
+    possible, full = common.tile_classes(cfg.dims, cfg.causal)
+    return block_mask & possible, full
+
+
+def _fwd_impl(q, k, v, block_mask, cfg: _Config):
+    d = cfg.dims
+    dh = common.padded_head_dim(d.head_dim)
+    mask, full = _restricted(block_mask, cfg)
+    idx, cnt = common.block_lists(mask, full)
+    qp = _pad(q, d.n_q * d.block, dh)
+    kp, vp = (_pad(x, d.n_k * d.block, dh) for x in (k, v))
+    o, lse2 = _forward(qp, kp, vp, idx, cnt, cfg)
+    o = o[:, :d.seq_q, :, :d.head_dim]
+    lse = jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * LN2)[..., :d.seq_q]
+    return o, lse, lse2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, block_mask, cfg: _Config):
+    o, lse, _ = _fwd_impl(q, k, v, block_mask, cfg)
+    return o, lse
+
+
+def _attention_fwd(q, k, v, block_mask, cfg: _Config):
+    o, lse, lse2 = _fwd_impl(q, k, v, block_mask, cfg)
+    return (o, lse), (q, k, v, block_mask, o, lse2)
+
+
+def _attention_bwd(cfg: _Config, res, cotangents):
+    q, k, v, block_mask, o, lse2 = res
+    do, dlse = cotangents
+    d = cfg.dims
+    dh = common.padded_head_dim(d.head_dim)
+    t_p, s_p = d.n_q * d.block, d.n_k * d.block
+    # d(lse)/d(s) = p, so an LSE cotangent enters exactly like -delta: ds = p * (dp - delta + dlse).
+    delta = jnp.einsum("btnd,btnd->bnt", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
+    dq, dk, dv = _backward(
+        _pad(q, t_p, dh), _pad(k, s_p, dh), _pad(v, s_p, dh), _pad(do.astype(q.dtype), t_p, dh),
+        lse2, common.pad_axis(delta, 2, t_p), *_restricted(block_mask, cfg), cfg)
+    cut = lambda x, n: x[:, :n, :, :d.head_dim]  # noqa: E731
+    return cut(dq, d.seq_q), cut(dk, d.seq_kv), cut(dv, d.seq_kv), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
+                           interpret=False, return_lse=False):
+    """Softmax attention restricted to the selected blocks (Pallas Triton kernels).
+
+    Args:
+      q: [B, T, N, D]; k, v: [B, S, K, D] with N a multiple of K (query head h uses kv head h // G).
+      block_mask: bool [B, H, ceil(T/bs), ceil(S/bs)], H = K (shared by a GQA group) or N.
+      causal: also mask keys after the query position (aligned at the end when S != T).
+      block_size: bs, one of 16, 32, 64, 128.
+      sm_scale: logit scale, default 1/sqrt(D).
+      interpret: run the kernels in the Pallas interpreter (CPU).
+      return_lse: also return the natural-log LSE of each row's scaled logits, f32 [B, N, T]
+        (-inf for rows with no visible key, whose output is 0).
+    Returns o [B, T, N, D] in q's dtype (and the LSE). Differentiable in q, k, v (and through LSE).
+    """
+    dims = common.attention_dims(q, k, v, block_mask, block_size)
+    cfg = _Config(dims, bool(causal), common.default_scale(sm_scale, dims.head_dim), bool(interpret))
+    o, lse = _attention(q, k, v, block_mask, cfg)
+    return (o, lse) if return_lse else o
