@@ -20,6 +20,9 @@ from sparsetrain.config import ModelConfig
 from sparsetrain.partitioning import constrain
 
 
+RESIDUAL = ("batch", None, None)  # logical axes of [B, T, D] activations
+
+
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
           init=None) -> nnx.Param:
     init = init or nnx.initializers.normal(cfg.init_std)
@@ -74,7 +77,8 @@ class MLP(nnx.Module):
         dt = x.dtype
         gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(dt))
         up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(dt))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+        return jnp.einsum("BTF,FD->BTD", hidden, self.down_proj[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -87,5 +91,7 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, positions, segment_ids):
-        x = x + self.attn(self.input_norm(x), positions, segment_ids)
-        return x + self.mlp(self.post_attn_norm(x))
+        # The residual stream stays split by batch only: without the pins GSPMD may follow the
+        # FSDP-sharded weights and split activations along the model width (measured 2x slower).
+        x = constrain(x + self.attn(self.input_norm(x), positions, segment_ids), RESIDUAL)
+        return constrain(x + self.mlp(self.post_attn_norm(x)), RESIDUAL)

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import Block, RMSNorm, param
+from models.layers import RESIDUAL, Block, RMSNorm, param
 from sparsetrain.attention.spec import spec_for_layer
 from sparsetrain.config import ModelConfig
+from sparsetrain.partitioning import constrain
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -51,7 +52,7 @@ class Llama(nnx.Module):
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype), RESIDUAL)
         forward = _block_forward
         if cfg.remat != "none":
             forward = nnx.remat(_block_forward, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -65,7 +66,8 @@ class Llama(nnx.Module):
                 x = forward(block, x, positions, segment_ids)
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        return jnp.einsum("BTD,DV->BTV", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", None, "vocab"))
 
 
 def count_params(model: nnx.Module) -> int:
