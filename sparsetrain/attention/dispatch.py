@@ -18,6 +18,7 @@ import jax
 from flax import nnx
 
 from sparsetrain.attention.dense import DenseAttention
+from sparsetrain.attention.local_blocks import LocalBlockAttention
 from sparsetrain.attention.spec import METHODS, AttentionSpec
 
 
@@ -33,6 +34,7 @@ def report_aux_loss(module: nnx.Module, name: str, value: jax.Array) -> None:
 # method -> builder(spec, num_heads, num_kv_heads, head_dim, rngs) -> module
 _BUILDERS: dict[str, Callable[..., nnx.Module]] = {
     "dense": lambda spec, num_heads, num_kv_heads, head_dim, rngs: DenseAttention(spec.impl),
+    "local": lambda spec, num_heads, num_kv_heads, head_dim, rngs: LocalBlockAttention(spec),
 }
 assert set(_BUILDERS) == set(METHODS), "spec.METHODS and the dispatcher's builders must list the same methods"
 

@@ -18,6 +18,9 @@ from sparsetrain.configbase import Config, ConfigError
 # method -> implementations it accepts ("auto" picks by platform at trace time).
 METHODS: dict[str, tuple[str, ...]] = {
     "dense": ("auto", "xla", "cudnn"),
+    # Fixed block pattern, no parameters: the sliding window of `local_blocks` key blocks ending at
+    # the diagonal plus `initial_blocks` sink blocks (sparsetrain/attention/local_blocks.py).
+    "local": ("auto", "pallas", "xla"),
 }
 
 
@@ -49,6 +52,11 @@ class AttentionSpec(Config):
     method: str = "dense"        # a key of METHODS
     impl: str = "auto"           # one of METHODS[method]
     block_size: int = 64         # sparse methods: tokens per selection block
+    # Blocks every query block keeps whatever a method selects (generic, so selection methods
+    # share them): the last `local_blocks` key blocks up to its own (the diagonal), and the first
+    # `initial_blocks` key blocks (attention sinks).
+    local_blocks: int = 1
+    initial_blocks: int = 0
 
     def validate(self) -> None:
         self.require(self.method in METHODS, "method", f"choose one of {sorted(METHODS)}")
@@ -56,6 +64,9 @@ class AttentionSpec(Config):
                      f"method {self.method!r} accepts {METHODS[self.method]}")
         self.require(self.block_size > 0 and self.block_size % 16 == 0, "block_size",
                      "must be a positive multiple of 16")
+        # At least the diagonal block, so that every query sees itself and no row is empty.
+        self.require(self.local_blocks >= 1, "local_blocks", "must be >= 1 (the diagonal block)")
+        self.require(self.initial_blocks >= 0, "initial_blocks", "must be >= 0")
         parse_layers(self.layers, 1 << 20)  # syntax check; ranges are checked against the model later
 
 

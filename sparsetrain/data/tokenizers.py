@@ -13,9 +13,11 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 HF_TOKENIZER_FILE = "tokenizer.json"
+TRANSFORMERS_CONFIG_FILE = "tokenizer_config.json"
 
 # Special tokens looked up (in this order) in a Hugging Face vocabulary; the first present one is used.
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
@@ -56,13 +58,29 @@ class ByteTokenizer:
         return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     def save(self, directory: str | Path) -> Path:
-        """Writes `byte_tokenizer.json` describing the scheme; returns its path."""
+        """Writes `byte_tokenizer.json` describing the scheme (what `load_tokenizer` reads back) and
+        the same ids as a Hugging Face tokenizer (`tokenizer.json`, `tokenizer_config.json`) for
+        transformers' AutoTokenizer; returns the path of `byte_tokenizer.json`."""
         path = Path(directory) / BYTE_TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         spec = {"type": "byte", "encoding": "utf-8", "vocab_size": self.vocab_size,
                 "eos_id": self.eos_id, "pad_id": self.pad_id}
         path.write_text(json.dumps(spec, indent=2) + "\n")
+        _save_for_transformers(self.as_hf_tokenizer(), path.parent, self.eos_id, self.pad_id)
         return path
+
+    def as_hf_tokenizer(self) -> tokenizers.Tokenizer:
+        """The same ids as a `tokenizers` BPE without merges: each byte is the GPT-2 byte-level
+        character with id = byte value, then eos and pad as special tokens (256, 257). The one
+        difference: the literal text "<|endoftext|>" or "<pad>" encodes to the special id."""
+        vocab = {char: byte for byte, char in _byte_level_chars().items()}
+        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        # No regex split and no prefix space: the whole text is one byte string, as in `encode`.
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([ADDED_EOS, ADDED_PAD])
+        assert (tok.token_to_id(ADDED_EOS), tok.token_to_id(ADDED_PAD)) == (self.eos_id, self.pad_id)
+        return tok
 
 
 class HFTokenizer:
@@ -107,11 +125,29 @@ class HFTokenizer:
         return self._tok.decode(kept.tolist(), skip_special_tokens=True)
 
     def save(self, directory: str | Path) -> Path:
-        """Writes `tokenizer.json` (loadable by `tokenizers` and `transformers`); returns its path."""
-        path = Path(directory) / HF_TOKENIZER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(path))
-        return path
+        """Writes `tokenizer.json` (loadable by `tokenizers` and `transformers`) and
+        `tokenizer_config.json` naming eos/pad for transformers; returns the tokenizer.json path."""
+        return _save_for_transformers(self._tok, Path(directory), self.eos_id, self.pad_id)
+
+
+def _byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet of `pre_tokenizers.ByteLevel`:
+    printable Latin-1 bytes map to themselves, the other bytes to chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def _save_for_transformers(tok: tokenizers.Tokenizer, directory: Path, eos_id: int, pad_id: int) -> Path:
+    """tokenizer.json plus the tokenizer_config.json that tells transformers which tokens are eos
+    and pad (no bos: our pipeline never inserts one)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / HF_TOKENIZER_FILE
+    tok.save(str(path))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.id_to_token(eos_id),
+              "pad_token": tok.id_to_token(pad_id), "bos_token": None, "clean_up_tokenization_spaces": False}
+    (directory / TRANSFORMERS_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return path
 
 
 def load_tokenizer(spec: str | Path) -> ByteTokenizer | HFTokenizer:

@@ -1,0 +1,18 @@
+"""Export to PyTorch / Hugging Face: `python -m sparsetrain.export CHECKPOINT_DIR OUT_DIR`.
+
+mapping.py: our parameter paths <-> Llama tensor names and layouts; hf_config.py: ModelConfig <->
+config.json; sparse_registry.py: how each attention method is exported; layout.py: which tensors go
+to which file; safetensors_io.py: numpy safetensors folders; export.py: the folder writer;
+torch/modeling_sparse_llama.py: the PyTorch model for sparse layers (copied into exports).
+"""
+
+
+def __getattr__(name: str):
+    # Lazy: the importer (sparsetrain.import_hf) uses the submodules, and export.py imports it back.
+    if name in ("export_checkpoint", "export_params"):
+        from sparsetrain.export import export
+        return getattr(export, name)
+    raise AttributeError(f"module 'sparsetrain.export' has no attribute {name!r}")
+
+
+__all__ = ["export_checkpoint", "export_params"]
