@@ -29,9 +29,10 @@ def check_parity(result: dict, expected_class: str) -> None:
         assert diff <= TOLERANCE * scale, f"hidden state {i}: max abs diff {diff} (scale {scale})"
     assert result["logits_max_abs_diff"] <= TOLERANCE * result["logits_scale"]
     assert result["cached_decode_max_abs_diff"] <= TOLERANCE * result["logits_scale"]
-    print(f"\n{expected_class}: logits max abs diff {result['logits_max_abs_diff']:.3g} at scale "
-          f"{result['logits_scale']:.3g}; hidden {['%.3g' % d for d in result['hidden_max_abs_diff']]}; "
-          f"cached decode {result['cached_decode_max_abs_diff']:.3g}")
+    hidden = [f"{d:.3g}/{s:.3g}" for d, s in zip(result["hidden_max_abs_diff"], result["hidden_scale"])]
+    print(f"\n{expected_class}: max abs diff / scale: logits {result['logits_max_abs_diff']:.3g}/"
+          f"{result['logits_scale']:.3g}, hidden states {hidden}, cached decode "
+          f"{result['cached_decode_max_abs_diff']:.3g}")
 
 
 def export_with_reference(tmp_path, cfg, *, cli: bool = False):
