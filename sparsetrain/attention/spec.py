@@ -13,6 +13,7 @@ to the dispatcher (`sparsetrain/attention/dispatch.py`); a test keeps the two in
 from __future__ import annotations
 
 import dataclasses
+from pallas_kernels.block_sparse.common import BLOCK_SIZES
 from sparsetrain.configbase import Config, ConfigError
 
 # method -> implementations it accepts ("auto" picks by platform at trace time).
@@ -62,8 +63,8 @@ class AttentionSpec(Config):
         self.require(self.method in METHODS, "method", f"choose one of {sorted(METHODS)}")
         self.require(self.impl in METHODS[self.method], "impl",
                      f"method {self.method!r} accepts {METHODS[self.method]}")
-        self.require(self.block_size > 0 and self.block_size % 16 == 0, "block_size",
-                     "must be a positive multiple of 16")
+        self.require(self.block_size in BLOCK_SIZES, "block_size",
+                     f"choose one of {BLOCK_SIZES} (the block-sparse kernel's tiles)")
         # At least the diagonal block, so that every query sees itself and no row is empty.
         self.require(self.local_blocks >= 1, "local_blocks", "must be >= 1 (the diagonal block)")
         self.require(self.initial_blocks >= 0, "initial_blocks", "must be >= 0")

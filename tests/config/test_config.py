@@ -63,3 +63,8 @@ def test_dict_round_trip_and_help():
     assert from_dict(RunConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
     lines = describe(cfg)
     assert any(line.strip().startswith("model.attention.0.method = 'dense'") for line in lines)
+
+
+def test_block_size_must_be_a_kernel_tile():
+    with pytest.raises(ConfigError, match="block_size=48: choose one of"):
+        AttentionSpec(block_size=48)
