@@ -32,6 +32,14 @@ class DenseAttention(nnx.Module):
     def __init__(self, impl: str):
         self.impl = impl
 
+    @classmethod
+    def build(cls, spec, num_heads, num_kv_heads, head_dim, rngs) -> "DenseAttention":
+        return cls(spec.impl)
+
+    @staticmethod
+    def density(spec, seq_len: int) -> float:
+        return 1.0
+
     def __call__(self, q, k, v, *, q_raw=None, k_raw=None, segment_ids=None):
         del q_raw, k_raw, segment_ids  # packed documents attend across boundaries, as in GPT pretraining
         return dense_causal_attention(q, k, v, impl=self.impl)

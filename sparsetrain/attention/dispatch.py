@@ -12,8 +12,6 @@ exported with the layer) and report auxiliary losses with `report_aux_loss`.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 from flax import nnx
 
@@ -31,15 +29,22 @@ def report_aux_loss(module: nnx.Module, name: str, value: jax.Array) -> None:
     module.sow(AuxLoss, name, value)
 
 
-# method -> builder(spec, num_heads, num_kv_heads, head_dim, rngs) -> module
-_BUILDERS: dict[str, Callable[..., nnx.Module]] = {
-    "dense": lambda spec, num_heads, num_kv_heads, head_dim, rngs: DenseAttention(spec.impl),
-    "local": lambda spec, num_heads, num_kv_heads, head_dim, rngs: LocalBlockAttention(spec),
+# method -> its module class. Each class has `build(spec, num_heads, num_kv_heads, head_dim, rngs)`
+# and `density(spec, seq_len)`: the fraction of causal (query, key) pairs it computes, for FLOP counts.
+_METHOD_CLASSES: dict[str, type] = {
+    "dense": DenseAttention,
+    "local": LocalBlockAttention,
 }
-assert set(_BUILDERS) == set(METHODS), "spec.METHODS and the dispatcher's builders must list the same methods"
+assert set(_METHOD_CLASSES) == set(METHODS), "spec.METHODS and the dispatcher must list the same methods"
 
 
 def build_attention(spec: AttentionSpec, *, num_heads: int, num_kv_heads: int, head_dim: int,
                     rngs: nnx.Rngs) -> nnx.Module:
     """The attention module for one layer."""
-    return _BUILDERS[spec.method](spec, num_heads, num_kv_heads, head_dim, rngs)
+    return _METHOD_CLASSES[spec.method].build(spec, num_heads, num_kv_heads, head_dim, rngs)
+
+
+def attention_density(spec: AttentionSpec, seq_len: int) -> float:
+    """Fraction of the causal attention work a layer with this spec does at `seq_len` (1.0 = dense).
+    Methods that choose blocks at run time report their configured budget."""
+    return _METHOD_CLASSES[spec.method].density(spec, seq_len)

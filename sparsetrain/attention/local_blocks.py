@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sparsetrain.attention.spec import AttentionSpec
@@ -35,6 +36,19 @@ class LocalBlockAttention(nnx.Module):
         self.local_blocks = spec.local_blocks
         self.initial_blocks = spec.initial_blocks
         self.impl = spec.impl
+
+    @classmethod
+    def build(cls, spec, num_heads, num_kv_heads, head_dim, rngs) -> "LocalBlockAttention":
+        return cls(spec)
+
+    @staticmethod
+    def density(spec: AttentionSpec, seq_len: int) -> float:
+        """Kept tiles over causal tiles, diagonal tiles counted as half (they are half visible)."""
+        mask = np.asarray(local_block_mask(seq_len, seq_len, block_size=spec.block_size,
+                                           local_blocks=spec.local_blocks,
+                                           initial_blocks=spec.initial_blocks))
+        weight = np.tril(np.ones(mask.shape)) - 0.5 * np.eye(mask.shape[0])
+        return float((mask * weight).sum() / weight.sum())
 
     def __call__(self, q, k, v, *, q_raw=None, k_raw=None, segment_ids=None):
         """q [B, T, N, H], k/v [B, T, K, H] (after RoPE) -> [B, T, N, H]."""

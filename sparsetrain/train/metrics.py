@@ -8,22 +8,25 @@ from pathlib import Path
 
 import jax
 
+from sparsetrain.attention import attention_density, spec_for_layer
 from sparsetrain.config import ModelConfig
 
 # Dense bf16 tensor-core peak per chip, for MFU. Unknown devices report no MFU rather than a guess.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, attention_density: float = 1.0) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward).
 
     Matmuls: 2 FLOPs per weight per token (embedding lookup excluded, lm_head included). Attention:
     QK^T and PV cost 2 * 2 * H per (query, key) pair and head; a causal query sees (T+1)/2 keys on
-    average; `attention_density` is the fraction of those a sparse layer actually computes."""
+    average, and each layer computes its spec's fraction of those (1.0 dense; less for sparse layers)."""
     d, f, n, k, h = cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
     matmul = cfg.num_layers * per_layer + d * cfg.vocab_size
-    attention = cfg.num_layers * n * 4 * h * (seq_len + 1) / 2 * attention_density
+    densities = [attention_density(spec_for_layer(cfg.attention, i, cfg.num_layers), seq_len)
+                 for i in range(cfg.num_layers)]
+    attention = sum(densities) * n * 4 * h * (seq_len + 1) / 2
     return 3 * (2 * matmul + attention)
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import traversals
 
@@ -82,10 +83,12 @@ class ModelDef:
     def apply(self, params: Params, tokens, positions=None, segment_ids=None):
         """Logits [B, T, V] float32 and the auxiliary losses layers reported, {name: mean over layers}."""
         model = self.bind(params)
-        logits = model(tokens, positions, segment_ids)
+        logits, reported_state = nnx.capture(model, AuxLoss)(tokens, positions, segment_ids)
         reported: dict[str, list] = {}
-        for path, var in nnx.to_flat_state(nnx.pop(model, AuxLoss)):
-            for value in var[...]:
-                reported.setdefault(str(path[-1]), []).append(value)
-        aux = {name: sum(values) / len(values) for name, values in reported.items()}
+        for path, var in nnx.to_flat_state(reported_state):
+            # sow keeps a tuple, one entry per call: a scalar per layer, or one [L] array when the
+            # layers are scanned.
+            for value in var.get_value():
+                reported.setdefault(str(path[-1]), []).append(jnp.ravel(value))
+        aux = {name: jnp.mean(jnp.concatenate(values)) for name, values in reported.items()}
         return logits, aux

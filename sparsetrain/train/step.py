@@ -40,33 +40,38 @@ def _microbatch_loss(params, batch, model: ModelDef, cfg: TrainerConfig):
     return loss_sum + aux_sum * count, (loss_sum, count, aux)
 
 
+def accumulate_gradients(params, batch, model: ModelDef, cfg: TrainerConfig):
+    """Mean gradient over the batch's masked tokens, computed over `cfg.grad_accum` microbatches.
+
+    A scan over microbatches keeps one microbatch of activations live; summing token losses (not
+    means) makes the result exactly the full-batch mean. Returns (grads, loss, token count,
+    {aux name: mean over microbatches})."""
+    grad_fn = jax.value_and_grad(_microbatch_loss, has_aux=True)
+    micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), batch)
+
+    def add(carry, mb):
+        grads, loss_sum, count, aux_sums = carry
+        (_, (l, c, aux)), g = grad_fn(params, mb, model, cfg)
+        aux_sums = {k: aux_sums[k] + v for k, v in aux.items()}
+        return (jax.tree.map(jnp.add, grads, g), loss_sum + l, count + c, aux_sums), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux_names = jax.eval_shape(lambda: grad_fn(params, first, model, cfg)[0][1][2])
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.float32(0),
+             jnp.float32(0), {k: jnp.float32(0) for k in aux_names})
+    (grads, loss_sum, count, aux_sums), _ = jax.lax.scan(add, zeros, micro)
+    denom = jnp.maximum(count, 1.0)
+    aux = {k: v / cfg.grad_accum for k, v in aux_sums.items()}
+    return jax.tree.map(lambda g: g / denom, grads), loss_sum / denom, count, aux
+
+
 def make_train_step(model: ModelDef, optimizer: optax.GradientTransformation, cfg: TrainerConfig,
                     schedule: optax.Schedule):
-    grad_fn = jax.value_and_grad(_microbatch_loss, has_aux=True)
-
     def train_step(state, batch):
         params = state["params"]
-        # Gradient accumulation: a scan over microbatches keeps one microbatch of activations live.
-        micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), batch)
-
-        def accumulate(carry, mb):
-            grads, loss_sum, count, aux_sums = carry
-            (_, (l, c, aux)), g = grad_fn(params, mb, model, cfg)
-            aux_sums = {k: aux_sums.get(k, 0.0) + v for k, v in aux.items()}
-            return (jax.tree.map(jnp.add, grads, g), loss_sum + l, count + c, aux_sums), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        aux_shape = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro),
-                                                   model, cfg)[0][1][2])
-        aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape)
-        (grads, loss_sum, count, aux_sums), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.float32(0), jnp.float32(0), aux0), micro)
-        denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        loss = loss_sum / denom
+        grads, loss, count, aux = accumulate_gradients(params, batch, model, cfg)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         # A non-finite step leaves parameters and optimizer state untouched (the loop applies the policy).
@@ -74,8 +79,7 @@ def make_train_step(model: ModelDef, optimizer: optax.GradientTransformation, cf
         new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
                      "step": state["step"] + 1}
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": count,
-                   "learning_rate": schedule(state["step"]),
-                   **{f"aux/{k}": v / cfg.grad_accum for k, v in aux_sums.items()}}
+                   "learning_rate": schedule(state["step"]), **{f"aux/{k}": v for k, v in aux.items()}}
         return new_state, metrics
 
     return train_step

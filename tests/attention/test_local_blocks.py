@@ -103,3 +103,13 @@ def test_scan_layers_with_local_attention():
     model = ModelDef.create(cfg)
     logits, _ = model.apply(model.init(0), jnp.zeros((1, 48), jnp.int32))
     assert logits.shape == (1, 48, cfg.vocab_size)
+
+
+def test_density_counts_kept_causal_work():
+    from sparsetrain.attention import attention_density
+    assert attention_density(AttentionSpec(), 4096) == 1.0
+    full = AttentionSpec(method="local", block_size=64, local_blocks=64)
+    assert attention_density(full, 4096) == pytest.approx(1.0)
+    # 64 query blocks, window of 1 (the diagonal only): 64 half tiles out of 64*64/2 tile-equivalents.
+    diagonal = AttentionSpec(method="local", block_size=64, local_blocks=1)
+    assert attention_density(diagonal, 4096) == pytest.approx(1 / 64)
