@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["XLA_FLAGS"] = f"{GPU_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
     from sparsetrain.train import train  # imports JAX: keep --help and config errors fast
     summary = train(cfg)
-    print(json.dumps({k: v for k, v in summary.items()}, indent=None, default=str))
+    print(json.dumps(summary, default=str))
     return 0
 
 
