@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from sparsetrain.attention.spec import AttentionSpec
-from sparsetrain.ops import block_sparse_attention, causal_block_mask, forced_block_mask
+from sparsetrain.attention.sharded import block_sparse_attention
+from sparsetrain.ops import causal_block_mask, forced_block_mask
 
 
 def local_block_mask(seq_q: int, seq_kv: int, *, block_size: int, local_blocks: int,

@@ -14,7 +14,11 @@ from sparsetrain.train import Trainer
 from sparsetrain.train.model_state import flatten
 from tests.train.helpers import small_config
 
-MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2), "1dev": (1, 1, 1)}
+MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2), "1dev": (1, 1, 1),
+          "2x2x2_local": (2, 2, 2), "1dev_local": (1, 1, 1)}
+# Block-sparse layers (run per shard with shard_map) on the kernel in interpret mode.
+LOCAL = ("model.attention.0.method=local", "model.attention.0.impl=pallas", "model.attention.0.block_size=16",
+         "model.attention.0.local_blocks=2")
 
 
 def spec_of(array) -> list:
@@ -32,7 +36,8 @@ def main(root: Path) -> None:
     out = {"losses": {}, "specs": {}, "restored_equal": {}}
     for name, shape in MESHES.items():
         cfg = small_config(root, "trainer.steps=3", "trainer.eval_every=100", f"name={name}",
-                           "model.dtype=float32", *mesh_overrides(shape))
+                           "model.dtype=float32", *mesh_overrides(shape),
+                           *(LOCAL if name.endswith("_local") else ()))
         trainer = Trainer(cfg, devices=jax.devices()[:int(np.prod(shape))])
         trainer.run()
         out["losses"][name] = [json.loads(line)["loss"] for line in

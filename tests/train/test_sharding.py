@@ -31,6 +31,8 @@ def test_losses_match_single_device_on_every_mesh(eight_device_results):
     for name in ("8x1x1", "2x4x1", "2x2x2"):
         assert len(losses[name]) == 3
         np.testing.assert_allclose(losses[name], losses["1dev"], rtol=2e-5, err_msg=name)
+    np.testing.assert_allclose(losses["2x2x2_local"], losses["1dev_local"], rtol=2e-5)
+    assert not np.allclose(losses["1dev_local"], losses["1dev"])  # the sparse layers did change the model
 
 
 def test_parameters_are_sharded_as_the_rules_say(eight_device_results):
