@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers import RESIDUAL, Block, RMSNorm, param
-from sparsetrain.attention.spec import spec_for_layer
 from sparsetrain.config import ModelConfig
 from sparsetrain.partitioning import constrain
 
@@ -33,7 +32,7 @@ class Llama(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
-        specs = [spec_for_layer(cfg.attention, i, cfg.num_layers) for i in range(cfg.num_layers)]
+        specs = cfg.layer_specs
         if cfg.scan_layers:
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})

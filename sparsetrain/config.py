@@ -64,12 +64,13 @@ class ModelConfig(Config):
         self.require(covered == set(range(self.num_layers)), "attention",
                      f"rules cover layers {sorted(covered)}, need all of 0..{self.num_layers - 1}")
         if self.scan_layers:
-            self.require(len({self._spec_key(i) for i in range(self.num_layers)}) == 1, "scan_layers",
-                         "needs the same attention spec on every layer")
+            distinct = {dataclasses.replace(spec, layers="all") for spec in self.layer_specs}
+            self.require(len(distinct) == 1, "scan_layers", "needs the same attention spec on every layer")
 
-    def _spec_key(self, layer: int) -> AttentionSpec:
-        spec = spec_for_layer(self.attention, layer, self.num_layers)
-        return dataclasses.replace(spec, layers="all")
+    @property
+    def layer_specs(self) -> tuple[AttentionSpec, ...]:
+        """The attention spec that applies to each layer, in layer order."""
+        return tuple(spec_for_layer(self.attention, i, self.num_layers) for i in range(self.num_layers))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,14 +92,13 @@ def _parse_scalar(text: str, tp: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if text.lower() in ("none", "null") and type(None) in get_args(tp):
             return None
-        errors = []
         for option in get_args(tp):
             if option is type(None):
                 continue
             try:
                 return _parse_scalar(text, option, path)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{path}={text!r} must be {_type_name(tp)}")
     if origin is Literal:
         for choice in get_args(tp):

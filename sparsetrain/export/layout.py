@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sparsetrain.attention.spec import AttentionSpec, spec_for_layer
+from sparsetrain.attention.spec import AttentionSpec
 from sparsetrain.config import ModelConfig
 from sparsetrain.export.mapping import LLAMA, Entry, expand
 from sparsetrain.export.sparse_registry import EXPORTED_METHODS, exported_method
@@ -30,7 +30,7 @@ class Layout:
 
 def layer_specs(cfg: ModelConfig) -> list[AttentionSpec]:
     """The attention spec of each layer; raises ValueError for a method with no export."""
-    specs = [spec_for_layer(cfg.attention, i, cfg.num_layers) for i in range(cfg.num_layers)]
+    specs = list(cfg.layer_specs)
     for spec in specs:
         exported_method(spec)
     return specs

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from sparsetrain.config import RunConfig
@@ -130,9 +129,12 @@ class Trainer:
         loss = loss_sum / max(tokens, 1.0)
         return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
 
-    def save(self, step: int, *, force: bool = False, extra: dict | None = None) -> None:
-        meta = {"step": step, "config": to_dict(self.cfg), **(extra or {})}
-        self.checkpointer.save(step, self.state, self.train_iter, meta, force=force)
+    def _meta(self, step: int, **extra) -> dict:
+        """Checkpoint metadata: the step and the full config, so a checkpoint rebuilds its model."""
+        return {"step": step, "config": to_dict(self.cfg), **extra}
+
+    def save(self, step: int, *, force: bool = False) -> None:
+        self.checkpointer.save(step, self.state, self.train_iter, self._meta(step), force=force)
 
     def _check_finite(self, step: int, metrics: dict) -> None:
         """Apply trainer.nonfinite: the step already left the state untouched; count and maybe stop."""
@@ -154,7 +156,7 @@ class Trainer:
         if self.cfg.checkpoint.keep_best and val["val/loss"] < self.best_val:
             self.best_val = val["val/loss"]
             ckpt_lib.save_params(self.run_dir / "best", step, self.state["params"],
-                                 {"step": step, "config": to_dict(self.cfg), **val}, keep=1)
+                                 self._meta(step, **val), keep=1)
         self.log(f"step {step}: val loss {val['val/loss']:.4f}")
         return val
 

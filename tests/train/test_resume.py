@@ -1,6 +1,5 @@
 """Exact resume, SIGTERM, kill -9 during an async save, freezing and the non-finite policy."""
 
-import json
 import os
 import signal
 import subprocess

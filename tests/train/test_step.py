@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from sparsetrain.attention import dispatch, report_aux_loss, spec as spec_lib
 from sparsetrain.attention.dense import DenseAttention
