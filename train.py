@@ -17,6 +17,7 @@ import os
 import sys
 
 import configs
+from sparsetrain.attention.spec import METHODS
 from sparsetrain.configbase import ConfigError, apply_overrides, describe
 
 
@@ -24,6 +25,14 @@ from sparsetrain.configbase import ConfigError, apply_overrides, describe
 # (docs/benchmarks.md). Set before JAX starts; flags the user puts in XLA_FLAGS come later and win.
 GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false "
                  "--xla_gpu_enable_command_buffer=")
+
+
+ATTENTION_HELP = """attention: model.attention is a tuple of per-layer rules (last match wins); each rule is
+one method's options. Methods: {methods}.
+  model.attention.N.method=NAME    switches rule N to that method with its defaults (keeps `layers`)
+  model.attention.N.FIELD=VALUE    sets one of that method's fields; others are rejected by name
+  --help model.attention.0.method=seer   lists the seer rule's fields (and so for any method)
+"""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.help:
         print(__doc__)
-        print(f"configs: {', '.join(configs.available())}\n\nfields of {args.config} (set with key=value):")
+        print(f"configs: {', '.join(configs.available())}\n\n{ATTENTION_HELP.format(methods=', '.join(METHODS))}")
+        print(f"fields of {args.config} (set with key=value):")
         print("\n".join(describe(cfg)))
         return 0
     os.environ["XLA_FLAGS"] = f"{GPU_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()

@@ -9,13 +9,15 @@ Axis legend: B batch, T sequence, D model width, N query heads, K kv heads, H he
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models.rope import apply_rope
-from sparsetrain.attention import build_attention
-from sparsetrain.attention.spec import AttentionSpec
+from sparsetrain.attention.method import AttentionInputs, StepContext
+from sparsetrain.attention.spec import MethodOptions
 from sparsetrain.config import ModelConfig
 from sparsetrain.partitioning import constrain
 
@@ -45,25 +47,31 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, spec: AttentionSpec, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, spec: MethodOptions, rngs: nnx.Rngs):
         self.cfg = cfg
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
         self.k_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
         self.v_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
         self.o_proj = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
-        self.attend = build_attention(spec, num_heads=n, num_kv_heads=k, head_dim=h, rngs=rngs)
+        # The attention method of this layer (its rule's `build`); its parameters live under attend/.
+        self.attend = spec.build(num_heads=n, num_kv_heads=k, head_dim=h, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 ctx: StepContext) -> jax.Array:
         dt = x.dtype
-        q_raw = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
-        k_raw = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
+        q_nope = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+        k_nope = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
-        q = constrain(apply_rope(q_raw, positions, self.cfg.rope), ("batch", None, "heads", "head_dim"))
-        k = constrain(apply_rope(k_raw, positions, self.cfg.rope), ("batch", None, "kv_heads", "head_dim"))
+        rope = functools.partial(apply_rope, cfg=self.cfg.rope)
+        q = constrain(rope(q_nope, positions), ("batch", None, "heads", "head_dim"))
+        k = constrain(rope(k_nope, positions), ("batch", None, "kv_heads", "head_dim"))
         v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
-        out = self.attend(q, k, v, q_raw=q_raw, k_raw=k_raw, segment_ids=segment_ids)  # [B, T, N, H]
+        out = self.attend(AttentionInputs(q=q, k=k, v=v, q_nope=q_nope, k_nope=k_nope, x=x,
+                                          positions=positions, segment_ids=segment_ids, ctx=ctx,
+                                          rope=rope))  # [B, T, N, H]
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
+
 
 
 class MLP(nnx.Module):
@@ -84,14 +92,14 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, spec: AttentionSpec, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, spec: MethodOptions, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(cfg.d_model, cfg, rngs)
         self.attn = Attention(cfg, spec, rngs)
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, ctx: StepContext):
         # The residual stream stays split by batch only: without the pins GSPMD may follow the
         # FSDP-sharded weights and split activations along the model width (measured 2x slower).
-        x = constrain(x + self.attn(self.input_norm(x), positions, segment_ids), RESIDUAL)
+        x = constrain(x + self.attn(self.input_norm(x), positions, segment_ids, ctx), RESIDUAL)
         return constrain(x + self.mlp(self.post_attn_norm(x)), RESIDUAL)

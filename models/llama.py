@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers import RESIDUAL, Block, RMSNorm, param
+from sparsetrain.attention.method import StepContext
 from sparsetrain.config import ModelConfig
 from sparsetrain.partitioning import constrain
 
@@ -24,8 +25,8 @@ REMAT_POLICIES = {
 }
 
 
-def _block_forward(block: Block, x, positions, segment_ids):
-    return block(x, positions, segment_ids)
+def _block_forward(block: Block, x, positions, segment_ids, ctx):
+    return block(x, positions, segment_ids, ctx)
 
 
 class Llama(nnx.Module):
@@ -46,9 +47,11 @@ class Llama(nnx.Module):
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """tokens int32 [B, T]; positions [B, T] (default 0..T-1); returns float32 logits [B, T, V]."""
+                 segment_ids: jax.Array | None = None, ctx: StepContext | None = None) -> jax.Array:
+        """tokens int32 [B, T]; positions [B, T] (default 0..T-1); ctx: the step's context (default:
+        evaluation at step 0); returns float32 logits [B, T, V]."""
         cfg = self.cfg
+        ctx = StepContext() if ctx is None else ctx
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype), RESIDUAL)
@@ -58,11 +61,11 @@ class Llama(nnx.Module):
         if cfg.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
             def run_stack(block, h):
-                return forward(block, h, positions, segment_ids)
+                return forward(block, h, positions, segment_ids, ctx)
             x = run_stack(self.layers, x)
         else:
             for block in self.layers:
-                x = forward(block, x, positions, segment_ids)
+                x = forward(block, x, positions, segment_ids, ctx)
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("BTD,DV->BTV", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)

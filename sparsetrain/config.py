@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from sparsetrain.attention.spec import AttentionSpec, parse_layers, spec_for_layer
+from sparsetrain.attention.spec import DenseOptions, MethodOptions, parse_layers, spec_for_layer
 from sparsetrain.configbase import Config
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
@@ -48,7 +48,7 @@ class ModelConfig(Config):
     # "dots" saves only matmul outputs without batch dims (attention/MLP projections).
     remat: Literal["none", "full", "dots"] = "none"
     scan_layers: bool = False
-    attention: tuple[AttentionSpec, ...] = (AttentionSpec(),)
+    attention: tuple[MethodOptions, ...] = (DenseOptions(),)
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -57,7 +57,7 @@ class ModelConfig(Config):
         self.require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
                      f"must divide num_heads={self.num_heads}")
         self.require(self.head_dim % 2 == 0, "head_dim", "must be even (rotary pairs)")
-        self.require(len(self.attention) > 0, "attention", "needs at least one AttentionSpec")
+        self.require(len(self.attention) > 0, "attention", "needs at least one rule (DenseOptions())")
         covered = set()
         for spec in self.attention:
             covered |= parse_layers(spec.layers, self.num_layers)
@@ -68,8 +68,8 @@ class ModelConfig(Config):
             self.require(len(distinct) == 1, "scan_layers", "needs the same attention spec on every layer")
 
     @property
-    def layer_specs(self) -> tuple[AttentionSpec, ...]:
-        """The attention spec that applies to each layer, in layer order."""
+    def layer_specs(self) -> tuple[MethodOptions, ...]:
+        """The attention rule that applies to each layer, in layer order."""
         return tuple(spec_for_layer(self.attention, i, self.num_layers) for i in range(self.num_layers))
 
 
@@ -138,8 +138,6 @@ class TrainerConfig(Config):
     grad_accum: int = 1           # microbatches per step; batch_size must divide evenly
     seed: int = 0
     z_loss: float = 0.0
-    # "name=weight" pairs for auxiliary losses that attention layers report (unlisted ones weigh 1).
-    aux_loss_weights: tuple[str, ...] = ()
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -174,6 +172,9 @@ class CheckpointConfig(Config):
     async_save: bool = True
     keep_best: bool = False       # also keep the checkpoint with the best validation loss
     init_from: str = ""           # start a new run from another run's (or an import's) weights
+    # With init_from: let parameters other than attention methods' own (gates) start fresh
+    # (e.g. a deeper model); otherwise a base weight missing from the source is an error.
+    init_missing_ok: bool = False
 
     def validate(self) -> None:
         self.require(self.every >= 0, "every", "must be >= 0")

@@ -80,6 +80,21 @@ class Config:
     def validate(self) -> None:
         """Cross-field checks; raise ConfigError naming the field."""
 
+    def with_field(self, name: str, value: Any) -> "Config":
+        """A copy with one field changed (overrides go through here, so a node may redefine what
+        setting a field means, as attention rules do for `method`)."""
+        return dataclasses.replace(self, **{name: value})
+
+    @classmethod
+    def class_for(cls, data: dict) -> type:
+        """The class to rebuild `data` (a `to_dict` result) with: `cls`, or a subclass it names."""
+        return cls
+
+    @classmethod
+    def migrate(cls, data: dict) -> dict:
+        """Adapt `data` written by an older version of this class (default: unchanged)."""
+        return data
+
     def require(self, ok: bool, field: str, message: str) -> None:
         if not ok:
             value = getattr(self, field)
@@ -140,7 +155,8 @@ def _replace_path(node: Any, keys: list[str], text: str, path: str) -> Any:
         raise ConfigError(f"{here}: {path} has no sub-fields")
     names = [f.name for f in dataclasses.fields(node)]
     if key not in names:
-        raise ConfigError(f"unknown key {here!r}; {path or 'config'} has: {', '.join(names)}")
+        what = f"{path} (method {node.method!r})" if hasattr(node, "method") else (path or "config")
+        raise ConfigError(f"unknown key {here!r}; {what} has: {', '.join(names)}")
     tp = typing.get_type_hints(type(node))[key]
     current = getattr(node, key)
     if rest:
@@ -151,7 +167,7 @@ def _replace_path(node: Any, keys: list[str], text: str, path: str) -> Any:
     else:
         new = _parse_scalar(text, tp, here)
     try:
-        return dataclasses.replace(node, **{key: new})
+        return node.with_field(key, new)
     except ConfigError as e:
         raise ConfigError(f"{here}: {e}") from None
 
@@ -192,7 +208,10 @@ def to_dict(cfg: Any) -> Any:
 
 
 def from_dict(cls: type, data: dict) -> Any:
-    """Inverse of `to_dict` for a config class (checkpoint metadata back to a Config)."""
+    """Inverse of `to_dict` for a config class (checkpoint metadata back to a Config). Keys the class
+    no longer has are dropped, so configs saved by older versions still load."""
+    cls = cls.class_for(data)
+    data = cls.migrate(data)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -1,28 +1,73 @@
-"""Per-layer attention specs: which method and implementation each layer's attention uses.
+"""Per-layer attention rules and the one registry of attention methods. Light: imports no JAX.
 
-A model config holds a tuple of `AttentionSpec` rules. Each rule names the layers it covers; for a
-layer, the last rule that covers it wins. So "layers 0,1 dense, the rest sparse" is
+A model config holds a tuple of rules. Each rule is the options object of one method (its class is
+the method's options class, so only that method's fields exist on it) plus `layers`, the layers it
+covers; for a layer, the last rule that covers it wins. "Layers 0 and 1 dense, the rest Seer" is
 
-    attention=(AttentionSpec(layers="all", method="dense"),
-               AttentionSpec(layers="2:", method="<sparse method>"))
+    attention=(DenseOptions(), method_options("seer", layers="2:", topk=8))
 
-and needs no code change. New methods add their name and implementations to `METHODS` and a builder
-to the dispatcher (`sparsetrain/attention/dispatch.py`); a test keeps the two in step.
+From the command line, `model.attention.1.method=seer` turns rule 1 into a Seer rule with Seer's
+defaults (keeping its `layers`), and `model.attention.1.topk=8` then sets a Seer field; a field the
+method does not have fails with the list of the ones it has.
+
+`METHODS` maps a method name to the module and options class that define it. Modules are imported
+on first use, so `import configs` and `train.py --help` stay free of JAX; adding a method is one
+line here (see sparsetrain/sparse/ for what the module provides).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pallas_kernels.block_sparse.common import BLOCK_SIZES
+import importlib
+from typing import Any, ClassVar, Literal
+
 from sparsetrain.configbase import Config, ConfigError
 
-# method -> implementations it accepts ("auto" picks by platform at trace time).
-METHODS: dict[str, tuple[str, ...]] = {
-    "dense": ("auto", "xla", "cudnn"),
-    # Fixed block pattern, no parameters: the sliding window of `local_blocks` key blocks ending at
-    # the diagonal plus `initial_blocks` sink blocks (sparsetrain/attention/local_blocks.py).
-    "local": ("auto", "pallas", "xla"),
+# name -> "module:OptionsClass". The one registry: the dispatcher, FLOP counts, freezing, export
+# and the conformance tests all go through it.
+METHODS: dict[str, str] = {
+    "dense": "sparsetrain.attention.spec:DenseOptions",
+    "local": "sparsetrain.sparse.local:LocalOptions",
+    "seer": "sparsetrain.sparse.seer:SeerOptions",
 }
+
+# Fields of the flat AttentionSpec that checkpoints written before per-method options carry on
+# every rule; a method without them drops them when such a checkpoint loads.
+_LEGACY_FIELDS = ("impl", "block_size", "local_blocks", "initial_blocks")
+
+
+DENSE_TORCH_IMPL = "dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodExport:
+    """How a method reaches PyTorch (sparsetrain/export/): the torch file
+    `sparsetrain/export/torch/<torch_impl>.py` that implements it, the option fields its per-layer
+    config.json entry carries, and its parameters: our path under the layer's `attn/attend/` ->
+    (name under `model.layers.{i}.self_attn.attend.`, transform name in `export.mapping.TRANSFORMS`).
+    """
+
+    torch_impl: str
+    fields: tuple[str, ...] = ()
+    params: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+
+
+def options_class(method: str) -> type["MethodOptions"]:
+    """The options class registered for `method` (imports its module)."""
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} is not allowed; choose one of {sorted(METHODS)}")
+    module, name = METHODS[method].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def method_options(method: str, **fields) -> "MethodOptions":
+    """A rule for `method` with its defaults and the given fields (`layers` and the method's own)."""
+    cls = options_class(method)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ConfigError(f"method {method!r} has no field(s) {unknown}; its fields: {', '.join(known)}")
+    return cls(**fields)
 
 
 def parse_layers(selector: str, num_layers: int) -> frozenset[int]:
@@ -48,30 +93,91 @@ def parse_layers(selector: str, num_layers: int) -> frozenset[int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionSpec(Config):
-    layers: str = "all"          # which layers this rule covers (see parse_layers)
-    method: str = "dense"        # a key of METHODS
-    impl: str = "auto"           # one of METHODS[method]
-    block_size: int = 64         # sparse methods: tokens per selection block
-    # Blocks every query block keeps whatever a method selects (generic, so selection methods
-    # share them): the last `local_blocks` key blocks up to its own (the diagonal), and the first
-    # `initial_blocks` key blocks (attention sinks).
-    local_blocks: int = 1
-    initial_blocks: int = 0
+class MethodOptions(Config):
+    """Base of every method's options: which layers the rule covers and which method it is.
+
+    Subclasses set `method`'s default to their registered name and add their own fields. Beyond
+    fields, a method's options say how to build its module (`build`), the share of causal attention
+    work it does for FLOP counts (`density`), which parameters train (`param_policy`) and how it is
+    exported (`export`).
+    """
+
+    layers: str = "all"
+    method: str = "dense"
+
+    @property
+    def param_policy(self) -> Literal["all", "own_only", "base_only"]:
+        """How the trainer treats parameters while a layer uses this method: "all" trains
+        everything; "own_only" trains only the method's parameters and freezes the whole base model
+        (gate distillation); "base_only" freezes the method's parameters (they get no gradient)."""
+        return "all"
+
+    @property
+    def causal_granularity(self) -> Literal["token", "block"]:
+        """Outputs at position p depend on tokens up to p ("token"), or up to the end of p's block
+        ("block", e.g. a gate pooling the whole query block). The conformance tests check it."""
+        return "token"
+
+    # How the method is exported to PyTorch; None: it cannot be exported yet.
+    export: ClassVar["MethodExport | None"] = None
 
     def validate(self) -> None:
-        self.require(self.method in METHODS, "method", f"choose one of {sorted(METHODS)}")
-        self.require(self.impl in METHODS[self.method], "impl",
-                     f"method {self.method!r} accepts {METHODS[self.method]}")
-        self.require(self.block_size in BLOCK_SIZES, "block_size",
-                     f"choose one of {BLOCK_SIZES} (the block-sparse kernel's tiles)")
-        # At least the diagonal block, so that every query sees itself and no row is empty.
-        self.require(self.local_blocks >= 1, "local_blocks", "must be >= 1 (the diagonal block)")
-        self.require(self.initial_blocks >= 0, "initial_blocks", "must be >= 0")
+        registered = METHODS.get(self.method, "").split(":")[-1]
+        self.require(registered == type(self).__name__, "method",
+                     f"is set by the rule's class ({type(self).__name__}); to switch methods use "
+                     f"method_options(name, ...) or `...attention.N.method=NAME` (choose one of "
+                     f"{sorted(METHODS)})")
         parse_layers(self.layers, 1 << 20)  # syntax check; ranges are checked against the model later
 
+    def with_field(self, name: str, value: Any) -> "MethodOptions":
+        """Setting `method` switches to that method's options class with its defaults (keeping
+        `layers`); any other field is set on this method's options."""
+        if name == "method":
+            if value == self.method:
+                return self
+            return options_class(value)(layers=self.layers)
+        return super().with_field(name, value)
 
-def spec_for_layer(specs: tuple[AttentionSpec, ...], layer: int, num_layers: int) -> AttentionSpec:
+    @classmethod
+    def class_for(cls, data: dict) -> type["MethodOptions"]:
+        return options_class(data.get("method", "dense"))
+
+    @classmethod
+    def migrate(cls, data: dict) -> dict:
+        """Checkpoints from before per-method options stored every rule with all of `_LEGACY_FIELDS`;
+        keep only the ones this method has."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return {k: v for k, v in data.items() if k in names or k not in _LEGACY_FIELDS}
+
+    def build(self, *, num_heads: int, num_kv_heads: int, head_dim: int, rngs):
+        """The NNX module that computes this layer's attention."""
+        raise NotImplementedError
+
+    def density(self, seq_len: int) -> float:
+        """Fraction of the causal attention work done at `seq_len` (1.0 = dense), for FLOP counts;
+        methods that choose blocks at run time give their configured budget."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseOptions(MethodOptions):
+    """method="dense": exact causal attention (cuDNN on GPU, XLA elsewhere)."""
+
+    method: str = "dense"
+    impl: Literal["auto", "xla", "cudnn"] = "auto"
+
+    export = MethodExport(torch_impl=DENSE_TORCH_IMPL)   # transformers' own LlamaAttention
+
+    def build(self, *, num_heads, num_kv_heads, head_dim, rngs):
+        # Imported here: this class must stay importable without JAX (configs, --help).
+        from sparsetrain.attention.dense import DenseAttention
+        return DenseAttention(self.impl)
+
+    def density(self, seq_len: int) -> float:
+        return 1.0
+
+
+def spec_for_layer(specs: tuple[MethodOptions, ...], layer: int, num_layers: int) -> MethodOptions:
     """The last rule covering `layer`."""
     chosen = None
     for spec in specs:
@@ -80,4 +186,3 @@ def spec_for_layer(specs: tuple[AttentionSpec, ...], layer: int, num_layers: int
     if chosen is None:
         raise ConfigError(f"model.attention: no rule covers layer {layer}; start with layers='all'")
     return chosen
-

@@ -18,13 +18,18 @@ import numpy as np
 from sparsetrain.config import RunConfig
 from sparsetrain.data.tokenizers import load_tokenizer
 from sparsetrain.export import hf_config
-from sparsetrain.export.layout import MODEL_FILE, SPARSE_FILE, layer_specs, layout
+from sparsetrain.export.layout import MODEL_FILE, SPARSE_FILE, layout
 from sparsetrain.export.mapping import to_hf, unstack_layers
 from sparsetrain.export.safetensors_io import DEFAULT_MAX_SHARD_BYTES, DTYPES, write_tensors
-from sparsetrain.export.sparse_registry import is_sparse, sparse_config
-from sparsetrain.pretrained import load_checkpoint
+from sparsetrain.export.pretrained import load_checkpoint
+from sparsetrain.export.sparse_layers import is_sparse, sparse_config, torch_impls
 
-REMOTE_CODE = Path(__file__).parent / "torch" / f"{hf_config.REMOTE_CODE_MODULE}.py"
+TORCH_DIR = Path(__file__).parent / "torch"
+# Always shipped with sparse layers: the model, and the helpers every method file imports.
+REMOTE_CODE = (f"{hf_config.REMOTE_CODE_MODULE}.py", "attention_common.py")
+# Generated per export: imports exactly the method files the model uses (transformers copies only
+# the files a remote-code module imports, so the list must be static text).
+METHODS_MODULE = "sparse_methods.py"
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
@@ -49,7 +54,7 @@ def export_params(cfg: RunConfig, flat: dict[str, np.ndarray], out_dir: str | Pa
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output directory {out} is not empty; export into a new directory")
     model = cfg.model
-    specs = layer_specs(model)
+    specs = model.layer_specs
     sparse = sparse_config(specs) if is_sparse(specs) else None
     tok = _load_tokenizer(cfg, tokenizer)
     eos_id, pad_id = (tok.eos_id, tok.pad_id) if tok is not None else (None, None)
@@ -69,7 +74,7 @@ def export_params(cfg: RunConfig, flat: dict[str, np.ndarray], out_dir: str | Pa
         # tensor set.
         write_tensors({e.hf: tensors[e.hf] for e in tensors_layout.sparse}, out, SPARSE_FILE,
                       max_shard_bytes=1 << 62)
-        shutil.copy(REMOTE_CODE, out / REMOTE_CODE.name)
+        _write_remote_code(out, torch_impls(specs))
     if tok is not None:
         tok.save(out)
     _write_json(out / "config.json", config)
@@ -77,6 +82,17 @@ def export_params(cfg: RunConfig, flat: dict[str, np.ndarray], out_dir: str | Pa
                 {"bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": pad_id})
     (out / "README.md").write_text(model_card(cfg, config, dtype=dtype, source=source))
     return out
+
+
+def _write_remote_code(out: Path, impls: list[str]) -> None:
+    """The torch model files: the base, the shared helpers, each used method's file, and the
+    generated module that imports those methods (and nothing else)."""
+    for name in (*REMOTE_CODE, *(f"{impl}.py" for impl in impls)):
+        shutil.copy(TORCH_DIR / name, out / name)
+    lines = ['"""The attention methods this model uses (written by sparsetrain\'s export)."""', ""]
+    lines += [f"from .{impl} import ATTENTION as {impl}" for impl in impls]
+    lines += ["", f"ATTENTION_METHODS = {{{', '.join(f'{i!r}: {i}' for i in impls)}}}", ""]
+    (out / METHODS_MODULE).write_text("\n".join(lines))
 
 
 def _load_tokenizer(cfg: RunConfig, tokenizer: str | None):

@@ -40,7 +40,7 @@ def rope_from_hf(hf: dict) -> RopeConfig:
 def to_hf_config(cfg: ModelConfig, *, dtype: str, eos_token_id: int | None, pad_token_id: int | None,
                  sparse_attention: dict | None = None) -> dict:
     """config.json for a dense Llama, or for the remote-code sparse Llama when `sparse_attention` (the
-    per-layer block from `sparse_registry.sparse_config`) is given."""
+    per-layer block from `sparse_layers.sparse_config`) is given."""
     if cfg.d_model % cfg.num_heads:
         # transformers 5 LlamaConfig.validate_architecture rejects this even with head_dim set.
         raise ValueError(f"model.d_model={cfg.d_model} must be a multiple of model.num_heads="

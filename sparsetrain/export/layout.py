@@ -2,17 +2,16 @@
 
 `model.safetensors` holds exactly the Hugging Face Llama tensors (`mapping.LLAMA` over every layer),
 so plain transformers loads it; `sparse_attention.safetensors` holds the extra parameters of sparse
-attention layers (each method's table from `sparse_registry`, over the layers using that method).
+attention layers (each method's `export.params` table, over the layers using that method).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from sparsetrain.attention.spec import AttentionSpec
 from sparsetrain.config import ModelConfig
-from sparsetrain.export.mapping import LLAMA, Entry, expand
-from sparsetrain.export.sparse_registry import EXPORTED_METHODS, exported_method
+from sparsetrain.export.mapping import LLAMA, TRANSFORMS, Entry, expand
+from sparsetrain.export.sparse_layers import method_export
 
 MODEL_FILE = "model.safetensors"
 SPARSE_FILE = "sparse_attention.safetensors"   # the name modeling_sparse_llama.py loads
@@ -28,18 +27,14 @@ class Layout:
         return self.model + self.sparse
 
 
-def layer_specs(cfg: ModelConfig) -> list[AttentionSpec]:
-    """The attention spec of each layer; raises ValueError for a method with no export."""
-    specs = list(cfg.layer_specs)
-    for spec in specs:
-        exported_method(spec)
-    return specs
+def method_entries(layer: int, spec) -> list[Entry]:
+    """The tensors of one layer's method: ours under layers/<i>/attn/attend/, theirs under
+    model.layers.<i>.self_attn.attend."""
+    return [Entry(f"layers/{layer}/attn/attend/{ours}", f"model.layers.{layer}.self_attn.attend.{theirs}",
+                  TRANSFORMS[transform]) for ours, (theirs, transform) in method_export(spec).params.items()]
 
 
 def layout(cfg: ModelConfig) -> Layout:
-    specs = layer_specs(cfg)
     model = expand(LLAMA, range(cfg.num_layers), skip=frozenset({"lm_head"} if cfg.tie_embeddings else ()))
-    sparse = []
-    for name, method in EXPORTED_METHODS.items():
-        sparse += expand(method.params, [i for i, spec in enumerate(specs) if spec.method == name])
+    sparse = [e for i, spec in enumerate(cfg.layer_specs) for e in method_entries(i, spec)]
     return Layout(model, sparse)

@@ -49,6 +49,9 @@ MERGE_HEADS_TRANSPOSE = Transform("merge_heads_transpose", _merged_to_hf,
 # o [N, H, D] -> (D, N*H): the same heads-major flatten on the input side.
 O_TRANSPOSE = Transform("o_transpose", _o_to_hf, lambda x, shape: np.ascontiguousarray(x.T).reshape(shape))
 
+# By name, for tables that cannot import this module (methods' `MethodExport.params`).
+TRANSFORMS = {t.name: t for t in (IDENTITY, TRANSPOSE, MERGE_HEADS_TRANSPOSE, O_TRANSPOSE)}
+
 # Our path template -> (Hugging Face key template, transform). "{i}" is the layer index.
 LLAMA: dict[str, tuple[str, Transform]] = {
     "embed": ("model.embed_tokens.weight", IDENTITY),

@@ -4,12 +4,14 @@ Arrays in, arrays out; no config or model knowledge. The kernels live in `pallas
 """
 
 from sparsetrain.ops.block_sparse import block_attention_scores, block_sparse_attention
-from sparsetrain.ops.selection import (causal_block_mask, forced_block_mask, indices_to_mask,
-                                       mask_to_indices, threshold_block_mask, topk_block_mask,
-                                       topp_block_mask, transposed_indices)
+from sparsetrain.ops.selection import (Selection, budget_block_mask, causal_block_mask, forced_block_mask,
+                                       indices_to_mask, mask_to_indices, selection_density,
+                                       selection_recall, threshold_block_mask, tile_weights,
+                                       topk_block_mask, topp_block_mask, transposed_indices)
 
 __all__ = [
-    "block_attention_scores", "block_sparse_attention", "causal_block_mask", "forced_block_mask",
-    "indices_to_mask", "mask_to_indices", "threshold_block_mask", "topk_block_mask",
-    "topp_block_mask", "transposed_indices",
+    "Selection", "block_attention_scores", "block_sparse_attention", "budget_block_mask",
+    "causal_block_mask", "forced_block_mask", "indices_to_mask", "mask_to_indices",
+    "selection_density", "selection_recall", "threshold_block_mask", "tile_weights",
+    "topk_block_mask", "topp_block_mask", "transposed_indices",
 ]

@@ -12,29 +12,8 @@ import jax
 from pallas_kernels.block_sparse import kernel as _kernel
 from pallas_kernels.block_sparse import reference as _reference
 from pallas_kernels.block_sparse import scores as _scores
-
-IMPLS = ("auto", "pallas", "xla")
-
-
-def _choose(impl: str, interpret: bool | None) -> tuple[bool, bool]:
-    """(use the Pallas kernel?, interpret it?) for an `impl` / `interpret` pair.
-
-    "auto": compiled Pallas on GPU; elsewhere the reference, unless interpret=True asks for the
-    Pallas interpreter. "pallas": the kernel, interpreted when interpret=True or (None and no GPU).
-    "xla": the pure-jnp reference.
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r}; choose one of {IMPLS}")
-    on_gpu = jax.default_backend() == "gpu"
-    if impl == "xla":
-        return False, False
-    if impl == "auto" and not on_gpu and not interpret:
-        return False, False
-    interpret = (not on_gpu) if interpret is None else bool(interpret)
-    if not interpret and not on_gpu:
-        raise ValueError("compiled Pallas Triton kernels need a GPU; pass interpret=True or impl='xla'")
-    return True, interpret
-
+from sparsetrain.ops.platform import kernel_impl
+from sparsetrain.ops.selection import Selection
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
                            impl="auto", interpret=None, return_lse=False):
@@ -44,12 +23,14 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
       q: [B, T, N, D]; k, v: [B, S, K, D]. GQA: N a multiple of K, query heads
         i*G..(i+1)*G-1 (G = N // K) read kv head i; K/V are never repeated in memory.
       block_mask: bool [B, H, nQ, nK] with H = K (one selection per GQA group, as NSA/InfLLM-V2)
-        or H = N (per query head, as SeerAttention prefill). True = compute that tile.
+        or H = N (per query head, as SeerAttention prefill). True = compute that tile. Or a
+        `Selection` (sorted index lists with counts) of the same [B, H, nQ] rows; the Triton kernel
+        turns it into its own loop lists (native list input lands with the token-level kernel).
       causal: also hide keys after the query position, aligned at the end when S > T (query row
         i sits at position i + S - T).
       block_size: bs, one of 16, 32, 64, 128; T and S need not be multiples of it.
       sm_scale: logit scale, default 1/sqrt(D).
-      impl: "auto" | "pallas" | "xla" (see `_choose`); interpret: None = True when no GPU.
+      impl: "auto" | "pallas" | "xla" (see `sparsetrain.ops.platform.kernel_impl`); interpret: None = True when no GPU.
       return_lse: also return the natural-log log-sum-exp of each row's scaled logits over its
         visible keys, f32 [B, N, T]; -inf for rows with no visible key.
     Returns:
@@ -57,8 +38,10 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
       visible key are 0 (never NaN). With return_lse, (o, lse). Differentiable in q, k, v (and
       through lse); the mask gets no gradient.
     """
-    use_pallas, interpret = _choose(impl, interpret)
+    use_pallas, interpret = kernel_impl(impl, interpret)
     fn = _kernel.block_sparse_attention if use_pallas else _reference.block_sparse_attention
+    if isinstance(block_mask, Selection):
+        block_mask = block_mask.to_mask()
     return fn(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
               interpret=interpret, return_lse=return_lse)
 
@@ -73,7 +56,7 @@ def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, i
     passes (row LSE, then tile maxima of exp(s - lse)) and never materialises [T, S].
     q: [B, T, N, D]; k: [B, S, K, D]. Not differentiable (a distillation target).
     """
-    use_pallas, interpret = _choose(impl, interpret)
+    use_pallas, interpret = kernel_impl(impl, interpret)
     fn = _scores.block_attention_scores if use_pallas else _reference.block_attention_scores
     # Cut gradients at the inputs so autodiff never traces into the kernels.
     q, k = jax.lax.stop_gradient((q, k))

@@ -16,6 +16,9 @@ so every query sees at least itself.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,26 +48,29 @@ def forced_block_mask(valid, *, force_first: int = 0, force_local: int = 1):
     return valid & ((from_start <= force_first) | (from_end <= force_local))
 
 
-def topk_block_mask(scores, k: int, *, force_first: int = 0, force_local: int = 1, valid=None):
-    """Per row, the forced blocks plus the highest-scoring others, `k` blocks in all.
+def budget_block_mask(scores, budget, *, force_first: int = 0, force_local: int = 1, valid=None):
+    """Per row, the forced blocks plus the highest-scoring others, `budget` blocks in all.
 
     scores: float [..., nQ, nK], higher is better; -inf or NaN scores are never picked by score.
-    Rows with fewer than k valid blocks keep them all; if the forced blocks exceed k, all forced
-    blocks are still kept. Ties go to the lower block index (lax.top_k is stable).
+    budget: int, or int array broadcastable to [..., nQ] (a per-row budget). Rows with fewer valid
+    blocks keep them all; if the forced blocks exceed the budget, all forced blocks are still kept.
+    Ties go to the lower block index (lax.top_k is stable).
     """
-    if k < 0:
-        raise ValueError(f"k={k} must be >= 0")
     valid = _valid(scores.shape, valid)
     forced = forced_block_mask(valid, force_first=force_first, force_local=force_local)
     rest = jnp.where(valid & ~forced & ~jnp.isnan(scores), scores, -jnp.inf)
-    kk = min(k, scores.shape[-1])
-    if kk == 0:
-        return forced
-    values, cols = jax.lax.top_k(rest, kk)
-    budget = k - forced.sum(-1, keepdims=True)
-    take = (jnp.arange(kk) < budget) & (values > -jnp.inf)
+    values, cols = jax.lax.top_k(rest, scores.shape[-1])   # a full descending sort, per row
+    room = jnp.asarray(budget)[..., None] - forced.sum(-1, keepdims=True)
+    take = (jnp.arange(scores.shape[-1]) < room) & (values > -jnp.inf)
     picked = jnp.put_along_axis(jnp.zeros(scores.shape, bool), cols, take, axis=-1, inplace=False)
     return forced | picked
+
+
+def topk_block_mask(scores, k: int, *, force_first: int = 0, force_local: int = 1, valid=None):
+    """`budget_block_mask` with the same budget `k` for every row."""
+    if k < 0:
+        raise ValueError(f"k={k} must be >= 0")
+    return budget_block_mask(scores, k, force_first=force_first, force_local=force_local, valid=valid)
 
 
 def threshold_block_mask(scores, threshold: float, *, force_first: int = 0, force_local: int = 1,
@@ -122,3 +128,64 @@ def transposed_indices(mask, max_blocks: int | None = None):
     mask: bool [..., nQ, nK] -> (indices int32 [..., nK, max_blocks or nQ], counts [..., nK]).
     """
     return mask_to_indices(jnp.swapaxes(jnp.asarray(mask, bool), -1, -2), max_blocks)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["indices", "counts", "extras"],
+                   meta_fields=["num_blocks"])
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which key blocks each row attends to: the currency between routing and the kernels.
+
+    indices: int32 [..., nQ, m], each row's selected key blocks ascending, padded with -1;
+    counts: int32 [..., nQ], how many entries of each row are real; num_blocks: nK (static).
+    Leading axes are [B, H] (H = kv heads for a selection shared by a GQA group, or query heads).
+    extras: arrays a method keeps beside the choice (gate logits, scores) for its losses/metrics.
+    """
+
+    indices: jax.Array
+    counts: jax.Array
+    num_blocks: int
+    extras: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_mask(cls, mask, max_blocks: int | None = None, **extras) -> "Selection":
+        indices, counts = mask_to_indices(mask, max_blocks)
+        return cls(indices, counts, mask.shape[-1], dict(extras))
+
+    def to_mask(self) -> jax.Array:
+        """bool [..., nQ, nK]."""
+        return indices_to_mask(self.indices, self.num_blocks)
+
+
+def tile_weights(seq_q: int, seq_kv: int, block_size: int) -> np.ndarray:
+    """float [nQ, nK]: the share of each tile's (query, key) pairs that causality leaves visible
+    (1 below the diagonal, about 1/2 on it, partial for ragged edges), end-aligned."""
+    n_q, n_k = -(-seq_q // block_size), -(-seq_kv // block_size)
+    q = np.arange(n_q * block_size)
+    k = np.arange(n_k * block_size)
+    visible = (k[None, :] <= q[:, None] + seq_kv - seq_q) & (q[:, None] < seq_q) & (k[None, :] < seq_kv)
+    pairs = visible.reshape(n_q, block_size, n_k, block_size).sum(axis=(1, 3))
+    return pairs / float(block_size * block_size)
+
+
+def selection_density(mask, seq_q: int, seq_kv: int, block_size: int):
+    """Measured density: the share of the causal attention work a selection computes, float32 scalar
+    averaged over leading axes. Tiles count by their visible pairs, so a diagonal tile counts half."""
+    weights = jnp.asarray(tile_weights(seq_q, seq_kv, block_size), jnp.float32)
+    kept = jnp.sum(jnp.asarray(mask, jnp.float32) * weights, axis=(-2, -1))
+    return jnp.mean(kept / jnp.sum(weights))
+
+
+def selection_recall(mask, scores):
+    """Share of the dense attention map inside the selected tiles, float32 scalar.
+
+    scores: [B, N, nQ, nK] row-normalised block scores (`block_attention_scores`); mask [B, H, nQ, nK]
+    with H = N or a divisor of N (a selection shared by each group of N // H query heads). Rows whose
+    scores are all 0 (nothing visible) are left out of the mean.
+    """
+    group = scores.shape[1] // mask.shape[1]
+    mask = jnp.repeat(jnp.asarray(mask, bool), group, axis=1)
+    total = scores.sum(-1)
+    kept = jnp.where(mask, scores, 0.0).sum(-1)
+    rows = total > 0
+    return jnp.sum(jnp.where(rows, kept / jnp.where(rows, total, 1.0), 0.0)) / jnp.maximum(rows.sum(), 1)

@@ -14,7 +14,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sparsetrain.config import CheckpointConfig
-from sparsetrain.train.model_state import Params, flatten, path_str
 
 ITEMS = ("params", "opt_state", "data", "meta")
 
@@ -60,60 +59,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def save_params(directory: Path, step: int, params: Params, meta: dict, *, keep: int | None = None) -> Path:
-    """A parameters-only checkpoint in the same layout: what importers write for --init_from, and the
-    best-by-validation copy (keep=1)."""
-    manager = ocp.CheckpointManager(Path(directory).absolute() / "checkpoints", item_names=("params", "meta"),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=keep))
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                               meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
-    manager.close()
-    return manager.directory
-
-
-def load_params(path: str | Path) -> tuple[Params, dict]:
-    """Parameters and metadata of the latest checkpoint of a run directory (or its checkpoints/ dir,
-    or one step's directory), as host arrays."""
-    path = Path(path).absolute()
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    step = None
-    if path.name.isdigit() and (path / "params").exists():
-        path, step = path.parent, int(path.name)
-    if not path.is_dir():
-        raise ValueError(f"checkpoint path {path} does not exist")
-    manager = ocp.CheckpointManager(path, item_names=("params", "meta"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"no complete checkpoint under {path}")
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                               meta=ocp.args.JsonRestore()))
-    manager.close()
-    return restored["params"], dict(restored["meta"])
-
-
-def merge_init_params(fresh: Params, source: Params) -> tuple[Params, list[str], list[str]]:
-    """Take every parameter of `fresh` from `source` where it exists (shapes must agree).
-
-    Returns the merged params, the paths initialised fresh (new parts such as gates), and the source
-    paths that were not used."""
-    src = flatten(source)
-    missing, merged = [], {}
-
-    def pick(path, value):
-        key = path_str(path)
-        if key not in src:
-            missing.append(key)
-            return value
-        if tuple(src[key].shape) != tuple(value.shape):
-            raise ValueError(f"--init_from: parameter {key} has shape {tuple(src[key].shape)} in the "
-                             f"source but {tuple(value.shape)} in this model")
-        merged[key] = True
-        return np.asarray(src[key]).astype(value.dtype)
-
-    out = jax.tree_util.tree_map_with_path(pick, fresh)
-    unused = sorted(k for k in src if k not in merged)
-    return out, missing, unused

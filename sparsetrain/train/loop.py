@@ -19,13 +19,18 @@ from tqdm import tqdm
 from sparsetrain.config import RunConfig
 from sparsetrain.configbase import to_dict
 from sparsetrain.data import build_data
+from sparsetrain.checkpoint import load_params, merge_init_params, save_params
 from sparsetrain.train import checkpoint as ckpt_lib
 from sparsetrain.train.metrics import MetricsWriter, Throughput, flops_per_token
-from sparsetrain.train.model_state import ModelDef, path_str
-from sparsetrain.train.optimizer import learning_rate_schedule, make_optimizer
+from sparsetrain.checkpoint.model_def import ModelDef, flatten, path_str
+from sparsetrain.train.optimizer import frozen_paths, learning_rate_schedule, make_optimizer
 from sparsetrain.train.sharding import (batch_sharding, global_batch, make_mesh, param_shardings,
                                         replicated)
 from sparsetrain.train.step import make_eval_step, make_train_step
+
+
+# Reported by sparse layers (means over layers) and shown on the progress bar beside the loss.
+CONSOLE_METRICS = ("density", "recall", "kl")
 
 
 class NonFiniteError(RuntimeError):
@@ -79,12 +84,15 @@ class Trainer:
         abstract_params = self.model.abstract_params()
         p_shard = param_shardings(self.model.logical_axes(), abstract_params, self.mesh)
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.trainer.steps)
-        self.optimizer = make_optimizer(cfg.optimizer, abstract_params, cfg.trainer.steps)
+        frozen = frozen_paths(cfg.optimizer, cfg.model, abstract_params)
+        self.optimizer = make_optimizer(cfg.optimizer, abstract_params, cfg.trainer.steps, frozen)
+        trainable = frozenset(flatten(abstract_params)) - frozen
         self.abstract_state = jax.eval_shape(self._init_state)
         self.shardings = state_shardings(self.abstract_state["opt_state"], p_shard, abstract_params,
                                          self.mesh)
         batch_shard = batch_sharding(self.mesh)
-        self.train_step = jax.jit(make_train_step(self.model, self.optimizer, cfg.trainer, self.schedule),
+        self.train_step = jax.jit(make_train_step(self.model, self.optimizer, cfg.trainer, self.schedule,
+                                                  trainable),
                                   in_shardings=(self.shardings, batch_shard),
                                   out_shardings=(self.shardings, replicated(self.mesh)),
                                   donate_argnums=0)
@@ -108,8 +116,14 @@ class Trainer:
             return state
         state = jax.jit(self._init_state, out_shardings=self.shardings)()
         if self.cfg.checkpoint.init_from:
-            source, _ = ckpt_lib.load_params(self.cfg.checkpoint.init_from)
-            params, fresh, unused = ckpt_lib.merge_init_params(jax.device_get(state["params"]), source)
+            source, _ = load_params(self.cfg.checkpoint.init_from)
+            params, fresh, unused = merge_init_params(jax.device_get(state["params"]), source)
+            # Methods' own parameters (gates) may start fresh; a base weight starting fresh is
+            # almost always a wrong source or architecture.
+            base = [path for path in fresh if "/attn/attend/" not in path]
+            if base and not self.cfg.checkpoint.init_missing_ok:
+                raise ValueError(f"--init_from {self.cfg.checkpoint.init_from}: the source lacks {base}; "
+                                 f"set checkpoint.init_missing_ok=true to initialise them fresh")
             state["params"] = jax.device_put(params, self.shardings["params"])
             self.log(f"initialised from {self.cfg.checkpoint.init_from}; "
                      f"fresh: {fresh or 'none'}; unused from source: {unused or 'none'}")
@@ -120,14 +134,19 @@ class Trainer:
             tqdm.write(message)
 
     def evaluate(self) -> dict:
-        loss_sum = tokens = 0.0
+        """Validation loss, and the mean over batches of what sparse layers report at evaluation
+        (measured density, recall)."""
+        sums: dict[str, float] = {}
+        batches = 0
         with jax.set_mesh(self.mesh):
             for batch in self.data.val_batches(self.cfg.trainer.eval_batches):
                 out = self.eval_step(self.state["params"], global_batch(batch, self.mesh))
-                loss_sum += float(out["loss_sum"])
-                tokens += float(out["tokens"])
-        loss = loss_sum / max(tokens, 1.0)
-        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+                for key, value in out.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                batches += 1
+        loss = sums.pop("loss_sum", 0.0) / max(sums.pop("tokens", 0.0), 1.0)
+        reported = {f"val/{key}": value / max(batches, 1) for key, value in sums.items()}
+        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0)), **reported}
 
     def _meta(self, step: int, **extra) -> dict:
         """Checkpoint metadata: the step and the full config, so a checkpoint rebuilds its model."""
@@ -155,9 +174,10 @@ class Trainer:
         val = self.evaluate()
         if self.cfg.checkpoint.keep_best and val["val/loss"] < self.best_val:
             self.best_val = val["val/loss"]
-            ckpt_lib.save_params(self.run_dir / "best", step, self.state["params"],
+            save_params(self.run_dir / "best", step, self.state["params"],
                                  self._meta(step, **val), keep=1)
-        self.log(f"step {step}: val loss {val['val/loss']:.4f}")
+        extra = "".join(f", {k[4:]} {val[k]:.3g}" for k in (f"val/{m}" for m in CONSOLE_METRICS) if k in val)
+        self.log(f"step {step}: val loss {val['val/loss']:.4f}{extra}")
         return val
 
     def run(self) -> dict:
@@ -193,7 +213,8 @@ class Trainer:
                         values.update(throughput.report())
                         summary.update(values)
                         bar.set_postfix(loss=f"{values['loss']:.3f}",
-                                        tok_s=f"{values.get('tokens_per_sec', 0):.0f}")
+                                        tok_s=f"{values.get('tokens_per_sec', 0):.0f}",
+                                        **{k: f"{values[k]:.3g}" for k in CONSOLE_METRICS if k in values})
                         if writer:
                             writer.write(step, values)
                     if step % tcfg.eval_every == 0 or step == tcfg.steps:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import jax
 
-from sparsetrain.attention import attention_density
 from sparsetrain.config import ModelConfig
 
 # Dense bf16 tensor-core peak per chip, for MFU. Unknown devices report no MFU rather than a guess.
@@ -24,7 +23,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     d, f, n, k, h = cfg.d_model, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
     matmul = cfg.num_layers * per_layer + d * cfg.vocab_size
-    densities = [attention_density(spec, seq_len) for spec in cfg.layer_specs]
+    densities = [spec.density(seq_len) for spec in cfg.layer_specs]
     attention = sum(densities) * n * 4 * h * (seq_len + 1) / 2
     return 3 * (2 * matmul + attention)
 

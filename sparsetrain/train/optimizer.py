@@ -7,8 +7,8 @@ import re
 import jax
 import optax
 
-from sparsetrain.config import OptimizerConfig
-from sparsetrain.train.model_state import Params, path_str
+from sparsetrain.checkpoint.model_def import Params, flatten, path_str
+from sparsetrain.config import ModelConfig, OptimizerConfig
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -34,15 +34,41 @@ def _first_match(patterns, path: str):
     return next((p for p in patterns if re.search(p, path)), None)
 
 
-def make_optimizer(cfg: OptimizerConfig, params: Params, total_steps: int) -> optax.GradientTransformation:
-    """The full update rule. Parameters matching `cfg.freeze` get exactly zero updates (their optimizer
-    state is not even allocated), `cfg.no_decay` ones get no weight decay, and `lr_multipliers`
-    ("regex=x") scale the learning rate of matching groups."""
+def frozen_paths(cfg: OptimizerConfig, model: ModelConfig, params: Params) -> frozenset[str]:
+    """Paths of the parameters that get no update: those matching `cfg.freeze`, and those the
+    layers' attention methods freeze. A method whose `param_policy` is "own_only" (gate
+    distillation) freezes everything but the parameters of its own layers' methods; "base_only"
+    freezes its own parameters (they would get no gradient, only weight decay)."""
+    specs = model.layer_specs
+    paths = list(flatten(params))
+
+    def layer_and_own(path: str) -> tuple[int, bool]:
+        parts = path.split("/")
+        if parts[0] != "layers":
+            return -1, False
+        layer = int(parts[1]) if parts[1].isdigit() else 0   # scanned layers share one rule
+        return layer, "/attn/attend/" in path
+
+    frozen = {p for p in paths if _first_match(cfg.freeze, p)}
+    distilling = any(spec.param_policy == "own_only" for spec in specs)
+    for path in paths:
+        layer, own = layer_and_own(path)
+        policy = specs[layer].param_policy if layer >= 0 else "all"
+        if (distilling and not (own and policy == "own_only")) or (own and policy == "base_only"):
+            frozen.add(path)
+    return frozenset(frozen)
+
+
+def make_optimizer(cfg: OptimizerConfig, params: Params, total_steps: int,
+                   frozen: frozenset[str] = frozenset()) -> optax.GradientTransformation:
+    """The full update rule. `frozen` parameters (see `frozen_paths`) get exactly zero updates (their
+    optimizer state is not even allocated), `cfg.no_decay` ones get no weight decay, and
+    `lr_multipliers` ("regex=x") scale the learning rate of matching groups."""
     schedule = learning_rate_schedule(cfg, total_steps)
     multipliers = [(p, float(m)) for p, m in (item.rsplit("=", 1) for item in cfg.lr_multipliers)]
 
     def group_of(path: str) -> str:
-        if _first_match(cfg.freeze, path):
+        if path in frozen:
             return "frozen"
         match = next((i for i, (p, _) in enumerate(multipliers) if re.search(p, path)), None)
         return "base" if match is None else f"group{match}"

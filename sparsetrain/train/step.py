@@ -11,12 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsetrain.attention.method import StepContext
+from sparsetrain.checkpoint.model_def import ModelDef, Params, flatten
 from sparsetrain.config import TrainerConfig
-from sparsetrain.train.model_state import ModelDef
-
-
-def aux_weights(cfg: TrainerConfig) -> dict[str, float]:
-    return {name: float(w) for name, w in (item.rsplit("=", 1) for item in cfg.aux_loss_weights)}
 
 
 def token_losses(logits: jax.Array, targets: jax.Array, z_loss: float) -> jax.Array:
@@ -27,49 +24,66 @@ def token_losses(logits: jax.Array, targets: jax.Array, z_loss: float) -> jax.Ar
     return (lse - target_logit) + z_loss * jnp.square(lse)
 
 
-def _microbatch_loss(params, batch, model: ModelDef, cfg: TrainerConfig):
-    """Sum of masked token losses (so microbatches add up exactly) and the metrics to report."""
-    logits, aux = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+def split_trainable(params: Params, trainable: frozenset[str]) -> tuple[dict, dict]:
+    """(trainable, frozen) flat dicts of `params` by path."""
+    flat = flatten(params)
+    return ({k: v for k, v in flat.items() if k in trainable},
+            {k: v for k, v in flat.items() if k not in trainable})
+
+
+def _microbatch_loss(trainable, frozen, batch, model: ModelDef, cfg: TrainerConfig, ctx: StepContext):
+    """Sum of masked token losses plus the layers' (already weighted) losses, scaled so that
+    microbatches add up exactly; and the values to report."""
+    params = model.params_from_flat({**trainable, **frozen})
+    logits, losses, metrics = model.apply(params, batch["inputs"], batch["positions"],
+                                          batch["segment_ids"], ctx)
     mask = batch["loss_mask"].astype(jnp.float32)
     loss_sum = jnp.sum(token_losses(logits, batch["targets"], cfg.z_loss) * mask)
     count = jnp.sum(mask)
-    weights = aux_weights(cfg)
-    # Aux losses are per-sequence means; scale by the token count so dividing the total by all tokens
-    # at the end gives loss = CE + sum_i w_i * aux_i.
-    aux_sum = sum((weights.get(name, 1.0) * value for name, value in aux.items()), jnp.float32(0.0))
-    return loss_sum + aux_sum * count, (loss_sum, count, aux)
+    # Layer losses are per-sequence means; scaling by the token count makes the final division by
+    # all tokens give loss = CE + sum of the layer losses.
+    aux_sum = sum(losses.values(), jnp.float32(0.0))
+    return loss_sum + aux_sum * count, (loss_sum, count, {**losses, **metrics})
 
 
-def accumulate_gradients(params, batch, model: ModelDef, cfg: TrainerConfig):
+def accumulate_gradients(params, batch, model: ModelDef, cfg: TrainerConfig, ctx: StepContext,
+                         trainable: frozenset[str]):
     """Mean gradient over the batch's masked tokens, computed over `cfg.grad_accum` microbatches.
 
-    A scan over microbatches keeps one microbatch of activations live; summing token losses (not
-    means) makes the result exactly the full-batch mean. Returns (grads, loss, token count,
-    {aux name: mean over microbatches})."""
+    Only the `trainable` parameters are differentiated, so frozen parts of the model (a distilled
+    gate's base model) cost no backward pass; their gradients are zeros. A scan over microbatches
+    keeps one microbatch of activations live; summing token losses (not means) makes the result
+    exactly the full-batch mean. Returns (grads, loss, token count, {reported name: mean over
+    microbatches})."""
     grad_fn = jax.value_and_grad(_microbatch_loss, has_aux=True)
+    train_p, frozen_p = split_trainable(params, trainable)
     micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, -1, *x.shape[1:]), batch)
 
     def add(carry, mb):
-        grads, loss_sum, count, aux_sums = carry
-        (_, (l, c, aux)), g = grad_fn(params, mb, model, cfg)
-        aux_sums = {k: aux_sums[k] + v for k, v in aux.items()}
-        return (jax.tree.map(jnp.add, grads, g), loss_sum + l, count + c, aux_sums), None
+        grads, loss_sum, count, reported = carry
+        (_, (l, c, values)), g = grad_fn(train_p, frozen_p, mb, model, cfg, ctx)
+        reported = {k: reported[k] + v for k, v in values.items()}
+        return (jax.tree.map(jnp.add, grads, g), loss_sum + l, count + c, reported), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    aux_names = jax.eval_shape(lambda: grad_fn(params, first, model, cfg)[0][1][2])
-    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.float32(0),
-             jnp.float32(0), {k: jnp.float32(0) for k in aux_names})
-    (grads, loss_sum, count, aux_sums), _ = jax.lax.scan(add, zeros, micro)
+    names = jax.eval_shape(lambda: grad_fn(train_p, frozen_p, first, model, cfg, ctx)[0][1][2])
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train_p), jnp.float32(0),
+             jnp.float32(0), {k: jnp.float32(0) for k in names})
+    (grads, loss_sum, count, sums), _ = jax.lax.scan(add, zeros, micro)
     denom = jnp.maximum(count, 1.0)
-    aux = {k: v / cfg.grad_accum for k, v in aux_sums.items()}
-    return jax.tree.map(lambda g: g / denom, grads), loss_sum / denom, count, aux
+    grads = {k: g / denom for k, g in grads.items()}
+    grads.update({k: jnp.zeros(p.shape, jnp.float32) for k, p in frozen_p.items()})
+    return (model.params_from_flat(grads), loss_sum / denom, count,
+            {k: v / cfg.grad_accum for k, v in sums.items()})
 
 
 def make_train_step(model: ModelDef, optimizer: optax.GradientTransformation, cfg: TrainerConfig,
-                    schedule: optax.Schedule):
+                    schedule: optax.Schedule, trainable: frozenset[str]):
     def train_step(state, batch):
         params = state["params"]
-        grads, loss, count, aux = accumulate_gradients(params, batch, model, cfg)
+        ctx = StepContext(step=state["step"], train=True,
+                          rng=jax.random.fold_in(jax.random.key(cfg.seed), state["step"]))
+        grads, loss, count, reported = accumulate_gradients(params, batch, model, cfg, ctx, trainable)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
@@ -79,7 +93,7 @@ def make_train_step(model: ModelDef, optimizer: optax.GradientTransformation, cf
         new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
                      "step": state["step"] + 1}
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": count,
-                   "learning_rate": schedule(state["step"]), **{f"aux/{k}": v for k, v in aux.items()}}
+                   "learning_rate": schedule(state["step"]), **reported}
         return new_state, metrics
 
     return train_step
@@ -87,8 +101,9 @@ def make_train_step(model: ModelDef, optimizer: optax.GradientTransformation, cf
 
 def make_eval_step(model: ModelDef):
     def eval_step(params, batch):
-        logits, _ = model.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+        logits, _, metrics = model.apply(params, batch["inputs"], batch["positions"],
+                                         batch["segment_ids"], StepContext(train=False))
         mask = batch["loss_mask"].astype(jnp.float32)
         return {"loss_sum": jnp.sum(token_losses(logits, batch["targets"], 0.0) * mask),
-                "tokens": jnp.sum(mask)}
+                "tokens": jnp.sum(mask), **metrics}
     return eval_step

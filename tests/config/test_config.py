@@ -1,9 +1,10 @@
+import dataclasses
 import json
 
 import pytest
 
 import configs
-from sparsetrain.attention.spec import AttentionSpec, parse_layers, spec_for_layer
+from sparsetrain.attention.spec import DenseOptions, method_options, parse_layers, spec_for_layer
 from sparsetrain.config import ModelConfig, RunConfig
 from sparsetrain.configbase import ConfigError, apply_overrides, describe, from_dict, to_dict
 
@@ -42,20 +43,20 @@ def test_bad_overrides_name_the_field(override, message):
 
 
 def test_layer_rules_last_match_wins():
-    rules = (AttentionSpec(layers="all"), AttentionSpec(layers="2:", impl="xla"))
+    rules = (DenseOptions(layers="all"), DenseOptions(layers="2:", impl="xla"))
     assert [spec_for_layer(rules, i, 4).impl for i in range(4)] == ["auto", "auto", "xla", "xla"]
     assert parse_layers("0,1", 4) == {0, 1} and parse_layers(":2", 4) == {0, 1}
     assert parse_layers("-1", 4) == {3}
     with pytest.raises(ConfigError, match="layers"):
         parse_layers("a-b", 4)
     with pytest.raises(ConfigError, match="cover"):
-        ModelConfig(num_layers=4, attention=(AttentionSpec(layers="0,1"),))
+        ModelConfig(num_layers=4, attention=(DenseOptions(layers="0,1"),))
 
 
 def test_scan_needs_one_spec_for_all_layers():
     with pytest.raises(ConfigError, match="scan_layers"):
         ModelConfig(num_layers=4, scan_layers=True,
-                    attention=(AttentionSpec(), AttentionSpec(layers="2:", impl="xla")))
+                    attention=(DenseOptions(), DenseOptions(layers="2:", impl="xla")))
 
 
 def test_dict_round_trip_and_help():
@@ -67,4 +68,55 @@ def test_dict_round_trip_and_help():
 
 def test_block_size_must_be_a_kernel_tile():
     with pytest.raises(ConfigError, match="block_size=48: choose one of"):
-        AttentionSpec(block_size=48)
+        method_options("local", block_size=48)
+
+
+def test_configs_and_help_import_no_jax():
+    code = ("import sys, runpy; sys.argv = ['train.py', '--help'];\n"
+            "import configs\n"
+            "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'pallas_kernels'))\n"
+            "print('HEAVY', heavy)")
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "model.attention.0.method" in out.stdout   # the help itself was printed
+
+
+def test_switching_a_rule_to_another_method_from_the_command_line():
+    tiny = configs.load("tiny")
+    two_rules = dataclasses.replace(tiny, model=dataclasses.replace(
+        tiny.model, attention=(DenseOptions(), DenseOptions(layers=":-1"))))
+    cfg = apply_overrides(two_rules, ["model.attention.1.method=seer", "model.attention.1.topk=4"])
+    rule = cfg.model.attention[1]
+    assert (type(rule).__name__, rule.method, rule.topk, rule.layers, rule.mode) == (
+        "SeerOptions", "seer", 4, ":-1", "distill")
+    with pytest.raises(ConfigError, match=r"unknown key 'model.attention.1.local_blocs'; model.attention.1 "
+                                          r"\(method 'seer'\) has: layers, method, impl, block_size"):
+        apply_overrides(cfg, ["model.attention.1.local_blocs=2"])
+    # Dense has no seer fields: switching back drops them.
+    back = apply_overrides(cfg, ["model.attention.1.method=dense"])
+    assert type(back.model.attention[1]).__name__ == "DenseOptions" and back.model.attention[1].layers == ":-1"
+    with pytest.raises(ConfigError, match="topk"):
+        apply_overrides(back, ["model.attention.1.topk=4"])
+    with pytest.raises(ConfigError, match="is set by the rule's class"):
+        dataclasses.replace(method_options("local"), method="seer")
+
+
+def test_configs_saved_before_per_method_options_still_load():
+    """Checkpoint metadata written by the flat AttentionSpec (every rule had every field)."""
+    old = to_dict(configs.load("tiny"))
+    old["model"]["attention"] = [
+        {"layers": "all", "method": "dense", "impl": "auto", "block_size": 64, "local_blocks": 1,
+         "initial_blocks": 0},
+        {"layers": "2:", "method": "local", "impl": "xla", "block_size": 32, "local_blocks": 2,
+         "initial_blocks": 1}]
+    old["trainer"]["aux_loss_weights"] = []   # removed: weights now live on each method's options
+    cfg = from_dict(RunConfig, json.loads(json.dumps(old)))
+    dense, local = cfg.model.attention
+    assert dense == DenseOptions()
+    assert local == method_options("local", layers="2:", impl="xla", block_size=32, local_blocks=2,
+                                   initial_blocks=1)

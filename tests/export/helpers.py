@@ -9,19 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsetrain.attention import AttentionSpec
+from sparsetrain.attention.spec import DenseOptions, method_options
+from sparsetrain.attention.method import StepContext
 from sparsetrain.config import ModelConfig, RopeConfig, RunConfig
 from sparsetrain.configbase import to_dict
 from sparsetrain.export.mapping import unstack_layers
-from sparsetrain.train.checkpoint import save_params
-from sparsetrain.train.model_state import ModelDef, flatten
+from sparsetrain.checkpoint import save_params
+from sparsetrain.checkpoint.model_def import ModelDef, flatten
 
 # GQA ratio 2, non-default RoPE theta and eps (a mapping that drops them shows), float32 compute.
 TINY = ModelConfig(vocab_size=320, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
                    mlp_dim=160, max_seq_len=512, rms_eps=1e-6, rope=RopeConfig(theta=500.0), dtype="float32")
 # Layer 0 dense, the rest a 2-block window plus one sink block of 32 tokens.
-LOCAL_REST = (AttentionSpec(), AttentionSpec(layers="1:", method="local", block_size=32, local_blocks=2,
-                                             initial_blocks=1))
+LOCAL_REST = (DenseOptions(), method_options("local", layers="1:", block_size=32, local_blocks=2,
+                                            initial_blocks=1))
 
 
 def tiny(**changes) -> ModelConfig:
@@ -58,7 +59,7 @@ def jax_outputs(cfg: ModelConfig, params, tokens: np.ndarray) -> dict[str, np.nd
     """Logits and transformers-style hidden states (embeddings, each layer's output, and the final
     norm of the last layer's output), float32 at matmul precision "highest"."""
     with jax.default_matmul_precision("highest"):
-        logits, _ = ModelDef.create(cfg).apply(params, jnp.asarray(tokens))
+        logits, _, _ = ModelDef.create(cfg).apply(params, jnp.asarray(tokens))
         plain = dataclasses.replace(cfg, scan_layers=False)
         flat = flatten(params)
         if cfg.scan_layers:
@@ -68,7 +69,7 @@ def jax_outputs(cfg: ModelConfig, params, tokens: np.ndarray) -> dict[str, np.nd
         x = jnp.take(model.embed[...], jnp.asarray(tokens), axis=0)
         hidden = [x]
         for block in model.layers:
-            x = block(x, positions, None)
+            x = block(x, positions, None, StepContext())
             hidden.append(x)
         hidden[-1] = model.final_norm(x)
     out = {"tokens": np.asarray(tokens, np.int32), "logits": np.asarray(logits)}

@@ -6,19 +6,22 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from sparsetrain.attention import METHODS, AttentionSpec
+from sparsetrain.attention.spec import METHODS, DenseOptions, options_class
 from sparsetrain.config import RopeConfig
 from sparsetrain.export import export_params
 from sparsetrain.export.hf_config import from_hf_config, rope_from_hf, to_hf_config
-from sparsetrain.export.sparse_registry import (EXPORTED_METHODS, sparse_config,
-                                                specs_from_sparse_config)
-from sparsetrain.import_hf import import_hf, read_hf
-from sparsetrain.pretrained import load_checkpoint
+from sparsetrain.export.sparse_layers import sparse_config, specs_from_sparse_config
+from sparsetrain.export.import_hf import import_hf, read_hf
+from sparsetrain.export.pretrained import load_checkpoint
 from tests.export.helpers import LOCAL_REST, random_params, save_run, tiny
 
 
-def test_every_attention_method_has_an_export():
-    assert set(EXPORTED_METHODS) == set(METHODS)
+def test_every_attention_method_has_an_export_with_a_torch_file():
+    from sparsetrain.export.export import TORCH_DIR
+    for name in METHODS:
+        export = options_class(name).export
+        assert export is not None, name
+        assert export.torch_impl == "dense" or (TORCH_DIR / f"{export.torch_impl}.py").is_file(), name
 
 
 def test_config_round_trip_and_transformers_5_keys():
@@ -34,7 +37,7 @@ def test_config_round_trip_and_transformers_5_keys():
 
 def test_sparse_config_names_the_remote_code_and_each_layer():
     cfg = tiny(attention=LOCAL_REST)
-    block = sparse_config([AttentionSpec(), *[LOCAL_REST[1]] * 2])
+    block = sparse_config([DenseOptions(), *[LOCAL_REST[1]] * 2])
     hf = to_hf_config(cfg, dtype="float32", eos_token_id=None, pad_token_id=None, sparse_attention=block)
     assert hf["model_type"] == "sparse_llama"
     assert hf["auto_map"]["AutoModelForCausalLM"] == "modeling_sparse_llama.SparseLlamaForCausalLM"

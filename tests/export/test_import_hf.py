@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import sparsetrain
-from sparsetrain.import_hf import import_hf, read_hf, train_overrides
+from sparsetrain.export.import_hf import import_hf, read_hf, train_overrides
 from sparsetrain.train import Trainer
-from sparsetrain.train.model_state import flatten
+from sparsetrain.checkpoint.model_def import flatten
 from tests.train.helpers import small_config
 
 TOLERANCE = 1e-4   # max |difference| over max |logit|, float32
@@ -27,7 +27,7 @@ def torch_llama(tmp_path, run_torch):
 
 def test_imported_transformers_llama_gives_the_same_logits(torch_llama, tmp_path):
     out = tmp_path / "imported"
-    done = subprocess.run([sys.executable, "-m", "sparsetrain.import_hf", str(torch_llama / "f32"), str(out)],
+    done = subprocess.run([sys.executable, "-m", "sparsetrain.export.import_hf", str(torch_llama / "f32"), str(out)],
                           capture_output=True, text=True, check=True)
     assert "--init_from" in done.stdout and "model.rope.theta=500.0" in done.stdout
     model, cfg = sparsetrain.load_pretrained(out, dtype="float32")

@@ -9,12 +9,12 @@ import pytest
 from safetensors import safe_open
 
 from sparsetrain.export import export_params
-from sparsetrain.export.layout import layer_specs, layout
+from sparsetrain.export.layout import layout
 from sparsetrain.export.mapping import LLAMA, expand, from_hf, stack_layers, to_hf, unstack_layers
 from sparsetrain.export.safetensors_io import read_tensors
-from sparsetrain.import_hf import read_hf
-from sparsetrain.pretrained import load_checkpoint
-from sparsetrain.train.model_state import flatten
+from sparsetrain.export.import_hf import read_hf
+from sparsetrain.export.pretrained import load_checkpoint
+from sparsetrain.checkpoint.model_def import flatten
 from tests.export.helpers import LOCAL_REST, random_params, save_run, tiny
 
 VARIANTS = {
@@ -64,7 +64,7 @@ def test_export_then_import_is_bit_exact(tmp_path, variant, arange):
 
 
 def per_layer_attention(cfg):
-    return [dataclasses.replace(spec, layers="all") for spec in layer_specs(cfg)]
+    return [dataclasses.replace(spec, layers="all") for spec in cfg.layer_specs]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

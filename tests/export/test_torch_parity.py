@@ -10,7 +10,7 @@ from sparsetrain.data import ByteTokenizer
 from sparsetrain.export import export_checkpoint, export_params
 from sparsetrain.export.layout import layout
 from sparsetrain.export.mapping import to_hf
-from sparsetrain.pretrained import load_checkpoint
+from sparsetrain.export.pretrained import load_checkpoint
 from tests.export.helpers import LOCAL_REST, jax_outputs, random_params, save_run, tiny
 
 # Max |difference| over the logit scale (max |logit|), float32 on both sides.

@@ -127,7 +127,7 @@ def sparse_refusals(directory: str) -> dict:
 
     # A method with one parameter, registered the way future methods will be.
     @remote.register_attention("test_with_parameter")
-    class WithParameter(remote.LocalBlockAttention):
+    class WithParameter(remote.ATTENTION_METHODS["local"]):
         def __init__(self, config, spec):
             super().__init__(config, spec)
             self.temperature = torch.nn.Parameter(torch.ones(config.num_attention_heads))

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from sparsetrain.train import Trainer
-from sparsetrain.train.model_state import flatten
+from sparsetrain.checkpoint.model_def import flatten
 from tests.train.helpers import small_config
 
 MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2), "1dev": (1, 1, 1),

@@ -14,7 +14,7 @@ import pytest
 
 from sparsetrain.train import NonFiniteError, Trainer, train
 from sparsetrain.train.checkpoint import Checkpointer
-from sparsetrain.train.model_state import flatten
+from sparsetrain.checkpoint.model_def import flatten
 from tests.train.helpers import SMALL, read_metrics, small_config
 
 ROOT = Path(__file__).resolve().parents[2]

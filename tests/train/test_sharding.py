@@ -1,8 +1,4 @@
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,19 +6,12 @@ import pytest
 from sparsetrain.partitioning import LOGICAL_RULES, logical_to_spec
 from sparsetrain.train.sharding import mesh_shape
 from sparsetrain.config import MeshConfig
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.fake_devices import run_script
 
 @pytest.fixture(scope="module")
 def eight_device_results(tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, str(ROOT / "tests/train/multi_device_script.py"),
-                          str(tmp_path_factory.mktemp("mesh"))], env=env, capture_output=True,
-                         text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
+    stdout = run_script("tests/train/multi_device_script.py", tmp_path_factory.mktemp("mesh"), timeout=900)
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
@@ -75,7 +64,7 @@ def test_indivisible_dims_stay_replicated():
 def test_optimizer_moments_follow_their_parameters():
     import jax
     from sparsetrain.train.loop import state_shardings
-    from sparsetrain.train.model_state import ModelDef
+    from sparsetrain.checkpoint.model_def import ModelDef
     from sparsetrain.train.optimizer import make_optimizer
     from sparsetrain.train.sharding import make_mesh, param_shardings
     from tests.train.helpers import small_config

@@ -6,12 +6,14 @@ sparsetrain copies this file next to the weights; transformers (5.x) imports it 
 
 through config.json's `auto_map`. The model is transformers' own `LlamaForCausalLM` (same weights in
 `model.safetensors`, same names) except that each layer's attention follows config.json's
-`sparse_attention.layers[i]`: "dense" keeps `LlamaAttention`; any other `torch_impl` names a class
-registered below with `@register_attention`, built as `model.layers.{i}.self_attn.attend`. That
-class's parameters (none for "local") are loaded from `sparse_attention.safetensors`, strictly: a
-missing or an unexpected tensor is an error, never a silently random weight.
+`sparse_attention.layers[i]`: "dense" keeps `LlamaAttention`; any other `torch_impl` names a method
+file shipped beside this one (`local.py`, `seer.py`, ...; `sparse_methods.py`, written by the
+export, imports exactly the ones this model uses) whose `ATTENTION` class is built as
+`model.layers.{i}.self_attn.attend`. `register_attention` adds a class by hand. A method's
+parameters (none for "local") are loaded from `sparse_attention.safetensors`, strictly: a missing or
+an unexpected tensor is an error, never a silently random weight.
 
-A registered class is an `nn.Module` built as `cls(config, layer_spec)` and called as
+A method class is an `nn.Module` built as `cls(config, layer_spec)` and called as
 
     attend(q, k, v, *, q_raw, k_raw, attention_mask, positions, scaling) -> out [B, T, N, H]
 
@@ -27,14 +29,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 from transformers.utils import cached_file
+
+from .sparse_methods import ATTENTION_METHODS
 
 SPARSE_FILE = "sparse_attention.safetensors"
 SPARSE_FORMAT = 1
 ATTEND = ".self_attn.attend."   # where method parameters live in the module tree
-
-ATTENTION_METHODS: dict[str, type[nn.Module]] = {}
 
 
 def register_attention(name: str):
@@ -43,50 +45,6 @@ def register_attention(name: str):
         ATTENTION_METHODS[name] = cls
         return cls
     return register
-
-
-def _softmax_attention(q, k, v, allowed, scaling):
-    """Softmax attention over allowed keys; q [B, N, T, H], k/v [B, K, S, H], allowed bool
-    broadcastable to [B, N, T, S]. Rows with no allowed key (left padding) give 0, not NaN."""
-    groups = q.shape[1] // k.shape[1]
-    scores = torch.matmul(q, repeat_kv(k, groups).transpose(2, 3)) * scaling
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(q.dtype)
-    return torch.matmul(probs, repeat_kv(v, groups)).transpose(1, 2)   # [B, T, N, H]
-
-
-def _key_positions(positions, seq_kv):
-    """[B or 1, S]: the keys end at the last query position (cached keys precede it)."""
-    return positions[:, -1:] - (seq_kv - 1) + torch.arange(seq_kv, device=positions.device)
-
-
-def _with_padding(allowed, attention_mask, seq_kv):
-    """Also respect transformers' 4-D mask (bool, or additive float with 0 = visible)."""
-    if attention_mask is None:
-        return allowed
-    mask = attention_mask[..., :seq_kv]
-    return allowed & (mask if mask.dtype == torch.bool else mask == 0)
-
-
-@register_attention("local")
-class LocalBlockAttention(nn.Module):
-    """Fixed block pattern (sparsetrain `method="local"`): query position p sees key position j iff
-    j <= p and (j // bs > p // bs - local_blocks or j // bs < initial_blocks)."""
-
-    def __init__(self, config, spec: dict):
-        super().__init__()
-        self.block_size = int(spec["block_size"])
-        self.local_blocks = int(spec["local_blocks"])
-        self.initial_blocks = int(spec["initial_blocks"])
-
-    def forward(self, q, k, v, *, q_raw, k_raw, attention_mask, positions, scaling):
-        del q_raw, k_raw
-        q_pos = positions[:, None, :, None]                           # [B, 1, T, 1]
-        k_pos = _key_positions(positions, k.shape[2])[:, None, None, :]  # [B, 1, 1, S]
-        q_blk, k_blk = q_pos // self.block_size, k_pos // self.block_size
-        window = (k_blk > q_blk - self.local_blocks) | (k_blk < self.initial_blocks)
-        allowed = (k_pos <= q_pos) & (k_pos >= 0) & window
-        return _softmax_attention(q, k, v, _with_padding(allowed, attention_mask, k.shape[2]), scaling)
 
 
 class SparseLlamaConfig(LlamaConfig):

@@ -1,6 +1,6 @@
 """Import a Hugging Face Llama folder as a sparsetrain checkpoint.
 
-    python -m sparsetrain.import_hf HF_DIR OUT_CHECKPOINT_DIR
+    python -m sparsetrain.export.import_hf HF_DIR OUT_CHECKPOINT_DIR
     python train.py --init_from OUT_CHECKPOINT_DIR model.d_model=... (the overrides it prints)
 
 HF_DIR holds config.json and model.safetensors (or shards with model.safetensors.index.json) in
@@ -26,9 +26,9 @@ from sparsetrain.export.hf_config import from_hf_config
 from sparsetrain.export.layout import MODEL_FILE, SPARSE_FILE, layout
 from sparsetrain.export.mapping import from_hf
 from sparsetrain.export.safetensors_io import read_tensors
-from sparsetrain.export.sparse_registry import specs_from_sparse_config
-from sparsetrain.train.checkpoint import save_params
-from sparsetrain.train.model_state import ModelDef, flatten
+from sparsetrain.export.sparse_layers import specs_from_sparse_config
+from sparsetrain.checkpoint import save_params
+from sparsetrain.checkpoint.model_def import ModelDef, flatten
 
 # The ModelConfig fields a checkpoint's shapes and numerics depend on: what train.py must be told.
 ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -87,7 +87,7 @@ def train_overrides(model: ModelConfig) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparsetrain.import_hf",
+    parser = argparse.ArgumentParser(prog="python -m sparsetrain.export.import_hf",
                                      description="Import a Hugging Face Llama folder as a checkpoint.")
     parser.add_argument("hf_dir", help="folder with config.json and *.safetensors")
     parser.add_argument("out_dir", help="new directory for the checkpoint")

@@ -4,7 +4,7 @@
     logits = model(tokens)                                         # int32 [B, T] -> float32 [B, T, V]
 
 `path` is a run directory (its latest checkpoint), its `checkpoints/` folder, one step's folder, a
-folder written by `python -m sparsetrain.import_hf`, or a Hugging Face Llama folder (imported in
+folder written by `python -m sparsetrain.export.import_hf`, or a Hugging Face Llama folder (imported in
 memory).
 """
 
@@ -20,9 +20,9 @@ from flax import nnx
 
 from sparsetrain.config import DTypeName, RunConfig
 from sparsetrain.configbase import from_dict
-from sparsetrain.import_hf import read_hf
-from sparsetrain.train.checkpoint import load_params
-from sparsetrain.train.model_state import ModelDef, flatten
+from sparsetrain.export.import_hf import read_hf
+from sparsetrain.checkpoint import load_params
+from sparsetrain.checkpoint.model_def import ModelDef, flatten
 
 
 def is_hf_folder(path: str | Path) -> bool:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import traversals
 
 from models import Llama
-from sparsetrain.attention import AuxLoss
+from sparsetrain.attention.method import AuxLoss, AuxMetric, StepContext
 from sparsetrain.config import ModelConfig
 
 Params = dict[str, Any]
@@ -79,15 +80,32 @@ class ModelDef:
         state = nnx.from_flat_state([(path, var.replace(flat[path])) for path, var in self.template])
         return nnx.merge(self.graphdef, state)
 
-    def apply(self, params: Params, tokens, positions=None, segment_ids=None):
-        """Logits [B, T, V] float32 and the auxiliary losses layers reported, {name: mean over layers}."""
+    def apply(self, params: Params, tokens, positions=None, segment_ids=None, ctx: StepContext | None = None):
+        """(logits [B, T, V] float32, losses, metrics) for `params`.
+
+        losses: {name: mean over the layers that reported it} of the weighted losses layers report
+        (the train step adds their sum to the objective). metrics: for each reported metric its
+        mean over layers under `name` and each layer's value under `name/<layer>`."""
         model = self.bind(params)
-        logits, reported_state = nnx.capture(model, AuxLoss)(tokens, positions, segment_ids)
-        reported: dict[str, list] = {}
-        for path, var in nnx.to_flat_state(reported_state):
-            # sow keeps a tuple, one entry per call: a scalar per layer, or one [L] array when the
-            # layers are scanned.
-            for value in var.get_value():
-                reported.setdefault(str(path[-1]), []).append(jnp.ravel(value))
-        aux = {name: jnp.mean(jnp.concatenate(values)) for name, values in reported.items()}
-        return logits, aux
+        logits, loss_state, metric_state = nnx.capture(model, AuxLoss, AuxMetric)(
+            tokens, positions, segment_ids, ctx)
+        losses = {name: jnp.mean(jnp.stack(list(v.values()))) for name, v in _by_layer(loss_state).items()}
+        metrics = {}
+        for name, per_layer in _by_layer(metric_state).items():
+            metrics[name] = jnp.mean(jnp.stack(list(per_layer.values())))
+            metrics.update({f"{name}/{layer}": value for layer, value in per_layer.items()})
+        return logits, losses, metrics
+
+
+def _by_layer(state) -> dict[str, dict[int, jax.Array]]:
+    """{name: {layer index: scalar}} from captured intermediates. `sow` keeps a tuple per
+    call: a scalar for a layer of the list (path layers/<i>/...), or one [L] array when the layers
+    are scanned."""
+    reported: dict[str, dict[int, jax.Array]] = {}
+    for path, var in nnx.to_flat_state(state):
+        for value in var.get_value():
+            values = jnp.ravel(value)
+            layers = [path[1]] if isinstance(path[1], int) else range(values.shape[0])
+            reported.setdefault(str(path[-1]), {}).update(
+                {int(layer): values[i] for i, layer in enumerate(layers)})
+    return reported

@@ -1,0 +1,145 @@
+"""What every sparse method shares: its inputs, the step context, the loss/metric channels, the
+block-sparse options and the `SparseMethod` module base.
+
+A method's forward is a fixed sequence, each step overridable:
+
+    select(inp) -> Selection          which key blocks each row attends to (sparsetrain.ops helpers)
+    attend(inp, sel) -> out           default: the block-sparse kernel, run per shard under a mesh
+    losses(inp, sel, out) -> {name: already-weighted scalar}   trained on, summed by the train step
+    metrics(inp, sel, out) -> {name: scalar}                   logged only (density, recall, ...)
+
+Axis legend: B batch, T sequence, D model width, N query heads, K kv heads, H head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from pallas_kernels.block_sparse.common import BLOCK_SIZES
+from sparsetrain import ops
+from sparsetrain.attention.sharded import block_attention_scores, block_sparse_attention
+from sparsetrain.attention.spec import MethodOptions
+
+
+@struct.dataclass
+class StepContext:
+    """Per-step facts a method may read: the step, whether this is training, a fresh rng key, and
+    the run phase a schedule sets (static: changing it retraces)."""
+
+    step: jax.Array = struct.field(default_factory=lambda: jnp.int32(0))
+    rng: jax.Array | None = None
+    train: bool = struct.field(pytree_node=False, default=False)
+    phase: str = struct.field(pytree_node=False, default="")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+    """Everything a layer's attention may use; adding an input never changes a signature."""
+
+    q: jax.Array            # [B, T, N, H] after RoPE
+    k: jax.Array            # [B, T, K, H] after RoPE
+    v: jax.Array            # [B, T, K, H]
+    q_nope: jax.Array       # [B, T, N, H] before RoPE (gates pool these)
+    k_nope: jax.Array       # [B, T, K, H] before RoPE
+    x: jax.Array            # [B, T, D] the layer's normalised input
+    positions: jax.Array    # [B, T] int32
+    segment_ids: jax.Array | None   # [B, T] document ids of packed sequences, 0 = padding
+    ctx: StepContext
+    rope: Callable[[jax.Array, jax.Array], jax.Array]   # the model's RoPE: (x [B, T', M, d], positions [B, T'])
+
+
+class AuxLoss(nnx.Intermediate):
+    """A weighted auxiliary loss reported by a layer; the train step adds it to the objective."""
+
+
+class AuxMetric(nnx.Intermediate):
+    """A value reported by a layer for logging only (never differentiated)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseOptions(MethodOptions):
+    """Fields every block-sparse method shares."""
+
+    impl: Literal["auto", "pallas", "xla"] = "auto"   # "xla": the kernel's pure-jnp reference
+    block_size: int = 64        # tokens per selection block; one of the kernel's tiles
+    # Blocks every query block keeps whatever is selected: the last `local_blocks` key blocks up
+    # to its own (the diagonal) and the first `initial_blocks` (attention sinks).
+    local_blocks: int = 1
+    initial_blocks: int = 0
+    # Also measure recall (dense attention mass inside the selection) while training; it always is
+    # at evaluation. Costs one block-score pass (about 1.7x a dense forward).
+    recall_in_training: bool = False
+
+    # Option sets, besides the defaults, that the conformance suite (tests/sparse/) must also
+    # cover: {name: field overrides}, e.g. each mode of a method.
+    conformance_variants: ClassVar[dict[str, dict]] = {}
+
+    def full_budget(self) -> "BlockSparseOptions":
+        """These options changed so that every causal tile is computed through the method's own
+        path (the conformance suite checks that this equals dense attention)."""
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.block_size in BLOCK_SIZES, "block_size",
+                     f"choose one of {BLOCK_SIZES} (the block-sparse kernel's tiles)")
+        # At least the diagonal block, so that every query sees itself and no row is empty.
+        self.require(self.local_blocks >= 1, "local_blocks", "must be >= 1 (the diagonal block)")
+        self.require(self.initial_blocks >= 0, "initial_blocks", "must be >= 0")
+
+
+class SparseMethod(nnx.Module):
+    """Base of block-sparse attention modules (see the module docstring for the call sequence)."""
+
+    def __init__(self, options: BlockSparseOptions, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.options = options
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+
+    def __call__(self, inp: AttentionInputs) -> jax.Array:
+        sel = self.select(inp)
+        out = self.attend(inp, sel)
+        if self.reporting:
+            for name, value in self.losses(inp, sel, out).items():
+                self.sow(AuxLoss, name, value)
+            for name, value in self.metrics(inp, sel, out).items():
+                self.sow(AuxMetric, name, jax.lax.stop_gradient(value))
+        return out
+
+    @property
+    def reporting(self) -> bool:
+        """Whether a caller collects losses and metrics (`nnx.capture`, as the train and eval steps
+        do). Plain inference calls skip computing them."""
+        return hasattr(self, "__captures__")
+
+    def select(self, inp: AttentionInputs) -> ops.Selection:
+        raise NotImplementedError
+
+    def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
+        return block_sparse_attention(inp.q, inp.k, inp.v, sel.to_mask(), causal=True,
+                                      block_size=self.options.block_size, impl=self.options.impl)
+
+    def losses(self, inp: AttentionInputs, sel: ops.Selection, out: jax.Array) -> dict:
+        return {}
+
+    def metrics(self, inp: AttentionInputs, sel: ops.Selection, out: jax.Array) -> dict:
+        """Measured density always; recall at evaluation, or in training when asked."""
+        seq_q, seq_kv, bs = inp.q.shape[1], inp.k.shape[1], self.options.block_size
+        mask = sel.to_mask()
+        values = {"density": ops.selection_density(mask, seq_q, seq_kv, bs)}
+        if self.wants_scores(inp):
+            values["recall"] = ops.selection_recall(mask, self.block_scores(inp))
+        return values
+
+    def wants_scores(self, inp: AttentionInputs) -> bool:
+        """Recall is measured at evaluation, or in training when the options ask for it."""
+        return self.reporting and (not inp.ctx.train or self.options.recall_in_training)
+
+    def block_scores(self, inp: AttentionInputs) -> jax.Array:
+        """SeerAttention's block ground truth of this layer, f32 [B, N, nQ, nK] (no gradient)."""
+        return block_attention_scores(inp.q, inp.k, block_size=self.options.block_size, causal=True,
+                                      impl=self.options.impl)

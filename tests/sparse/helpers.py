@@ -1,0 +1,50 @@
+"""Shared helpers for the sparse-method tests: attention inputs from q/k/v, tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.rope import apply_rope
+from sparsetrain.attention.method import AttentionInputs, StepContext
+from sparsetrain.attention.spec import DenseOptions
+from sparsetrain.config import ModelConfig, RopeConfig
+
+TINY = ModelConfig(vocab_size=320, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
+                   mlp_dim=128, max_seq_len=512, dtype="float32")
+
+
+def qkv(seq, heads=4, kv_heads=2, head_dim=16, seed=0, batch=2):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (batch, seq, heads, head_dim))
+    k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim))
+    v = jax.random.normal(keys[2], (batch, seq, kv_heads, head_dim))
+    return q, k, v
+
+
+def inputs(q_nope, k_nope, v, *, train=False, theta=10000.0) -> AttentionInputs:
+    """AttentionInputs as the model builds them (RoPE at positions 0..T-1)."""
+    positions = jnp.broadcast_to(jnp.arange(q_nope.shape[1], dtype=jnp.int32), q_nope.shape[:2])
+    rope = functools.partial(apply_rope, cfg=RopeConfig(theta=theta))
+    return AttentionInputs(q=rope(q_nope, positions), k=rope(k_nope, positions), v=v, q_nope=q_nope,
+                           k_nope=k_nope, x=jnp.zeros((*q_nope.shape[:2], 8)), positions=positions,
+                           segment_ids=None, ctx=StepContext(train=train), rope=rope)
+
+
+def layer(options, heads=4, kv_heads=2, head_dim=16, seed=0):
+    return options.build(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rngs=nnx.Rngs(seed))
+
+
+def tiny(rule, **changes) -> ModelConfig:
+    """TINY with layer 0 dense and the rest under `rule`."""
+    return dataclasses.replace(TINY, attention=(DenseOptions(), dataclasses.replace(rule, layers="1:")),
+                               **changes)
+
+
+def tokens(seq, batch=2, seed=0):
+    return np.random.default_rng(seed).integers(0, TINY.vocab_size, (batch, seq)).astype(np.int32)

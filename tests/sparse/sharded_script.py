@@ -1,0 +1,51 @@
+"""Run with 8 fake CPU devices: every conformance case's loss and gradients on a (2, 2, 2) mesh
+against one device. Prints "RESULT {case: {"loss": err, "grads": err}}" with errors relative to the
+largest reference magnitude."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType
+
+from sparsetrain.attention.method import StepContext
+from sparsetrain.checkpoint.model_def import ModelDef
+from sparsetrain.partitioning import MESH_AXES
+from sparsetrain.train.sharding import batch_sharding, param_shardings
+from tests.sparse.helpers import tiny, tokens
+from tests.sparse.test_conformance import CASES, rule, with_method_params
+
+
+def relative_error(a, b) -> float:
+    return max(float(jnp.max(jnp.abs(x - y)) / jnp.maximum(jnp.max(jnp.abs(x)), 1e-12))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def main():
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((2, 2, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    results = {}
+    for method, variant in CASES:
+        cfg = tiny(rule(method, variant))
+        model = ModelDef.create(cfg)
+        params = with_method_params(cfg)
+        toks = jnp.asarray(tokens(96, batch=4, seed=6))
+
+        def loss(p, t):
+            logits, losses, _ = model.apply(p, t, ctx=StepContext(train=True))
+            return -jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + sum(losses.values(), 0.0)
+
+        grad = jax.value_and_grad(loss)
+        with jax.default_matmul_precision("highest"):
+            reference = jax.jit(grad)(params, toks)
+            shardings = param_shardings(model.logical_axes(), model.abstract_params(), mesh)
+            with jax.set_mesh(mesh):
+                placed = jax.device_put(params, shardings)
+                sharded = jax.jit(grad)(placed, jax.device_put(toks, batch_sharding(mesh)))
+        results[f"{method}-{variant}"] = {"loss": relative_error(reference[0], sharded[0]),
+                                          "grads": relative_error(reference[1], sharded[1])}
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

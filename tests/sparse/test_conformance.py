@@ -1,0 +1,174 @@
+"""The conformance suite: every registered sparse method, with its defaults and each of its
+`conformance_variants`, goes through the same checks. A new method gets them by registering.
+
+Each case is a tiny model (layer 0 dense, the rest the method, block size 16) in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsetrain.attention.spec import METHODS, DenseOptions, method_options, options_class
+from sparsetrain.checkpoint.model_def import ModelDef, flatten
+from sparsetrain.configbase import ConfigError, apply_overrides
+from sparsetrain.export import export_checkpoint
+from sparsetrain.export.import_hf import read_hf
+from sparsetrain.export.mapping import stack_layers
+from sparsetrain.config import RunConfig
+from tests.export.helpers import jax_outputs, random_params, save_run
+from tests.fake_devices import run_script
+from tests.sparse.helpers import TINY, tiny, tokens
+
+BS = 16
+
+
+def cases() -> list[tuple[str, str]]:
+    """(method, variant name) for every registered method except dense."""
+    out = []
+    for method in sorted(METHODS):
+        if method == "dense":
+            continue
+        out += [(method, "default")] + [(method, v) for v in options_class(method).conformance_variants]
+    return out
+
+
+CASES = cases()
+IDS = [f"{m}-{v}" for m, v in CASES]
+
+
+def rule(method: str, variant: str):
+    overrides = {} if variant == "default" else options_class(method).conformance_variants[variant]
+    return method_options(method, block_size=BS, **overrides)
+
+
+def with_method_params(cfg, seed=0):
+    """Random base weights (as exports test) plus the method's own freshly initialised ones."""
+    params = flatten(random_params(cfg, seed))
+    fresh = flatten(ModelDef.create(cfg).init(seed))
+    params.update({k: v for k, v in fresh.items() if "/attn/attend/" in k})
+    return ModelDef.create(cfg).params_from_flat(params)
+
+
+def apply(cfg, params, toks, **kw):
+    with jax.default_matmul_precision("highest"):
+        return ModelDef.create(cfg).apply(params, jnp.asarray(toks), **kw)
+
+
+@pytest.mark.parametrize("method,variant", CASES, ids=IDS)
+def test_builds_jits_and_differentiates_with_finite_losses_and_densities(method, variant):
+    cfg = tiny(rule(method, variant))
+    model = ModelDef.create(cfg)
+    params = model.init(0)
+    toks = jnp.asarray(tokens(100))   # ragged: not a multiple of the block
+
+    def loss(p):
+        from sparsetrain.attention.method import StepContext
+        logits, losses, metrics = model.apply(p, toks, ctx=StepContext(train=True))
+        ce = -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+        return ce + sum(losses.values(), 0.0), (losses, metrics)
+
+    (value, (losses, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    assert np.isfinite(float(value))
+    assert all(np.isfinite(float(v)) for v in losses.values()), losses
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    densities = {k: float(v) for k, v in metrics.items() if k.startswith("density")}
+    assert densities and all(0.0 <= d <= 1.0 for d in densities.values()), densities
+    # Evaluation also reports recall, a share in [0, 1].
+    _, _, eval_metrics = apply(cfg, params, toks)
+    assert 0.0 <= float(eval_metrics["recall"]) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("method,variant", CASES, ids=IDS)
+def test_causal(method, variant):
+    options = rule(method, variant)
+    cfg = tiny(options)
+    params = with_method_params(cfg)
+    # "block" methods may read the whole block of a position; "token" ones only the past.
+    cut = 3 * BS + (BS // 2 if options.causal_granularity == "token" else 0)
+    a = tokens(96, seed=1)
+    b = a.copy()
+    b[:, cut:] = tokens(96 - cut, seed=2)
+    la, _, _ = apply(cfg, params, a)
+    lb, _, _ = apply(cfg, params, b)
+    np.testing.assert_allclose(np.asarray(la[:, :cut]), np.asarray(lb[:, :cut]), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(np.asarray(la[:, cut:]), np.asarray(lb[:, cut:]))
+
+
+@pytest.mark.parametrize("seq", [96, 100])
+@pytest.mark.parametrize("method,variant", CASES, ids=IDS)
+def test_full_budget_equals_dense(method, variant, seq):
+    cfg = tiny(rule(method, variant).full_budget())
+    params = with_method_params(cfg)
+    toks = tokens(seq, seed=3)
+    logits, _, _ = apply(cfg, params, toks)
+    dense_cfg = dataclasses.replace(cfg, attention=(DenseOptions(),))
+    base = {k: v for k, v in flatten(params).items() if "/attn/attend/" not in k}
+    dense, _, _ = apply(dense_cfg, ModelDef.create(dense_cfg).params_from_flat(base), toks)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(dense), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,variant", CASES, ids=IDS)
+def test_scan_layers_matches_the_layer_list(method, variant):
+    options = dataclasses.replace(rule(method, variant), layers="all")
+    cfg = dataclasses.replace(TINY, num_layers=2, attention=(options,))
+    params = with_method_params(cfg)
+    scanned = dataclasses.replace(cfg, scan_layers=True)
+    stacked = ModelDef.create(scanned).params_from_flat(
+        {k: jnp.asarray(v) for k, v in stack_layers(flatten(params), 2).items()})
+    toks = tokens(80, seed=4)
+    plain_logits, _, plain_metrics = apply(cfg, params, toks)
+    scan_logits, _, scan_metrics = apply(scanned, stacked, toks)
+    np.testing.assert_allclose(np.asarray(scan_logits), np.asarray(plain_logits), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(scan_metrics["density"]), float(plain_metrics["density"]), rtol=1e-6)
+    assert set(scan_metrics) == set(plain_metrics)   # per-layer names too
+
+
+@pytest.mark.parametrize("method,variant", CASES, ids=IDS)
+def test_a_bad_option_names_the_field(method, variant):
+    with pytest.raises(ConfigError, match="block_size=48: choose one of"):
+        dataclasses.replace(rule(method, variant), block_size=48)
+    with pytest.raises(ConfigError, match=f"method '{method}' has no field"):
+        method_options(method, no_such_field=1)
+    base = RunConfig(model=tiny(rule(method, variant)))
+    with pytest.raises(ConfigError, match=rf"unknown key 'model.attention.1.nope'; .* \(method '{method}'\) has: layers, method"):
+        apply_overrides(base, ["model.attention.1.nope=1"])
+
+
+@pytest.fixture(scope="module")
+def sharded_errors():
+    stdout = run_script("tests/sparse/sharded_script.py", timeout=900)
+    return json.loads([line for line in stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,variant", CASES, ids=IDS)
+def test_sharded_on_8_devices_matches_one_device(sharded_errors, method, variant):
+    errors = sharded_errors[f"{method}-{variant}"]
+    assert max(errors.values()) < 1e-4, errors   # float32 sums reordered across shards
+
+
+@pytest.mark.parametrize("method,variant", CASES, ids=IDS)
+def test_export_round_trip_and_torch_parity(tmp_path, run_torch, method, variant):
+    from tests.export.test_torch_parity import SEQ, check_parity
+    cfg = dataclasses.replace(tiny(rule(method, variant)), max_seq_len=512)
+    params = with_method_params(cfg, seed=1)
+    run = save_run(tmp_path, cfg, params)
+    out = export_checkpoint(run, tmp_path / "hf", dtype="float32")
+    # Round trip: the import reads back every tensor bit for bit, and the same rules.
+    cfg_back, flat = read_hf(out)
+    same_layers = lambda specs: [dataclasses.replace(spec, layers="all") for spec in specs]
+    assert same_layers(cfg_back.model.layer_specs) == same_layers(cfg.layer_specs)
+    assert all(np.array_equal(flat[k], np.asarray(v)) for k, v in flatten(params).items())
+    toks = tokens(SEQ, seed=5)
+    np.savez(out / "jax_outputs.npz", **jax_outputs(cfg, params, toks))
+    check_parity(run_torch("parity", out), "SparseLlamaForCausalLM")
+
+
+# The torch environment fixtures live with the export tests.
+from tests.export.conftest import run_torch, torch_python  # noqa: E402,F401
