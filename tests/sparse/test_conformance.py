@@ -124,7 +124,8 @@ def test_scan_layers_matches_the_layer_list(method, variant):
     toks = tokens(80, seed=4)
     plain_logits, _, plain_metrics = apply(cfg, params, toks)
     scan_logits, _, scan_metrics = apply(scanned, stacked, toks)
-    np.testing.assert_allclose(np.asarray(scan_logits), np.asarray(plain_logits), atol=1e-5, rtol=1e-5)
+    # 1e-4: on the GPU the scanned and unrolled programs fuse and sum differently (5e-5 seen).
+    np.testing.assert_allclose(np.asarray(scan_logits), np.asarray(plain_logits), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(float(scan_metrics["density"]), float(plain_metrics["density"]), rtol=1e-6)
     assert set(scan_metrics) == set(plain_metrics)   # per-layer names too
 
