@@ -120,3 +120,12 @@ def test_configs_saved_before_per_method_options_still_load():
     assert dense == DenseOptions()
     assert local == method_options("local", layers="2:", impl="xla", block_size=32, local_blocks=2,
                                    initial_blocks=1)
+
+
+def test_export_does_not_import_the_trainer():
+    import subprocess
+    import sys
+    code = ("import sys, sparsetrain.export.export, sparsetrain.export.import_hf, sparsetrain.export.pretrained\n"
+            "print('TRAIN', sorted(m for m in sys.modules if m.startswith('sparsetrain.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "TRAIN []" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -177,3 +177,21 @@ def test_distill_freezes_everything_but_the_gates(tmp_path):
     moment_paths = {jax.tree_util.keystr(path) for path, leaf in
                     jax.tree_util.tree_flatten_with_path(trainer.state["opt_state"])[0] if leaf.ndim > 0}
     assert moment_paths and all("attend" in p for p in moment_paths), sorted(moment_paths)[:5]
+
+
+def test_sparse_mode_from_the_command_line_trains_the_base_with_gates_frozen(tmp_path):
+    from sparsetrain.train import Trainer
+    from tests.train.helpers import read_metrics, small_config
+    cfg = small_config(tmp_path, "trainer.steps=2", "trainer.eval_every=2", "model.dtype=float32",
+                       "model.attention.0.method=seer", "model.attention.0.block_size=16",
+                       "model.attention.0.mode=sparse", "model.attention.0.topk=2")
+    trainer = Trainer(cfg)
+    before = {k: np.asarray(v) for k, v in flatten(trainer.state["params"]).items()}
+    summary = trainer.run()
+    after = {k: np.asarray(v) for k, v in flatten(trainer.state["params"]).items()}
+    for key in before:
+        changed = not np.array_equal(before[key], after[key])
+        assert changed == ("/attn/attend/" not in key), key   # gates get no gradient: frozen
+    logged = read_metrics(tmp_path / cfg.name)[0]
+    assert 0.0 < logged["density"] < 1.0 and "density/0" in logged and "seer_kl" not in logged
+    assert 0.0 < summary["val/recall"] <= 1.0
