@@ -65,7 +65,9 @@ class AuxMetric(nnx.Intermediate):
 class BlockSparseOptions(MethodOptions):
     """Fields every block-sparse method shares."""
 
-    impl: Literal["auto", "pallas", "xla"] = "auto"   # "xla": the kernel's pure-jnp reference
+    # "xla": the kernels' pure-jnp reference; "pallas_tpu": the Mosaic TPU kernels (needs
+    # block_size=128; in the TPU interpreter off a TPU); "auto"/"pallas": the platform's kernel.
+    impl: Literal["auto", "pallas", "pallas_tpu", "xla"] = "auto"
     block_size: int = 64        # tokens per selection block; one of the kernel's tiles
     # Blocks every query block keeps whatever is selected: the last `local_blocks` key blocks up
     # to its own (the diagonal) and the first `initial_blocks` (attention sinks).

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import jax
 
+import pallas_kernels.block_sparse_tpu as _tpu
 from pallas_kernels.block_sparse import kernel as _kernel
 from pallas_kernels.block_sparse import reference as _reference
 from pallas_kernels.block_sparse import scores as _scores
-from sparsetrain.ops.platform import kernel_impl
+from sparsetrain.ops.platform import kernel_backend
 from sparsetrain.ops.selection import Selection
+
+# backend -> (attention, block scores); every pair shares the reference's signatures.
+_BACKENDS = {
+    "reference": (_reference.block_sparse_attention, _reference.block_attention_scores),
+    "triton": (_kernel.block_sparse_attention, _scores.block_attention_scores),
+    "tpu": (_tpu.block_sparse_attention, _tpu.block_attention_scores),
+}
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
                            impl="auto", interpret=None, return_lse=False):
@@ -30,7 +38,9 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         i sits at position i + S - T).
       block_size: bs, one of 16, 32, 64, 128; T and S need not be multiples of it.
       sm_scale: logit scale, default 1/sqrt(D).
-      impl: "auto" | "pallas" | "xla" (see `sparsetrain.ops.platform.kernel_impl`); interpret: None = True when no GPU.
+      impl: "auto" | "pallas" | "pallas_tpu" | "xla" (see `sparsetrain.ops.platform.kernel_backend`;
+        the TPU kernel takes block_size 128 only of these); interpret: None = True off the
+        kernel's own platform.
       return_lse: also return the natural-log log-sum-exp of each row's scaled logits over its
         visible keys, f32 [B, N, T]; -inf for rows with no visible key.
     Returns:
@@ -38,8 +48,8 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
       visible key are 0 (never NaN). With return_lse, (o, lse). Differentiable in q, k, v (and
       through lse); the mask gets no gradient.
     """
-    use_pallas, interpret = kernel_impl(impl, interpret)
-    fn = _kernel.block_sparse_attention if use_pallas else _reference.block_sparse_attention
+    backend, interpret = kernel_backend(impl, interpret)
+    fn = _BACKENDS[backend][0]
     if isinstance(block_mask, Selection):
         block_mask = block_mask.to_mask()
     return fn(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
@@ -56,8 +66,8 @@ def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, i
     passes (row LSE, then tile maxima of exp(s - lse)) and never materialises [T, S].
     q: [B, T, N, D]; k: [B, S, K, D]. Not differentiable (a distillation target).
     """
-    use_pallas, interpret = kernel_impl(impl, interpret)
-    fn = _scores.block_attention_scores if use_pallas else _reference.block_attention_scores
+    backend, interpret = kernel_backend(impl, interpret)
+    fn = _BACKENDS[backend][1]
     # Cut gradients at the inputs so autodiff never traces into the kernels.
     q, k = jax.lax.stop_gradient((q, k))
     return fn(q, k, block_size=block_size, causal=causal, sm_scale=sm_scale, interpret=interpret)

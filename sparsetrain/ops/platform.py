@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 DENSE_IMPLS = ("auto", "xla", "cudnn")
-KERNEL_IMPLS = ("auto", "pallas", "xla")
+KERNEL_IMPLS = ("auto", "pallas", "pallas_tpu", "xla")
 
 
 def on_gpu() -> bool:
@@ -23,21 +23,24 @@ def dense_impl(impl: str, dtype) -> str:
     return "cudnn" if on_gpu() and half else "xla"
 
 
-def kernel_impl(impl: str, interpret: bool | None) -> tuple[bool, bool]:
-    """(use the Pallas kernel?, interpret it?) for a block-sparse op's `impl` / `interpret` pair.
+def kernel_backend(impl: str, interpret: bool | None) -> tuple[str, bool]:
+    """(backend, interpret?) for a block-sparse op's `impl` / `interpret` pair; backend is
+    "reference" (pure jnp), "triton" (Pallas Triton, GPU) or "tpu" (Pallas Mosaic TPU).
 
-    "auto": compiled Pallas on GPU; elsewhere the pure-jnp reference, unless interpret=True asks for
-    the Pallas interpreter. "pallas": the kernel, interpreted when interpret=True or (None and no
-    GPU). "xla": the reference.
+    "auto": the compiled kernel of the platform (GPU: Triton, TPU: Mosaic); elsewhere the reference,
+    unless interpret=True asks for the Triton kernel's interpreter. "pallas": the platform's kernel
+    (Triton off TPU), interpreted when interpret=True or (None and no GPU/TPU). "pallas_tpu": the
+    TPU kernel, in the TPU interpreter off a TPU. "xla": the reference.
     """
     if impl not in KERNEL_IMPLS:
         raise ValueError(f"impl={impl!r}; choose one of {KERNEL_IMPLS}")
-    gpu = on_gpu()
-    if impl == "xla":
-        return False, False
-    if impl == "auto" and not gpu and not interpret:
-        return False, False
-    interpret = (not gpu) if interpret is None else bool(interpret)
-    if not interpret and not gpu:
-        raise ValueError("compiled Pallas Triton kernels need a GPU; pass interpret=True or impl='xla'")
-    return True, interpret
+    platform = jax.default_backend()
+    if impl == "xla" or (impl == "auto" and platform not in ("gpu", "tpu") and not interpret):
+        return "reference", False
+    backend = "tpu" if impl == "pallas_tpu" or platform == "tpu" else "triton"
+    native = platform == ("tpu" if backend == "tpu" else "gpu")
+    interpret = (not native) if interpret is None else bool(interpret)
+    if not interpret and not native:
+        raise ValueError(f"compiled Pallas {'Mosaic TPU' if backend == 'tpu' else 'Triton'} kernels need "
+                         f"a {'TPU' if backend == 'tpu' else 'GPU'}; pass interpret=True or impl='xla'")
+    return backend, interpret
