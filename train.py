@@ -3,6 +3,7 @@
     python train.py                                   # configs/tiny.py on the embedded corpus
     python train.py --config configs/small_125m.py model.remat=full trainer.steps=1000
     python train.py --init_from runs/other            # start from another run's weights
+    python train.py --config runs/x/config.json       # reproduce a run from its own directory
     python train.py --help                            # configs and every overridable field
 
 Runs resume automatically from the latest checkpoint in run_dir/name. The loop itself lives in
@@ -18,7 +19,9 @@ import sys
 
 import configs
 from sparsetrain.attention.spec import METHODS
-from sparsetrain.configbase import ConfigError, apply_overrides, describe
+from sparsetrain.config_help import describe
+from sparsetrain.configbase import apply_overrides
+from sparsetrain.errors import InputError
 
 
 # GPU compiler flags from MaxText's H100 recipe that measured 4% faster on the 125M config
@@ -31,14 +34,18 @@ ATTENTION_HELP = """attention: model.attention is a tuple of per-layer rules (la
 one method's options. Methods: {methods}.
   model.attention.N.method=NAME    switches rule N to that method with its defaults (keeps `layers`)
   model.attention.N.FIELD=VALUE    sets one of that method's fields; others are rejected by name
+  model.attention='[{{layers: all, method: dense}}, {{layers: "1:-1", method: seer, topk: 4}}]'
+                                   replaces the whole rule list (inline YAML or JSON): add or remove rules
   --help model.attention.0.method=seer   lists the seer rule's fields (and so for any method)
+Overrides apply together (their order does not matter) and are validated once.
 """
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
-    parser.add_argument("--config", default="tiny", help="config name or path (configs/NAME.py)")
+    parser.add_argument("--config", default="tiny",
+                        help="config name (configs/NAME.py), path of a Python config file, or a run's config.json")
     parser.add_argument("--init_from", default=None, help="run or checkpoint to take weights from")
     parser.add_argument("-h", "--help", action="store_true", help="list configs and fields, then exit")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of config fields")
@@ -53,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.init_from:
             overrides.append(f"checkpoint.init_from={args.init_from}")
         cfg = apply_overrides(cfg, overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except InputError as e:
+        return _fail(e)
     if args.help:
         print(__doc__)
         print(f"configs: {', '.join(configs.available())}\n\n{ATTENTION_HELP.format(methods=', '.join(METHODS))}")
@@ -64,9 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ["XLA_FLAGS"] = f"{GPU_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
     from sparsetrain.train import train  # imports JAX: keep --help and config errors fast
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except InputError as e:   # a data, tokenizer or checkpoint path: found before the model is built
+        return _fail(e)
     print(json.dumps(summary, default=str))
     return 0
+
+
+def _fail(error: InputError) -> int:
+    print(f"error: {error}".replace("\n", "\nerror: "), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ DTypeName = Literal["float32", "bfloat16", "float16"]
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig(Config):
-    theta: float = 10000.0
+    theta: float = 10000.0       # RoPE base
     # Context-extension scaling; only "none" is implemented now, the others are the seam for later.
-    scaling: Literal["none"] = "none"
-    factor: float = 1.0
+    scaling: Literal["none"] = "none"   # context-extension scaling (only "none" yet)
+    factor: float = 1.0          # scaling factor (for PI/NTK/YaRN)
     original_max_len: int = 0    # training length before extension (for PI/NTK/YaRN)
 
     def validate(self) -> None:
@@ -31,23 +31,24 @@ class RopeConfig(Config):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Config):
     vocab_size: int = 320        # byte tokenizer needs 258; padded to a multiple of 64
-    d_model: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 64
-    mlp_dim: int = 704
-    max_seq_len: int = 256
-    rms_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    d_model: int = 256           # model width
+    num_layers: int = 4          # decoder layers
+    num_heads: int = 4           # query heads
+    num_kv_heads: int = 2        # key/value heads (GQA); divides num_heads
+    head_dim: int = 64           # channels per head (even: rotary pairs)
+    mlp_dim: int = 704           # SwiGLU hidden width
+    max_seq_len: int = 256       # longest sequence the model is built for
+    rms_eps: float = 1e-5        # RMSNorm epsilon
+    tie_embeddings: bool = False  # the output head reuses the embedding
+    init_std: float = 0.02       # std of the normal weight init
     rope: RopeConfig = RopeConfig()
     dtype: DTypeName = "bfloat16"        # activations / matmul inputs
     param_dtype: DTypeName = "float32"   # master weights
     # Rematerialisation per layer: "none" keeps all activations, "full" recomputes the layer,
     # "dots" saves only matmul outputs without batch dims (attention/MLP projections).
     remat: Literal["none", "full", "dots"] = "none"
-    scan_layers: bool = False
+    scan_layers: bool = False    # one scanned layer stack (faster compiles; one attention rule)
+    # Per-layer attention rules, last match wins (see --help's attention notes).
     attention: tuple[MethodOptions, ...] = (DenseOptions(),)
 
     def validate(self) -> None:
@@ -79,15 +80,15 @@ class DataConfig(Config):
     # "files": text/JSONL files under `path` (a directory or a glob);
     # "tokens": pre-tokenized `.npy` or ArrayRecord files under `path`.
     source: Literal["stdlib", "files", "tokens"] = "stdlib"
-    path: str = ""
+    path: str = ""               # directory or glob of the files (source=files|tokens)
     tokenizer: str = "byte"      # "byte" or a path to a Hugging Face tokenizers JSON file
-    jsonl_field: str = "text"
-    seq_len: int = 256
+    jsonl_field: str = "text"    # field holding the text in .jsonl files
+    seq_len: int = 256           # tokens per training sequence (documents are packed)
     batch_size: int = 16         # global batch, in sequences
     val_fraction: float = 0.02   # fraction of documents held out for validation
     max_documents: int = 0       # 0 = all
-    seed: int = 0
-    shuffle: bool = True
+    seed: int = 0                # shuffling and split seed
+    shuffle: bool = True         # shuffle documents each epoch
 
     def validate(self) -> None:
         self.require(self.seq_len > 0, "seq_len", "must be > 0")
@@ -100,15 +101,15 @@ class DataConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig(Config):
-    learning_rate: float = 3e-3
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 50
+    learning_rate: float = 3e-3  # peak learning rate
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"   # after linear warmup
+    warmup_steps: int = 50       # linear warmup from 0
     decay_fraction: float = 0.2   # wsd: fraction of steps spent decaying at the end
-    min_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    min_lr_ratio: float = 0.1    # final learning rate / peak
+    b1: float = 0.9              # Adam beta1
+    b2: float = 0.95             # Adam beta2
+    eps: float = 1e-8            # Adam epsilon
+    weight_decay: float = 0.1    # AdamW decoupled weight decay
     clip_norm: float = 1.0        # 0 disables global-norm clipping
     # Regexes over parameter paths like "layers/3/attn/q_proj/kernel".
     no_decay: tuple[str, ...] = ("norm", "embed")
@@ -134,16 +135,16 @@ class OptimizerConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig(Config):
-    steps: int = 300
+    steps: int = 300              # optimizer steps to train to
     grad_accum: int = 1           # microbatches per step; batch_size must divide evenly
-    seed: int = 0
-    z_loss: float = 0.0
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    nonfinite: Literal["skip", "stop"] = "skip"
-    max_nonfinite_in_row: int = 10
-    progress_bar: bool = True
+    seed: int = 0                 # parameter init and per-step rng seed
+    z_loss: float = 0.0           # weight of logsumexp^2 (keeps logits from drifting)
+    log_every: int = 10           # steps between metric lines
+    eval_every: int = 100         # steps between validation passes
+    eval_batches: int = 8         # validation batches per pass
+    nonfinite: Literal["skip", "stop"] = "skip"   # a NaN/inf step: skip its update, or stop
+    max_nonfinite_in_row: int = 10   # stop after this many non-finite steps in a row
+    progress_bar: bool = True     # tqdm bar with loss, tokens/s and sparse metrics
 
     def validate(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "eval_every", "eval_batches",
@@ -155,9 +156,9 @@ class TrainerConfig(Config):
 @dataclasses.dataclass(frozen=True)
 class MeshConfig(Config):
     # Device mesh axis sizes; exactly one may be -1 ("all remaining devices").
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1                # pure data parallel (parameters replicated)
+    fsdp: int = 1                 # data parallel with sharded parameters/optimizer state
+    tensor: int = 1               # heads / MLP width split
 
     def validate(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
@@ -168,8 +169,8 @@ class MeshConfig(Config):
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig(Config):
     every: int = 0                # steps between saves; 0 = only at the end
-    keep: int = 3
-    async_save: bool = True
+    keep: int = 3                 # checkpoints kept
+    async_save: bool = True       # save in the background while training continues
     keep_best: bool = False       # also keep the checkpoint with the best validation loss
     init_from: str = ""           # start a new run from another run's (or an import's) weights
     # With init_from: let parameters other than attention methods' own (gates) start fresh
@@ -183,7 +184,7 @@ class CheckpointConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig(Config):
-    name: str = "tiny"
+    name: str = "tiny"            # the run directory's name
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -191,12 +192,11 @@ class RunConfig(Config):
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     run_dir: str = "runs"         # outputs go to run_dir/name/
-    tensorboard: bool = True
+    tensorboard: bool = True      # also write TensorBoard event files
 
     def validate(self) -> None:
         self.require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty file name")
         self.require(self.data.seq_len <= self.model.max_seq_len, "data",
-                     f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+                     f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         self.require(self.data.batch_size % self.trainer.grad_accum == 0, "trainer",
-                     f"trainer.grad_accum={self.trainer.grad_accum} must divide "
-                     f"data.batch_size={self.data.batch_size}")
+                     f"grad_accum={self.trainer.grad_accum} must divide data.batch_size={self.data.batch_size}")

@@ -3,28 +3,49 @@
 Every config class inherits `Config`: after construction each field is checked against its
 annotation (int, float, bool, str, Literal[...] choices, tuples, nested configs), so a bad value fails
 at parse time with the field's dotted path and what is allowed, never deep inside a jitted step.
+Overrides are applied all together and the tree is validated once at the end, so their order never
+matters, and every problem is reported at once, each naming its field.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
+from sparsetrain.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config value or override that does not fit its field."""
 
 
-def _type_name(tp: Any) -> str:
+# While overrides are being applied, nodes check their field types but defer cross-field checks
+# (`validate`) to one pass over the finished tree.
+_DEFER_VALIDATION = contextvars.ContextVar("defer_validation", default=False)
+
+
+@contextlib.contextmanager
+def _deferred_validation():
+    token = _DEFER_VALIDATION.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_VALIDATION.reset(token)
+
+
+def type_name(tp: Any) -> str:
+    """A readable form of a field annotation, for messages and --help."""
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
+        return " | ".join(type_name(a) for a in get_args(tp))
     if get_origin(tp) is tuple:
         args = get_args(tp)
-        return f"tuple[{_type_name(args[0])}, ...]" if args else "tuple"
+        return f"tuple[{type_name(args[0])}, ...]" if args else "tuple"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -35,7 +56,7 @@ def _check(value: Any, tp: Any, path: str) -> None:
         return
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"{path}={value!r} is not allowed; choose one of {_type_name(tp)}")
+            raise ConfigError(f"{path}={value!r} is not allowed; choose one of {type_name(tp)}")
         return
     if origin in (typing.Union, types.UnionType):
         for option in get_args(tp):
@@ -44,7 +65,7 @@ def _check(value: Any, tp: Any, path: str) -> None:
                 return
             except ConfigError:
                 pass
-        raise ConfigError(f"{path}={value!r} must be {_type_name(tp)}")
+        raise ConfigError(f"{path}={value!r} must be {type_name(tp)}")
     if origin is tuple:
         if not isinstance(value, tuple):
             raise ConfigError(f"{path}={value!r} must be a tuple")
@@ -61,7 +82,7 @@ def _check(value: Any, tp: Any, path: str) -> None:
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{path}={value!r} must be {tp.__name__}, not bool")
     if not isinstance(value, tp):
-        raise ConfigError(f"{path}={value!r} must be {_type_name(tp)}, got {type(value).__name__}")
+        raise ConfigError(f"{path}={value!r} must be {type_name(tp)}, got {type(value).__name__}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +96,8 @@ class Config:
             _check(value, hints[f.name], f.name)
             if hints[f.name] is float and isinstance(value, int):
                 object.__setattr__(self, f.name, float(value))
-        self.validate()
+        if not _DEFER_VALIDATION.get():
+            self.validate()
 
     def validate(self) -> None:
         """Cross-field checks; raise ConfigError naming the field."""
@@ -114,12 +136,12 @@ def _parse_scalar(text: str, tp: Any, path: str) -> Any:
                 return _parse_scalar(text, option, path)
             except ConfigError:
                 pass
-        raise ConfigError(f"{path}={text!r} must be {_type_name(tp)}")
+        raise ConfigError(f"{path}={text!r} must be {type_name(tp)}")
     if origin is Literal:
         for choice in get_args(tp):
             if str(choice) == text:
                 return choice
-        raise ConfigError(f"{path}={text!r} is not allowed; choose one of {_type_name(tp)}")
+        raise ConfigError(f"{path}={text!r} is not allowed; choose one of {type_name(tp)}")
     if origin is tuple:
         item_tp = get_args(tp)[0] if get_args(tp) else str
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -137,7 +159,7 @@ def _parse_scalar(text: str, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}={text!r} must be {tp.__name__}") from None
     if tp is str or tp is Any:
         return text
-    raise ConfigError(f"{path} cannot be set from the command line (type {_type_name(tp)})")
+    raise ConfigError(f"{path} cannot be set from the command line (type {type_name(tp)})")
 
 
 def _replace_path(node: Any, keys: list[str], text: str, path: str) -> Any:
@@ -161,9 +183,10 @@ def _replace_path(node: Any, keys: list[str], text: str, path: str) -> Any:
     current = getattr(node, key)
     if rest:
         new = _replace_path(current, rest, text, here)
-    elif dataclasses.is_dataclass(current) or (isinstance(current, tuple) and current
-                                                and dataclasses.is_dataclass(current[0])):
+    elif dataclasses.is_dataclass(current):
         raise ConfigError(f"{here} is a group; set one of its fields, e.g. {here}.<field>=...")
+    elif get_origin(tp) is tuple and dataclasses.is_dataclass(get_args(tp)[0]):
+        new = _parse_config_list(text, get_args(tp)[0], here)
     else:
         new = _parse_scalar(text, tp, here)
     try:
@@ -172,30 +195,58 @@ def _replace_path(node: Any, keys: list[str], text: str, path: str) -> Any:
         raise ConfigError(f"{here}: {e}") from None
 
 
+def _parse_config_list(text: str, item_cls: type, path: str) -> tuple:
+    """A tuple of configs from an inline YAML/JSON list of mappings, e.g. for attention rules
+    `[{layers: all, method: dense}, {layers: "1:-1", method: seer, topk: 4}]`."""
+    import yaml   # only overrides of whole rule lists need it
+
+    try:
+        items = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not a YAML/JSON list ({str(e).splitlines()[0]})") from None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ConfigError(f"{path}: give a list of mappings, e.g. '[{{layers: all, method: dense}}]'")
+    return tuple(from_dict(item_cls, item, strict=True, path=f"{path}.{i}") for i, item in enumerate(items))
+
+
+def validation_errors(node: Any, path: str = "") -> list[str]:
+    """Every cross-field problem of a config tree, one message per node that fails, each prefixed
+    with the node's dotted path (children first, then the node itself)."""
+    errors: list[str] = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        children = value if isinstance(value, tuple) else (value,)
+        for i, child in enumerate(children):
+            if isinstance(child, Config):
+                where = f"{path}{f.name}." + (f"{i}." if isinstance(value, tuple) else "")
+                errors += validation_errors(child, where)
+    try:
+        node.validate()
+    except ConfigError as e:
+        errors.append(f"{path}{e}")
+    return errors
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `a.b.c=value` strings in order; tuples of configs are indexed (`model.attention.1.method=x`)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        key, text = item.split("=", 1)
-        cfg = _replace_path(cfg, key.strip().split("."), text.strip(), "")
+    """Apply `a.b.c=value` strings; tuples of configs are indexed (`model.attention.1.method=x`) or
+    replaced whole by an inline list. Values are type-checked as they are parsed; the finished tree
+    is validated once, so the order of overrides does not matter. Raises one ConfigError listing
+    every problem, one per line."""
+    errors = []
+    with _deferred_validation():
+        for item in overrides:
+            if "=" not in item:
+                errors.append(f"override {item!r} must look like key.sub=value")
+                continue
+            key, text = item.split("=", 1)
+            try:
+                cfg = _replace_path(cfg, key.strip().split("."), text.strip(), "")
+            except ConfigError as e:
+                errors.append(str(e))
+    errors += validation_errors(cfg)
+    if errors:
+        raise ConfigError("\n".join(errors))
     return cfg
-
-
-def describe(cfg: Any, prefix: str = "") -> list[str]:
-    """One line per leaf field: dotted path, type and current value (for --help)."""
-    lines = []
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        value, path = getattr(cfg, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            lines += describe(value, path + ".")
-        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
-            for i, item in enumerate(value):
-                lines += describe(item, f"{path}.{i}.")
-        else:
-            lines.append(f"  {path} = {value!r}  [{_type_name(hints[f.name])}]")
-    return lines
 
 
 def to_dict(cfg: Any) -> Any:
@@ -207,22 +258,32 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def from_dict(cls: type, data: dict) -> Any:
-    """Inverse of `to_dict` for a config class (checkpoint metadata back to a Config). Keys the class
-    no longer has are dropped, so configs saved by older versions still load."""
+def from_dict(cls: type, data: dict, *, strict: bool = False, path: str = "") -> Any:
+    """Inverse of `to_dict` for a config class. Checkpoint metadata (strict=False): keys the class
+    no longer has are dropped, so configs saved by older versions still load. User input
+    (strict=True): an unknown key is an error naming the fields the class has."""
     cls = cls.class_for(data)
-    data = cls.migrate(data)
+    data = data if strict else cls.migrate(data)
     hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if strict and unknown:
+        what = f" (method {data['method']!r})" if "method" in data else ""
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; {cls.__name__}{what} has: {', '.join(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
         tp, value = hints[f.name], data[f.name]
+        here = f"{path}.{f.name}" if path else f.name
         if dataclasses.is_dataclass(tp):
-            value = from_dict(tp, value)
+            value = from_dict(tp, value, strict=strict, path=here)
         elif get_origin(tp) is tuple:
             item_tp = get_args(tp)[0] if get_args(tp) else Any
-            value = tuple(from_dict(item_tp, v) if dataclasses.is_dataclass(item_tp) else v
-                          for v in value)
+            value = tuple(from_dict(item_tp, v, strict=strict, path=f"{here}.{i}")
+                          if dataclasses.is_dataclass(item_tp) else v for i, v in enumerate(value))
         kwargs[f.name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None

@@ -102,8 +102,8 @@ class MethodOptions(Config):
     exported (`export`).
     """
 
-    layers: str = "all"
-    method: str = "dense"
+    layers: str = "all"          # layers this rule covers: all, 3, 0,1, 2:, :-1, 4:8
+    method: str = "dense"        # setting it switches the rule to that method's options
 
     @property
     def param_policy(self) -> Literal["all", "own_only", "base_only"]:
@@ -164,7 +164,7 @@ class DenseOptions(MethodOptions):
     """method="dense": exact causal attention (cuDNN on GPU, XLA elsewhere)."""
 
     method: str = "dense"
-    impl: Literal["auto", "xla", "cudnn"] = "auto"
+    impl: Literal["auto", "xla", "cudnn"] = "auto"   # auto: cuDNN on GPU for bf16/fp16, else XLA
 
     export = MethodExport(torch_impl=DENSE_TORCH_IMPL)   # transformers' own LlamaAttention
 

@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sparsetrain.checkpoint.model_def import Params, flatten, path_str
+from sparsetrain.errors import InputError
 
 
 def save_params(directory: Path, step: int, params: Params, meta: dict, *, keep: int | None = None) -> Path:
@@ -26,21 +27,26 @@ def save_params(directory: Path, step: int, params: Params, meta: dict, *, keep:
     return manager.directory
 
 
-def load_params(path: str | Path) -> tuple[Params, dict]:
-    """Parameters and metadata of the latest checkpoint of a run directory (or its checkpoints/ dir,
-    or one step's directory), as host arrays."""
+def locate_checkpoint(path: str | Path) -> tuple[Path, int]:
+    """(the checkpoints/ directory, step) of the latest checkpoint of a run directory, of its
+    checkpoints/ folder, or of one step's folder; InputError if there is none."""
     path = Path(path).absolute()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    step = None
     if path.name.isdigit() and (path / "params").exists():
-        path, step = path.parent, int(path.name)
+        return path.parent, int(path.name)
     if not path.is_dir():
-        raise ValueError(f"checkpoint path {path} does not exist")
-    manager = ocp.CheckpointManager(path, item_names=("params", "meta"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"no complete checkpoint under {path}")
+        raise InputError(f"checkpoint path {path} does not exist")
+    steps = [int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "params").exists()]
+    if not steps:
+        raise InputError(f"no complete checkpoint under {path}")
+    return path, max(steps)
+
+
+def load_params(path: str | Path) -> tuple[Params, dict]:
+    """Parameters and metadata of the checkpoint `locate_checkpoint` finds, as host arrays."""
+    directory, step = locate_checkpoint(path)
+    manager = ocp.CheckpointManager(directory, item_names=("params", "meta"))
     restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
                                                                meta=ocp.args.JsonRestore()))
     manager.close()
@@ -61,7 +67,7 @@ def merge_init_params(fresh: Params, source: Params) -> tuple[Params, list[str],
             missing.append(key)
             return value
         if tuple(src[key].shape) != tuple(value.shape):
-            raise ValueError(f"--init_from: parameter {key} has shape {tuple(src[key].shape)} in the "
+            raise InputError(f"--init_from: parameter {key} has shape {tuple(src[key].shape)} in the "
                              f"source but {tuple(value.shape)} in this model")
         merged[key] = True
         return np.asarray(src[key]).astype(value.dtype)

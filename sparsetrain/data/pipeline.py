@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from sparsetrain.config import DataConfig
+from sparsetrain.errors import InputError
 from sparsetrain.data.sources import iter_documents
 from sparsetrain.data.tokenizers import Tokenizer, load_tokenizer
 
@@ -175,10 +176,10 @@ def build_data(cfg: DataConfig, *, process_index: int = 0, process_count: int = 
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     if cfg.batch_size % process_count:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by "
+        raise InputError(f"data.batch_size={cfg.batch_size} is not divisible by "
                          f"process_count={process_count}")
     if cfg.seed < 0:
-        raise ValueError(f"data.seed={cfg.seed} must be >= 0")
+        raise InputError(f"data.seed={cfg.seed} must be >= 0")
     tokenizer = load_tokenizer(cfg.tokenizer)
     documents = tokenize_documents(cfg, tokenizer)
     train_ids, val_ids = split_documents(len(documents), cfg.val_fraction, cfg.seed)
@@ -205,7 +206,7 @@ def split_documents(num_documents: int, val_fraction: float, seed: int) -> tuple
     round(val_fraction * num_documents) go to validation, clipped so each side has at least one.
     """
     if num_documents < 2:
-        raise ValueError(f"the corpus has {num_documents} document(s); train and validation need at "
+        raise InputError(f"the corpus has {num_documents} document(s); train and validation need at "
                          "least one each")
     num_val = min(max(1, round(val_fraction * num_documents)), num_documents - 1)
     order = np.random.default_rng(seed).permutation(num_documents)

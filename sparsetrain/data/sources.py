@@ -25,6 +25,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from sparsetrain.config import DataConfig
+from sparsetrain.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".json")
 JSONL_SUFFIXES = (".jsonl", ".json")   # both read as JSON lines: one object per line
@@ -57,9 +58,9 @@ def find_files(path: str, suffixes: tuple[str, ...]) -> list[Path]:
     elif Path(path).is_file():
         files = [Path(path)]
     else:
-        raise ValueError(f"data path {path} does not exist")
+        raise InputError(f"data path {path} does not exist")
     if not files:
-        raise ValueError(f"data path {path} matches no files (looked for {', '.join(suffixes)})")
+        raise InputError(f"data path {path} matches no files (looked for {', '.join(suffixes)})")
     return files
 
 
@@ -76,7 +77,7 @@ def read_text_documents(files: Iterable[Path], jsonl_field: str, *,
         else:
             documents = [text] if text.strip() else []
         if not documents and not skip_empty:
-            raise ValueError(f"{path} is empty (no documents)")
+            raise InputError(f"{path} is empty (no documents)")
         yield from documents
 
 
@@ -88,12 +89,12 @@ def read_token_documents(files: Iterable[Path], vocab_size: int) -> Iterator[np.
         elif path.suffix in ARRAY_RECORD_SUFFIXES:
             documents = _array_record_documents(path)
         else:
-            raise ValueError(f"{path}: unsupported token file type (use one of {', '.join(TOKEN_SUFFIXES)})")
+            raise InputError(f"{path}: unsupported token file type (use one of {', '.join(TOKEN_SUFFIXES)})")
         if not documents:
-            raise ValueError(f"{path} is empty (no documents)")
+            raise InputError(f"{path} is empty (no documents)")
         for doc in documents:
             if doc.min() < 0 or doc.max() >= vocab_size:
-                raise ValueError(f"{path}: token ids span [{doc.min()}, {doc.max()}], outside the "
+                raise InputError(f"{path}: token ids span [{doc.min()}, {doc.max()}], outside the "
                                  f"tokenizer's [0, {vocab_size})")
             yield doc.astype(np.int32)
 
@@ -111,7 +112,7 @@ def _read_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from e
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from e
     return raw.decode("utf-8", errors="replace")
 
 
@@ -124,12 +125,12 @@ def _jsonl_documents(path: Path, text: str, field: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
+            raise InputError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict) or field not in record:
-            raise ValueError(f"{path}:{line_number}: expected an object with field {field!r}")
+            raise InputError(f"{path}:{line_number}: expected an object with field {field!r}")
         value = record[field]
         if not isinstance(value, str):
-            raise ValueError(f"{path}:{line_number}: field {field!r} is {type(value).__name__}, not a string")
+            raise InputError(f"{path}:{line_number}: field {field!r} is {type(value).__name__}, not a string")
         if value:
             documents.append(value)
     return documents
@@ -139,11 +140,11 @@ def _npy_documents(path: Path) -> list[np.ndarray]:
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable .npy file: {e}") from e
+        raise InputError(f"{path} is not a readable .npy file: {e}") from e
     if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{path}: expected an integer array, got {getattr(array, 'dtype', type(array))}")
+        raise InputError(f"{path}: expected an integer array, got {getattr(array, 'dtype', type(array))}")
     if array.ndim not in (1, 2):
-        raise ValueError(f"{path}: expected a 1-D or 2-D array, got shape {array.shape}")
+        raise InputError(f"{path}: expected a 1-D or 2-D array, got shape {array.shape}")
     if array.size == 0:
         return []
     if array.ndim == 1:
@@ -162,8 +163,8 @@ def _array_record_documents(path: Path) -> list[np.ndarray]:
         records = reader.read_all()
         reader.close()
     except RuntimeError as e:
-        raise ValueError(f"{path} is not a readable ArrayRecord file: {e}") from e
+        raise InputError(f"{path} is not a readable ArrayRecord file: {e}") from e
     for index, record in enumerate(records):
         if len(record) % 4:
-            raise ValueError(f"{path}: record {index} has {len(record)} bytes, not whole int32 ids")
+            raise InputError(f"{path}: record {index} has {len(record)} bytes, not whole int32 ids")
     return [np.frombuffer(record, dtype="<i4") for record in records if record]

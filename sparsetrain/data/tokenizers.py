@@ -15,6 +15,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from sparsetrain.errors import InputError
+
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 HF_TOKENIZER_FILE = "tokenizer.json"
 TRANSFORMERS_CONFIG_FILE = "tokenizer_config.json"
@@ -97,7 +99,7 @@ class HFTokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(self.path))
         except Exception as e:  # tokenizers raises a bare Exception for unparsable files
-            raise ValueError(f"tokenizer file {self.path} is not a valid Hugging Face tokenizer: {e}") from e
+            raise InputError(f"tokenizer file {self.path} is not a valid Hugging Face tokenizer: {e}") from e
         self.eos_id = self._special_id(EOS_CANDIDATES, ADDED_EOS)
         self.pad_id = self._special_id(PAD_CANDIDATES, ADDED_PAD)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -162,7 +164,7 @@ def load_tokenizer(spec: str | Path) -> ByteTokenizer | HFTokenizer:
         byte_file = path / BYTE_TOKENIZER_FILE
         path = byte_file if byte_file.exists() else path / HF_TOKENIZER_FILE
     if not path.is_file():
-        raise ValueError(f"tokenizer file {path} does not exist")
+        raise InputError(f"tokenizer file {path} does not exist")
     if _is_byte_spec(path):
         return ByteTokenizer()
     return HFTokenizer(path)

@@ -20,6 +20,8 @@ from sparsetrain.config import RunConfig
 from sparsetrain.configbase import to_dict
 from sparsetrain.data import build_data
 from sparsetrain.checkpoint import load_params, merge_init_params, save_params
+from sparsetrain.checkpoint.params_io import locate_checkpoint
+from sparsetrain.errors import InputError
 from sparsetrain.train import checkpoint as ckpt_lib
 from sparsetrain.train.metrics import MetricsWriter, Throughput, flops_per_token
 from sparsetrain.checkpoint.model_def import ModelDef, flatten, path_str
@@ -74,10 +76,12 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir) / cfg.name
         self.is_main = jax.process_index() == 0
+        if cfg.checkpoint.init_from:   # a wrong path fails now, not after the model compiles
+            locate_checkpoint(cfg.checkpoint.init_from)
         self.data = build_data(cfg.data, process_index=jax.process_index(),
                                process_count=jax.process_count())
         if cfg.model.vocab_size < self.data.tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            raise InputError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                              f"vocabulary ({self.data.tokenizer.vocab_size})")
         self.mesh = make_mesh(cfg.mesh, devices)
         self.model = ModelDef.create(cfg.model)
@@ -115,6 +119,9 @@ class Trainer:
             self.log(f"resumed from {self.checkpointer.directory}/{latest} (step {meta['step']})")
             return state
         state = jax.jit(self._init_state, out_shardings=self.shardings)()
+        if not self.cfg.checkpoint.init_from and any(s.param_policy == "own_only" for s in self.cfg.model.layer_specs):
+            self.log("warning: a method trains only its own parameters (e.g. seer mode=distill) but the "
+                     "base model is freshly initialised; pass --init_from a trained run")
         if self.cfg.checkpoint.init_from:
             source, _ = load_params(self.cfg.checkpoint.init_from)
             params, fresh, unused = merge_init_params(jax.device_get(state["params"]), source)
@@ -122,7 +129,7 @@ class Trainer:
             # almost always a wrong source or architecture.
             base = [path for path in fresh if "/attn/attend/" not in path]
             if base and not self.cfg.checkpoint.init_missing_ok:
-                raise ValueError(f"--init_from {self.cfg.checkpoint.init_from}: the source lacks {base}; "
+                raise InputError(f"--init_from {self.cfg.checkpoint.init_from}: the source lacks {base}; "
                                  f"set checkpoint.init_missing_ok=true to initialise them fresh")
             state["params"] = jax.device_put(params, self.shardings["params"])
             self.log(f"initialised from {self.cfg.checkpoint.init_from}; "

@@ -6,7 +6,8 @@ import pytest
 import configs
 from sparsetrain.attention.spec import DenseOptions, method_options, parse_layers, spec_for_layer
 from sparsetrain.config import ModelConfig, RunConfig
-from sparsetrain.configbase import ConfigError, apply_overrides, describe, from_dict, to_dict
+from sparsetrain.config_help import describe
+from sparsetrain.configbase import ConfigError, apply_overrides, from_dict, to_dict
 
 
 def test_every_shipped_config_loads():
@@ -64,6 +65,10 @@ def test_dict_round_trip_and_help():
     assert from_dict(RunConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
     lines = describe(cfg)
     assert any(line.strip().startswith("model.attention.0.method = 'dense'") for line in lines)
+    # Grouped by section, with each field's meaning from the comment beside it in the source.
+    assert "model:" in lines and "optimizer:" in lines
+    assert any(line.strip().startswith("data.batch_size = 16") and line.endswith("# global batch, in sequences")
+               for line in lines)
 
 
 def test_block_size_must_be_a_kernel_tile():
@@ -129,3 +134,52 @@ def test_export_does_not_import_the_trainer():
             "print('TRAIN', sorted(m for m in sys.modules if m.startswith('sparsetrain.train')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "TRAIN []" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_override_order_does_not_matter_and_all_problems_are_reported_together():
+    tiny = configs.load("tiny")
+    a = apply_overrides(tiny, ["data.seq_len=1024", "model.max_seq_len=1024"])
+    b = apply_overrides(tiny, ["model.max_seq_len=1024", "data.seq_len=1024"])
+    assert a == b and a.data.seq_len == 1024
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(tiny, ["model.num_layers=four", "optimizer.warmup_steps=-1", "data.seq_len=4096",
+                               "model.nope=1"])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 4, lines
+    assert any(line.startswith("model.num_layers='four' must be int") for line in lines)
+    assert "optimizer.warmup_steps=-1: must be >= 0" in lines
+    assert "data: seq_len=4096 exceeds model.max_seq_len=256" in lines   # the field named once
+    assert any(line.startswith("unknown key 'model.nope'") for line in lines)
+
+
+def test_rules_are_added_and_removed_from_the_command_line():
+    tiny = configs.load("tiny")
+    two = apply_overrides(tiny, ['model.attention=[{layers: all, method: dense}, '
+                                 '{layers: "1:-1", method: seer, topk: 4, block_size: 32}]'])
+    dense, seer = two.model.attention
+    assert (dense, seer.layers, seer.topk, seer.block_size) == (DenseOptions(), "1:-1", 4, 32)
+    assert [s.method for s in two.model.layer_specs] == ["dense", "seer", "seer", "dense"]
+    one = apply_overrides(two, ['model.attention=[{method: local, block_size: 16}]'])   # removed
+    assert [s.method for s in one.model.layer_specs] == ["local"] * 4
+    with pytest.raises(ConfigError, match=r"model.attention.1: unknown key\(s\) \['topkk'\]; SeerOptions "
+                                          r"\(method 'seer'\) has: layers, method"):
+        apply_overrides(tiny, ['model.attention=[{method: dense}, {layers: "1:", method: seer, topkk: 4}]'])
+    with pytest.raises(ConfigError, match="model.attention.1.block_size=48: choose one of"):
+        apply_overrides(tiny, ['model.attention=[{method: dense}, {layers: "1:", method: local, block_size: 48}]'])
+    with pytest.raises(ConfigError, match="list of mappings"):
+        apply_overrides(tiny, ["model.attention=dense"])
+
+
+def test_configs_load_from_any_path_and_from_a_runs_config_json(tmp_path):
+    source = tmp_path / "mine.py"
+    source.write_text("import dataclasses\nfrom configs.tiny import get_config as tiny\n\n"
+                      "def get_config():\n    return dataclasses.replace(tiny(), name='mine')\n")
+    assert configs.load(str(source)).name == "mine"
+    run_cfg = apply_overrides(configs.load("seer_tiny"), ["model.attention.0.topk=3", "trainer.steps=7"])
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(to_dict(run_cfg)))
+    assert configs.load(str(saved)) == run_cfg    # reproduces the run exactly
+    with pytest.raises(ConfigError, match="unknown config 'nope'"):
+        configs.load("nope")
+    with pytest.raises(ConfigError, match="no such file"):
+        configs.load(str(tmp_path / "missing.json"))

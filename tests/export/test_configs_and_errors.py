@@ -121,3 +121,12 @@ def test_import_refuses_an_existing_checkpoint_and_a_wrong_tie(tmp_path):
     save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"] + 1}, str(out / "model.safetensors"))
     with pytest.raises(ValueError, match="lm_head.weight differs"):
         read_hf(out)
+
+
+@pytest.mark.parametrize("dtype,says", [("float32", "within 1e-4"), ("bfloat16", "--dtype float32 for exact parity")])
+def test_export_message_names_its_dtype(tmp_path, capsys, dtype, says):
+    from sparsetrain.export.__main__ import main
+    run = save_run(tmp_path, tiny(num_layers=1), random_params(tiny(num_layers=1)))
+    assert main([str(run), str(tmp_path / "hf"), "--dtype", dtype]) == 0
+    out = capsys.readouterr().out
+    assert f"with {dtype} weights" in out and says in out
