@@ -22,6 +22,8 @@ from flax import nnx, struct
 
 from pallas_kernels.block_sparse.common import BLOCK_SIZES
 from sparsetrain import ops
+from sparsetrain.attention.alignment import alignment_loss, use_full_output
+from sparsetrain.attention.dense import dense_causal_attention
 from sparsetrain.attention.sharded import block_attention_scores, block_sparse_attention
 from sparsetrain.attention.spec import MethodOptions
 
@@ -76,6 +78,11 @@ class BlockSparseOptions(MethodOptions):
     # Also measure recall (dense attention mass inside the selection) while training; it always is
     # at evaluation. Costs one block-score pass (about 1.7x a dense forward).
     recall_in_training: bool = False
+    # SSA alignment in training (sparsetrain/attention/alignment.py): compute the full output too,
+    # add ssa_weight * (SmoothL1(full, sg(sparse)) + SmoothL1(sg(full), sparse)), and feed the next
+    # layer one of the two by a per-step coin flip. Evaluation stays sparse.
+    ssa: bool = False
+    ssa_weight: float = 10.0
 
     # Option sets, besides the defaults, that the conformance suite (tests/sparse/) must also
     # cover: {name: field overrides}, e.g. each mode of a method.
@@ -93,6 +100,7 @@ class BlockSparseOptions(MethodOptions):
         # At least the diagonal block, so that every query sees itself and no row is empty.
         self.require(self.local_blocks >= 1, "local_blocks", "must be >= 1 (the diagonal block)")
         self.require(self.initial_blocks >= 0, "initial_blocks", "must be >= 0")
+        self.require(self.ssa_weight > 0, "ssa_weight", "must be > 0")
 
 
 class SparseMethod(nnx.Module):
@@ -105,12 +113,28 @@ class SparseMethod(nnx.Module):
     def __call__(self, inp: AttentionInputs) -> jax.Array:
         sel = self.select(inp)
         out = self.attend(inp, sel)
+        losses, metrics = {}, {}
         if self.reporting:
-            for name, value in self.losses(inp, sel, out).items():
+            losses, metrics = self.losses(inp, sel, out), self.metrics(inp, sel, out)
+        if self.options.ssa and inp.ctx.train:
+            out = self.align(inp, out, losses, metrics)
+        if self.reporting:
+            for name, value in losses.items():
                 self.sow(AuxLoss, name, value)
-            for name, value in self.metrics(inp, sel, out).items():
+            for name, value in metrics.items():
                 self.sow(AuxMetric, name, jax.lax.stop_gradient(value))
         return out
+
+    def align(self, inp: AttentionInputs, sparse: jax.Array, losses: dict, metrics: dict) -> jax.Array:
+        """SSA: the alignment loss between the full and the sparse output, and this step's choice
+        of which one continues."""
+        if inp.ctx.rng is None:
+            raise ValueError("ssa=True needs the step's rng (StepContext.rng) in training")
+        full = dense_causal_attention(inp.q, inp.k, inp.v)
+        use_full = use_full_output(inp.ctx.rng)
+        losses["ssa"] = self.options.ssa_weight * alignment_loss(full, sparse)
+        metrics["ssa_full_output"] = use_full.astype(jnp.float32)
+        return jnp.where(use_full, full, sparse)
 
     @property
     def reporting(self) -> bool:

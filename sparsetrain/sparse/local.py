@@ -30,6 +30,7 @@ def local_block_mask(seq_q: int, seq_kv: int, *, block_size: int, local_blocks: 
 class LocalOptions(BlockSparseOptions):
     method: str = "local"
 
+    conformance_variants = {"ssa": {"ssa": True}}
     export = MethodExport(torch_impl="local", fields=("block_size", "local_blocks", "initial_blocks"))
 
     def full_budget(self) -> "LocalOptions":

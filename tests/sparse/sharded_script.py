@@ -32,7 +32,7 @@ def main():
         toks = jnp.asarray(tokens(96, batch=4, seed=6))
 
         def loss(p, t):
-            logits, losses, _ = model.apply(p, t, ctx=StepContext(train=True))
+            logits, losses, _ = model.apply(p, t, ctx=StepContext(train=True, rng=jax.random.key(0)))
             return -jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + sum(losses.values(), 0.0)
 
         grad = jax.value_and_grad(loss)

@@ -69,7 +69,7 @@ def test_builds_jits_and_differentiates_with_finite_losses_and_densities(method,
 
     def loss(p):
         from sparsetrain.attention.method import StepContext
-        logits, losses, metrics = model.apply(p, toks, ctx=StepContext(train=True))
+        logits, losses, metrics = model.apply(p, toks, ctx=StepContext(train=True, rng=jax.random.key(0)))
         ce = -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
         return ce + sum(losses.values(), 0.0), (losses, metrics)
 
