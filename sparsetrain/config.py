@@ -134,6 +134,21 @@ class OptimizerConfig(Config):
 
 
 @dataclasses.dataclass(frozen=True)
+class PhaseConfig(Config):
+    """From `start_step` on, the run's model uses these `model.*` overrides (on top of the earlier
+    phases'), e.g. ("model.attention.0.mode=sparse",) to end a Seer distillation. The parameters must
+    stay the same; a resumed run is in the phase its step says."""
+
+    start_step: int = 1           # first step of the phase
+    overrides: tuple[str, ...] = ()   # model.* overrides, e.g. model.attention.0.mode=sparse
+
+    def validate(self) -> None:
+        self.require(self.start_step > 0, "start_step", "must be > 0 (phase 0 is the run's own config)")
+        self.require(bool(self.overrides) and all(o.startswith("model.") for o in self.overrides),
+                     "overrides", "give one or more model.* overrides (key=value)")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainerConfig(Config):
     steps: int = 300              # optimizer steps to train to
     grad_accum: int = 1           # microbatches per step; batch_size must divide evenly
@@ -145,12 +160,16 @@ class TrainerConfig(Config):
     nonfinite: Literal["skip", "stop"] = "skip"   # a NaN/inf step: skip its update, or stop
     max_nonfinite_in_row: int = 10   # stop after this many non-finite steps in a row
     progress_bar: bool = True     # tqdm bar with loss, tokens/s and sparse metrics
+    # Phase schedule: model changes at given steps (e.g. dense -> sparse, seer distill -> sparse).
+    phases: tuple[PhaseConfig, ...] = ()
 
     def validate(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "eval_every", "eval_batches",
                      "max_nonfinite_in_row"):
             self.require(getattr(self, name) > 0, name, "must be > 0")
         self.require(self.z_loss >= 0, "z_loss", "must be >= 0")
+        starts = [phase.start_step for phase in self.phases]
+        self.require(starts == sorted(set(starts)), "phases", "start_step must increase from phase to phase")
 
 
 @dataclasses.dataclass(frozen=True)

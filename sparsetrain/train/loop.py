@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from sparsetrain.config import RunConfig
-from sparsetrain.configbase import to_dict
+from sparsetrain.configbase import ConfigError, apply_overrides, to_dict
 from sparsetrain.data import build_data
 from sparsetrain.checkpoint import load_params, merge_init_params, save_params
 from sparsetrain.checkpoint.params_io import locate_checkpoint
@@ -31,8 +31,8 @@ from sparsetrain.train.sharding import (batch_sharding, global_batch, make_mesh,
 from sparsetrain.train.step import make_eval_step, make_train_step
 
 
-# Reported by sparse layers (means over layers) and shown on the progress bar beside the loss.
-CONSOLE_METRICS = ("density", "recall", "kl")
+# Reported by sparse layers (means over layers) and the phase schedule, shown on the progress bar.
+CONSOLE_METRICS = ("phase", "density", "recall", "kl")
 
 
 class NonFiniteError(RuntimeError):
@@ -68,6 +68,25 @@ def state_shardings(optimizer_state, params_shardings, abstract_params, mesh) ->
     return {"params": params_shardings, "opt_state": opt, "step": replicated(mesh)}
 
 
+def phase_models(cfg: RunConfig, abstract_params) -> list[tuple[int, ModelDef]]:
+    """[(start step, model)] of the run's phases: phase 0 is the run's own model, each later one
+    adds its overrides to the previous one's. A phase may change how layers attend, not the
+    parameters. (Built here, outside any mesh: NNX would shard abstract parameters under one.)"""
+    phases, current = [(0, ModelDef.create(cfg.model))], cfg
+    for i, phase in enumerate(cfg.trainer.phases, start=1):
+        try:
+            current = apply_overrides(current, list(phase.overrides))
+        except ConfigError as e:
+            raise ConfigError(f"trainer.phases.{i - 1}: {e}") from None
+        model = ModelDef.create(current.model)
+        shapes = {k: v.shape for k, v in flatten(model.abstract_params()).items()}
+        if shapes != {k: v.shape for k, v in flatten(abstract_params).items()}:
+            raise ConfigError(f"trainer.phases.{i - 1}: its overrides change the model's parameters; "
+                              f"a phase may only change how layers attend")
+        phases.append((phase.start_step, model))
+    return phases
+
+
 class Trainer:
     """Owns the compiled steps, the state and the run directory of one run."""
 
@@ -88,24 +107,38 @@ class Trainer:
         abstract_params = self.model.abstract_params()
         p_shard = param_shardings(self.model.logical_axes(), abstract_params, self.mesh)
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.trainer.steps)
-        frozen = frozen_paths(cfg.optimizer, cfg.model, abstract_params)
-        self.optimizer = make_optimizer(cfg.optimizer, abstract_params, cfg.trainer.steps, frozen)
-        trainable = frozenset(flatten(abstract_params)) - frozen
+        self.phases = phase_models(cfg, abstract_params)
+        frozen = [frozen_paths(cfg.optimizer, model.cfg, abstract_params) for _, model in self.phases]
+        # Optimizer state for every parameter some phase trains; each phase's step updates only
+        # its own trainable ones.
+        self.optimizer = make_optimizer(cfg.optimizer, abstract_params, cfg.trainer.steps,
+                                        frozenset.intersection(*frozen))
+        self.trainable = [frozenset(flatten(abstract_params)) - f for f in frozen]
         self.abstract_state = jax.eval_shape(self._init_state)
         self.shardings = state_shardings(self.abstract_state["opt_state"], p_shard, abstract_params,
                                          self.mesh)
-        batch_shard = batch_sharding(self.mesh)
-        self.train_step = jax.jit(make_train_step(self.model, self.optimizer, cfg.trainer, self.schedule,
-                                                  trainable),
-                                  in_shardings=(self.shardings, batch_shard),
-                                  out_shardings=(self.shardings, replicated(self.mesh)),
-                                  donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(self.model),
-                                 in_shardings=(self.shardings["params"], batch_shard),
-                                 out_shardings=replicated(self.mesh))
+        self._compiled: dict[int, tuple] = {}
         self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.checkpoint)
         self.train_iter = self.data.train_iter()
         self.state = self._resume_or_init()
+
+    def phase_at(self, step: int) -> int:
+        """The phase of the step that starts after `step` completed steps."""
+        return max(i for i, (start, _) in enumerate(self.phases) if step >= start)
+
+    def steps_for(self, phase: int):
+        """(train_step, eval_step) of a phase, compiled on first use."""
+        if phase not in self._compiled:
+            model = self.phases[phase][1]
+            batch_shard = batch_sharding(self.mesh)
+            train_step = jax.jit(make_train_step(model, self.optimizer, self.cfg.trainer, self.schedule,
+                                                 self.trainable[phase]),
+                                 in_shardings=(self.shardings, batch_shard),
+                                 out_shardings=(self.shardings, replicated(self.mesh)), donate_argnums=0)
+            eval_step = jax.jit(make_eval_step(model), in_shardings=(self.shardings["params"], batch_shard),
+                                out_shardings=replicated(self.mesh))
+            self._compiled[phase] = (train_step, eval_step)
+        return self._compiled[phase]
 
     def _init_state(self) -> dict:
         params = self.model.init(self.cfg.trainer.seed)
@@ -146,8 +179,9 @@ class Trainer:
         sums: dict[str, float] = {}
         batches = 0
         with jax.set_mesh(self.mesh):
+            eval_step = self.steps_for(self.phase_at(int(self.state["step"])))[1]
             for batch in self.data.val_batches(self.cfg.trainer.eval_batches):
-                out = self.eval_step(self.state["params"], global_batch(batch, self.mesh))
+                out = eval_step(self.state["params"], global_batch(batch, self.mesh))
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                 batches += 1
@@ -199,24 +233,34 @@ class Trainer:
                     for s in (signal.SIGTERM, signal.SIGINT)}
         step = start_step = int(self.state["step"])
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        throughput = Throughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step)
+        phase = None
         bar = tqdm(total=tcfg.steps, initial=step, disable=not (self.is_main and tcfg.progress_bar),
                    dynamic_ncols=True)
         self.bad_in_row, self.best_val, summary = 0, math.inf, {}
         try:
             with jax.set_mesh(self.mesh):
                 while step < tcfg.steps and stop["signal"] is None:
+                    if self.phase_at(step) != phase:
+                        phase, compile_step = self.phase_at(step), step + 1
+                        model_cfg = self.phases[phase][1].cfg
+                        throughput = Throughput(tokens_per_step,
+                                                flops_per_token(model_cfg, cfg.data.seq_len) * tokens_per_step)
+                        if cfg.trainer.phases:
+                            self.log(f"step {step}: phase {phase} "
+                                     f"({', '.join(cfg.trainer.phases[phase - 1].overrides) if phase else 'the run config'})")
                     batch = global_batch(next(self.train_iter), self.mesh)
-                    self.state, metrics = self.train_step(self.state, batch)
+                    self.state, metrics = self.steps_for(phase)[0](self.state, batch)
                     step += 1
                     throughput.tick()
-                    if step == start_step + 1:  # the first step compiles: keep it out of tokens/s and MFU
+                    if step == compile_step:  # a phase's first step compiles: keep it out of tokens/s and MFU
                         jax.block_until_ready(metrics)
                         throughput.restart()
                     self._check_finite(step, metrics)
                     if step % tcfg.log_every == 0 or step == tcfg.steps:
                         jax.block_until_ready(metrics)
                         values = {k: float(v) for k, v in metrics.items() if k != "finite"}
+                        if cfg.trainer.phases:
+                            values["phase"] = phase
                         values.update(throughput.report())
                         summary.update(values)
                         bar.set_postfix(loss=f"{values['loss']:.3f}",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsetrain.attention.method import StepContext
-from sparsetrain.checkpoint.model_def import ModelDef, Params, flatten
+from sparsetrain.checkpoint.model_def import ModelDef, Params, flatten, path_str
 from sparsetrain.config import TrainerConfig
 
 
@@ -87,6 +87,10 @@ def make_train_step(model: ModelDef, optimizer: optax.GradientTransformation, cf
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
+        # Parameters frozen in this phase only still have optimizer state (another phase trains
+        # them); no update reaches them here, weight decay included.
+        updates = jax.tree_util.tree_map_with_path(
+            lambda path, u: u if path_str(path) in trainable else jnp.zeros_like(u), updates)
         new_params = optax.apply_updates(params, updates)
         # A non-finite step leaves parameters and optimizer state untouched (the loop applies the policy).
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
