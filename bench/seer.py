@@ -23,42 +23,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import configs
+from bench.steps import median_step_ms
 from sparsetrain import ops
 from sparsetrain.attention.dense import dense_causal_attention
 from sparsetrain.attention.spec import DenseOptions
-from sparsetrain.checkpoint.model_def import ModelDef, flatten
 from sparsetrain.configbase import apply_overrides
-from sparsetrain.sparse.seer import SeerOptions
-from sparsetrain.train.optimizer import frozen_paths, learning_rate_schedule, make_optimizer
-from sparsetrain.train.step import make_train_step
-
-
-def median_step_ms(cfg, seq: int, reps: int = 10) -> tuple[float, dict]:
-    """Median ms of the train step of `cfg` on one synthetic batch [1, seq], and its last metrics."""
-    model = ModelDef.create(cfg.model)
-    params = jax.jit(model.init, static_argnums=0)(0)
-    frozen = frozen_paths(cfg.optimizer, cfg.model, params)
-    optimizer = make_optimizer(cfg.optimizer, params, 1000, frozen)
-    step = jax.jit(make_train_step(model, optimizer, cfg.trainer, learning_rate_schedule(cfg.optimizer, 1000),
-                                   frozenset(flatten(params)) - frozen), donate_argnums=0)
-    tokens = jax.random.randint(jax.random.key(0), (1, seq + 1), 0, 256)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((1, seq)),
-             "segment_ids": jnp.ones((1, seq), jnp.int32),
-             "positions": jnp.arange(seq, dtype=jnp.int32)[None]}
-    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
-    for _ in range(3):   # compile and warm up
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times), {k: float(v) for k, v in metrics.items() if "/" not in k}
 
 
 def median_call_ms(fn, *args, reps: int = 10) -> float:
