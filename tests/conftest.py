@@ -1,3 +1,21 @@
+"""Shared fixtures: GPU-only tests skip off a GPU; the PyTorch-only environment for parity checks.
+
+The torch environment (Python 3.11 with torch and transformers, no JAX) is built once into
+`.venv-torch/` at the repository root (git-ignored) by the first test that needs it; an fcntl lock
+keeps pytest-xdist workers from building it twice, and a marker file holding the pinned requirements
+says the build finished (a changed pin rebuilds it). torch's CPU wheel comes from the machine's
+local wheel directory through pip's own configuration.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import jax
 import pytest
 
@@ -8,3 +26,48 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_VENV = ROOT / ".venv-torch"
+REQUIREMENTS = ["torch==2.13.0", "transformers==5.17.0", "safetensors", "numpy"]
+SCRIPT = ROOT / "tests" / "export" / "torch_checks.py"
+RESULT_MARKER = "torch_checks result: "   # the line torch_checks.py prints its JSON on
+
+
+def _build(venv: Path) -> None:
+    python311 = shutil.which("python3.11")
+    if python311 is None:
+        pytest.fail("the PyTorch parity tests need python3.11 on PATH to build .venv-torch")
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([python311, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *REQUIREMENTS], check=True)
+
+
+@pytest.fixture(scope="session")
+def torch_python() -> Path:
+    """Path of the torch environment's python, building the environment on first use."""
+    marker = TORCH_VENV / ".sparsetrain-requirements"
+    TORCH_VENV.mkdir(exist_ok=True)   # `python -m venv` accepts an existing directory
+    with open(TORCH_VENV / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists() or marker.read_text() != " ".join(REQUIREMENTS):
+            _build(TORCH_VENV)
+            marker.write_text(" ".join(REQUIREMENTS))
+    return TORCH_VENV / "bin" / "python"
+
+
+@pytest.fixture
+def run_torch(torch_python, tmp_path):
+    """run_torch("parity", DIR, ...) -> the JSON the check printed; fails the test with its output."""
+    def run(*args) -> dict:
+        env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+        # No stdin: transformers then refuses remote code at once instead of prompting for it.
+        done = subprocess.run([str(torch_python), str(SCRIPT), *map(str, args)], capture_output=True,
+                              text=True, env=env, stdin=subprocess.DEVNULL, timeout=600)
+        if done.returncode != 0:
+            pytest.fail(f"torch check {args[0]} failed:\n{done.stdout}\n{done.stderr}")
+        result = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+        return json.loads(result[-1][len(RESULT_MARKER):])
+    return run

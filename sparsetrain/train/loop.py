@@ -231,7 +231,7 @@ class Trainer:
         stop = {"signal": None}
         handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
                     for s in (signal.SIGTERM, signal.SIGINT)}
-        step = start_step = int(self.state["step"])
+        step = int(self.state["step"])
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         phase = None
         bar = tqdm(total=tcfg.steps, initial=step, disable=not (self.is_main and tcfg.progress_bar),

@@ -170,7 +170,3 @@ def test_export_round_trip_and_torch_parity(tmp_path, run_torch, method, variant
     toks = tokens(SEQ, seed=5)
     np.savez(out / "jax_outputs.npz", **jax_outputs(cfg, params, toks))
     check_parity(run_torch("parity", out), "SparseLlamaForCausalLM")
-
-
-# The torch environment fixtures live with the export tests.
-from tests.export.conftest import run_torch, torch_python  # noqa: E402,F401
