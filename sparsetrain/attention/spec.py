@@ -29,6 +29,7 @@ METHODS: dict[str, str] = {
     "dense": "sparsetrain.attention.spec:DenseOptions",
     "local": "sparsetrain.sparse.local:LocalOptions",
     "seer": "sparsetrain.sparse.seer:SeerOptions",
+    "moba": "sparsetrain.sparse.moba:MobaOptions",
 }
 
 # Fields of the flat AttentionSpec that checkpoints written before per-method options carry on

@@ -51,6 +51,7 @@ from sparsetrain import ops
 from sparsetrain.attention.dense import dense_causal_attention
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
 from sparsetrain.attention.spec import MethodExport
+from sparsetrain.sparse.pooling import lag_blocks, pool_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,22 +123,6 @@ class SeerOptions(BlockSparseOptions):
 # ------------------------------------------------------------------------------------------------
 # The gate's math, as plain functions (tests/sparse/test_seer.py checks each against a reference).
 
-def pool_blocks(x: jax.Array, block_size: int, kinds: tuple[str, ...]) -> jax.Array:
-    """[B, T, M, H] -> [B, nB, M, len(kinds) * H]: per block of `block_size` tokens (the last one
-    possibly partial, pooled over its real tokens), the poolings in `kinds` ("avg", "max", "min")
-    concatenated on the feature axis. float32."""
-    b, t, m, h = x.shape
-    n = -(-t // block_size)
-    x = x.astype(jnp.float32)
-    real = (jnp.arange(n * block_size) < t).reshape(1, n, block_size, 1, 1)
-    x = jnp.pad(x, ((0, 0), (0, n * block_size - t), (0, 0), (0, 0))).reshape(b, n, block_size, m, h)
-    count = jnp.minimum(block_size, t - jnp.arange(n) * block_size).reshape(1, n, 1, 1)
-    pooled = {"avg": lambda: jnp.where(real, x, 0.0).sum(2) / count,
-              "max": lambda: jnp.where(real, x, -jnp.inf).max(2),
-              "min": lambda: jnp.where(real, x, jnp.inf).min(2)}
-    return jnp.concatenate([pooled[kind]() for kind in kinds], axis=-1)
-
-
 def candidate_blocks(n_q: int, n_k: int, query_pool: str) -> jax.Array:
     """bool [nQ, nK]: the key blocks the gate scores for each query block (T == S): j <= i for the
     paper's block pooling, j < i for lagged pooling (the diagonal is always kept, never scored)."""
@@ -155,7 +140,7 @@ def gate_logits(q_nope, k_nope, positions, w_q, w_k, *, block_size: int, query_p
     q_pool = pool_blocks(q_nope, block_size, ("avg",))                    # [B, nQ, N, H]
     if query_pool == "lagged":
         # Block i reads block i-1's queries; block 0 has no candidates, so its zeros are unused.
-        q_pool = jnp.pad(q_pool[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))
+        q_pool = lag_blocks(q_pool)
     k_pool = pool_blocks(k_nope, block_size, ("max", "min", "avg"))       # [B, nK, K, 3H]
     k_pool = jnp.repeat(k_pool, n // k, axis=2)                            # [B, nK, N, 3H]
     starts = positions[:, ::block_size]                                    # each block's first position

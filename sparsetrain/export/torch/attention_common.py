@@ -27,3 +27,54 @@ def with_padding(allowed, attention_mask, seq_kv):
         return allowed
     mask = attention_mask[..., :seq_kv]
     return allowed & (mask if mask.dtype == torch.bool else mask == 0)
+
+
+def pool_blocks(x, block_size: int, kinds: tuple[str, ...] = ("avg",)):
+    """[B, M, S, H] -> [B, M, nB, len(kinds) * H] float32, pooled ("avg", "max", "min") over the
+    real tokens of each block of `block_size` (the last one possibly partial)."""
+    b, m, s, h = x.shape
+    n = -(-s // block_size)
+    pad = n * block_size - s
+    x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(b, m, n, block_size, h)
+    real = (torch.arange(n * block_size, device=x.device) < s).view(1, 1, n, block_size, 1)
+    count = torch.clamp(s - torch.arange(n, device=x.device) * block_size, max=block_size).view(1, 1, n, 1)
+    pooled = {"avg": lambda: torch.where(real, x, 0.0).sum(3) / count,
+              "max": lambda: torch.where(real, x, -torch.inf).amax(3),
+              "min": lambda: torch.where(real, x, torch.inf).amin(3)}
+    return torch.cat([pooled[kind]() for kind in kinds], dim=-1)
+
+
+def lag_blocks(pooled):
+    """[B, M, nB, F]: block i gets block i-1's value, block 0 zeros (a causal query pool)."""
+    return torch.nn.functional.pad(pooled[:, :, :-1], (0, 0, 1, 0))
+
+
+def ranked(key):
+    """Per row, the column order of a stable descending sort (ties: lower index first, as lax.top_k)."""
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices
+
+
+class SequenceHistory:
+    """Tensors of earlier tokens that a gate needs and the KV cache does not hold (e.g. queries),
+    kept for the sequence being decoded. A forward whose first position is 0 starts a new sequence;
+    positions must be contiguous from 0."""
+
+    def __init__(self):
+        self.tensors = None
+
+    def update(self, positions, *tensors):
+        """Append this forward's tensors ([B, M, T, H] each) on axis 2; all of the sequence so far."""
+        if self.tensors is None or int(positions[0, 0]) == 0:
+            self.tensors = tensors
+        else:
+            self.tensors = tuple(torch.cat([old, new], 2) for old, new in zip(self.tensors, tensors))
+        return self.tensors
+
+
+def token_mask(kept, q_pos, k_pos, q_block: int, k_block: int):
+    """bool [B, M, T, S]: a block-level choice `kept` [B, M, nQ, nK] (query blocks of `q_block`
+    tokens, key blocks of `k_block`) read at query positions q_pos [B, T] and key positions k_pos
+    [B, S]. Positions must be >= 0."""
+    heads = kept.shape[1]
+    rows = kept.gather(2, (q_pos // q_block)[:, None, :, None].expand(-1, heads, -1, kept.shape[3]))
+    return rows.gather(3, (k_pos // k_block)[:, None, None, :].expand(-1, heads, q_pos.shape[1], -1))

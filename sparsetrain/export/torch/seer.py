@@ -24,21 +24,8 @@ import math
 import torch
 from torch import nn
 
-from .attention_common import key_positions, softmax_attention, with_padding
-
-
-def pool_blocks(x, block_size: int, kinds: tuple[str, ...]):
-    """[B, M, S, H] -> [B, M, nB, len(kinds) * H], pooled over the real tokens of each block."""
-    b, m, s, h = x.shape
-    n = -(-s // block_size)
-    pad = n * block_size - s
-    x = nn.functional.pad(x.float(), (0, 0, 0, pad)).view(b, m, n, block_size, h)
-    real = (torch.arange(n * block_size, device=x.device) < s).view(1, 1, n, block_size, 1)
-    count = torch.clamp(s - torch.arange(n, device=x.device) * block_size, max=block_size).view(1, 1, n, 1)
-    pooled = {"avg": lambda: torch.where(real, x, 0.0).sum(3) / count,
-              "max": lambda: torch.where(real, x, -torch.inf).amax(3),
-              "min": lambda: torch.where(real, x, torch.inf).amin(3)}
-    return torch.cat([pooled[kind]() for kind in kinds], dim=-1)
+from .attention_common import (SequenceHistory, key_positions, lag_blocks, pool_blocks, ranked,
+                               softmax_attention, token_mask, with_padding)
 
 
 def rope(x, positions, theta: float):
@@ -58,11 +45,6 @@ def forced_blocks(valid, force_first: int, force_local: int):
     return valid & ((from_start <= force_first) | (from_end <= force_local))
 
 
-def ranked(key):
-    """Per row, the column order of a stable descending sort (ties: lower index first, as lax.top_k)."""
-    return torch.sort(key, dim=-1, descending=True, stable=True).indices
-
-
 class SeerAttention(nn.Module):
     def __init__(self, config, spec: dict):
         super().__init__()
@@ -75,21 +57,14 @@ class SeerAttention(nn.Module):
         # Loaded from sparse_attention.safetensors; the initialiser only keeps the module usable.
         self.q_gate = nn.Parameter(torch.randn(heads, head_dim, self.d_gate) * 0.02)
         self.k_gate = nn.Parameter(torch.randn(heads, 3 * head_dim, self.d_gate) * 0.02)
-        self.history = None   # (pre-RoPE queries [B, N, S, H], keys [B, K, S, H]) of this sequence
-
-    def remember(self, q_raw, k_raw, positions):
-        if self.history is None or int(positions[0, 0]) == 0:
-            self.history = (q_raw, k_raw)
-        else:
-            self.history = (torch.cat([self.history[0], q_raw], 2), torch.cat([self.history[1], k_raw], 2))
-        return self.history
+        self.history = SequenceHistory()   # pre-RoPE queries [B, N, S, H] and keys [B, K, S, H]
 
     def gate_logits(self, q_all, k_all):
         """[B, N, nB, nB] float32, -inf outside each row's candidate blocks."""
         bs, lagged = int(self.spec["block_size"]), self.spec["query_pool"] == "lagged"
         q_pool = pool_blocks(q_all, bs, ("avg",))                            # [B, N, nB, H]
         if lagged:
-            q_pool = nn.functional.pad(q_pool[:, :, :-1], (0, 0, 1, 0))
+            q_pool = lag_blocks(q_pool)
         k_pool = pool_blocks(k_all, bs, ("max", "min", "avg")).repeat_interleave(self.group, 1)
         n = q_pool.shape[2]
         starts = torch.arange(n, device=q_all.device) * bs
@@ -133,7 +108,7 @@ class SeerAttention(nn.Module):
         if self.spec["mode"] == "distill":
             # Gates still being distilled: the layer's output is dense, as in sparsetrain.
             return softmax_attention(q, k, v, with_padding(causal, attention_mask, k.shape[2]), scaling)
-        q_all, k_all = self.remember(q_raw, k_raw, positions)
+        q_all, k_all = self.history.update(positions, q_raw, k_raw)
         if k_all.shape[2] != k.shape[2]:
             raise ValueError(f"seer layer: {k_all.shape[2]} remembered keys but {k.shape[2]} cached; "
                              f"start each sequence at position 0")
@@ -145,9 +120,7 @@ class SeerAttention(nn.Module):
         if self.spec["share_kv_heads"]:
             kept = kept.repeat_interleave(self.group, 1)
         bs = int(self.spec["block_size"])
-        rows = kept.gather(2, (q_pos // bs)[:, None, :, None].expand(-1, kept.shape[1], -1, kept.shape[3]))
-        allowed = rows.gather(3, (k_pos // bs)[:, None, None, :].expand(-1, kept.shape[1], q.shape[2], -1))
-        allowed = allowed & causal
+        allowed = token_mask(kept, q_pos, k_pos, bs, bs) & causal
         return softmax_attention(q, k, v, with_padding(allowed, attention_mask, k.shape[2]), scaling)
 
 

@@ -1,0 +1,144 @@
+"""method="moba": Mixture of Block Attention (Moonshot AI, MoBA tech report; MoonshotAI/MoBA), method
+notes §4.
+
+Keys are split into routing blocks of `moba_block` tokens. The gate of a query q and routing block j
+is s_j(q) = <q, mean(K_j)>: the raw dot product with the block's mean key (no scale, no softmax, no
+parameters), in float32, on the post-RoPE q and k, per query head (K repeated over its GQA group),
+the mean over the block's real tokens. Routing blocks that start after the query are excluded; the
+query's current routing block is always selected (and attended causally) and counts inside `topk`,
+so `topk - 1` blocks are chosen among the strictly earlier (complete) ones, ties to the lower index.
+The gate gets no gradient (top-k is not differentiable), as in the paper. `dense_last_fraction` is
+the paper's hybrid recipe: the last fraction of query positions attends densely; the layer-wise
+hybrid (the last layers dense) is a second rule with `method="dense"` (configs/moba_*.py).
+
+Deviation (measured by tests/sparse/test_moba.py and reported in docs/sparse_methods.md): the paper
+routes every query token on its own; our block-sparse kernel selects per query tile of
+`block_size` tokens, so the gate scores a tile with the mean query of a group of tokens (because
+the gate is linear in q, that is the mean of the tokens' scores):
+  * `query_pool="lagged"` (default): tile i uses the mean query of tile i-1 (the tokens strictly
+    before the tile), so a token's selection never depends on later tokens: causal per token, and
+    the exported model decodes exactly with a KV cache;
+  * `query_pool="tile"`: tile i uses its own mean query, closer to per-token routing, but a token's
+    selection depends on the later tokens of its tile (`causal_granularity` "block").
+The selected routing blocks become key-tile masks: query tile i keeps every key tile of its
+selected past routing blocks plus those of its current routing block up to the diagonal, per query
+head ([B, N, nQ, nK]). `dense_last_fraction` f: query tiles from floor((1 - f) * nQ) on keep every
+causal tile (f is relative to the length of the forward pass; while decoding with a KV cache each new
+token is the last of its sequence, so it attends densely, as MoBA's own decoding does). The base
+options' forced tiles (`local_blocks` ending at the diagonal, `initial_blocks` sinks) are kept too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from sparsetrain import ops
+from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
+from sparsetrain.attention.spec import MethodExport
+from sparsetrain.sparse.pooling import lag_blocks, pool_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class MobaOptions(BlockSparseOptions):
+    method: str = "moba"
+    moba_block: int = 512               # routing block in tokens; a multiple of block_size (the tile)
+    topk: int = 3                       # routing blocks per query, the current one included
+    dense_last_fraction: float = 0.0    # the last fraction of query positions attends densely
+    query_pool: Literal["lagged", "tile"] = "lagged"   # the query a tile is routed with (see above)
+
+    conformance_variants = {
+        # Several routing blocks at the suite's lengths; lagged pooling decodes exactly.
+        "blocks32": {"moba_block": 32, "topk": 2},
+        "hybrid": {"moba_block": 32, "topk": 3, "dense_last_fraction": 0.25},
+        # A tile's own queries cannot be known while decoding it; with the hybrid recipe the last
+        # tiles (where the suite decodes) are dense, so cached decoding still matches.
+        "tile": {"moba_block": 32, "topk": 2, "query_pool": "tile", "dense_last_fraction": 0.1},
+    }
+    export = MethodExport(torch_impl="moba",
+                          fields=("block_size", "local_blocks", "initial_blocks", "moba_block", "topk",
+                                  "dense_last_fraction", "query_pool"))
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.moba_block > 0 and self.moba_block % self.block_size == 0, "moba_block",
+                     f"must be a positive multiple of block_size={self.block_size} (the kernel tile)")
+        self.require(self.topk >= 1, "topk", "must be >= 1 (the current routing block counts)")
+        self.require(0.0 <= self.dense_last_fraction < 1.0, "dense_last_fraction", "must be in [0, 1)")
+
+    @property
+    def causal_granularity(self):
+        return "block" if self.query_pool == "tile" else "token"
+
+    def full_budget(self) -> "MobaOptions":
+        return dataclasses.replace(self, topk=1 << 20)
+
+    def build(self, *, num_heads, num_kv_heads, head_dim, rngs) -> "MobaAttention":
+        return MobaAttention(self, num_heads, num_kv_heads, head_dim)
+
+    def density(self, seq_len: int) -> float:
+        """The static budget: every query keeps min(topk - 1, earlier blocks) whole routing blocks
+        and its current one causally (which past blocks does not change the count)."""
+        current = current_blocks(seq_len, self.block_size, self.moba_block)    # [nQ, nR]
+        earlier = jnp.cumsum(current, axis=1) == 0                            # j < current block
+        routing = current | (earlier & (jnp.cumsum(earlier, axis=1) < self.topk))
+        mask = tile_mask(routing, seq_len, self)
+        return float(ops.selection_density(mask, seq_len, seq_len, self.block_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# The gate and the selection, as plain functions (tests/sparse/test_moba.py checks them against
+# per-token references of the paper's math).
+
+def gate_scores(q: jax.Array, k: jax.Array, *, block_size: int, moba_block: int, query_pool: str) -> jax.Array:
+    """float32 [B, N, nQ, nR]: the gate of each query tile (of `block_size` tokens) and routing block
+    (of `moba_block`), <pooled q, mean K of the block>. q [B, T, N, H], k [B, T, K, H] post-RoPE."""
+    q_pool = pool_blocks(q, block_size)                                    # [B, nQ, N, H]
+    if query_pool == "lagged":
+        q_pool = lag_blocks(q_pool)                                        # tile i reads tile i-1
+    k_mean = pool_blocks(k, moba_block)                                    # [B, nR, K, H]
+    k_mean = jnp.repeat(k_mean, q.shape[2] // k.shape[2], axis=2)          # [B, nR, N, H]
+    return jnp.einsum("BQNH,BRNH->BNQR", q_pool, k_mean, precision=jax.lax.Precision.HIGHEST)
+
+
+def current_blocks(seq_len: int, block_size: int, moba_block: int) -> jax.Array:
+    """bool [nQ, nR]: the routing block each query tile lies in."""
+    n_q, n_r = -(-seq_len // block_size), -(-seq_len // moba_block)
+    return (jnp.arange(n_q) * block_size // moba_block)[:, None] == jnp.arange(n_r)[None, :]
+
+
+def select_routing(scores: jax.Array, topk: int, seq_len: int, block_size: int, moba_block: int) -> jax.Array:
+    """bool [..., nQ, nR]: per query tile, its current routing block and the `topk - 1` best strictly
+    earlier ones (ties to the lower index; blocks after the current one are never chosen)."""
+    current = current_blocks(seq_len, block_size, moba_block)
+    valid = jnp.cumsum(current[:, ::-1], axis=1)[:, ::-1] > 0             # j <= current block
+    return ops.topk_block_mask(scores, topk, force_first=0, force_local=1, valid=valid)
+
+
+def tile_mask(routing: jax.Array, seq_len: int, options: MobaOptions) -> jax.Array:
+    """bool [..., nQ, nK]: routing blocks [..., nQ, nR] as key tiles, causal, plus the dense last
+    query tiles and the forced ones (`local_blocks`, `initial_blocks`)."""
+    o = options
+    causal = ops.causal_block_mask(seq_len, seq_len, o.block_size)
+    block_of_tile = jnp.arange(causal.shape[1]) * o.block_size // o.moba_block
+    mask = jnp.take(routing, block_of_tile, axis=-1) & causal
+    first_dense = math.floor((1.0 - o.dense_last_fraction) * causal.shape[0])
+    dense_rows = (jnp.arange(causal.shape[0]) >= first_dense)[:, None]
+    forced = ops.forced_block_mask(causal, force_first=o.initial_blocks, force_local=o.local_blocks)
+    return mask | (dense_rows & causal) | forced
+
+
+class MobaAttention(SparseMethod):
+    """Parameter-free routing to blocks by mean key, per query head."""
+
+    def select(self, inp: AttentionInputs) -> ops.Selection:
+        o = self.options
+        seq = inp.q.shape[1]
+        q, k = jax.lax.stop_gradient((inp.q, inp.k))    # top-k routing: no gradient, as in the paper
+        scores = gate_scores(q, k, block_size=o.block_size, moba_block=o.moba_block, query_pool=o.query_pool)
+        routing = select_routing(scores, o.topk, seq, o.block_size, o.moba_block)
+        return ops.Selection.from_mask(tile_mask(routing, seq, o), scores=scores)
