@@ -200,3 +200,17 @@ def test_measured_deviation_of_tile_routing_from_per_token_routing(segment):
     assert lagged[0] < 0.7 and tile[0] < 0.55
     assert lagged[1] > 0.5 and tile[1] > 0.65
     assert hits(exact) >= tile[2] >= lagged[2] > 0.5
+
+
+def test_layer_wise_hybrid_configs_keep_the_last_layers_dense():
+    """MoBA's layer-wise hybrid (MASFormer-style mixing) from per-layer rules alone."""
+    import configs
+    from sparsetrain.checkpoint.model_def import ModelDef
+    big = configs.load("moba_125m").model
+    assert [s.method for s in big.layer_specs] == ["moba"] * 9 + ["dense"] * 3
+    small = configs.load("moba_tiny").model
+    assert [s.method for s in small.layer_specs][-1] == "dense" and small.layer_specs[0].method == "moba"
+    model = ModelDef.create(small)
+    _, _, metrics = model.apply(model.init(0), jnp.zeros((1, small.max_seq_len), jnp.int32))
+    reported = sorted(int(k.split("/")[1]) for k in metrics if k.startswith("density/"))
+    assert reported == list(range(small.num_layers - 1))   # the dense last layer reports nothing
