@@ -36,7 +36,7 @@ class StepContext:
     step: jax.Array = struct.field(default_factory=lambda: jnp.int32(0))
     rng: jax.Array | None = None
     train: bool = struct.field(pytree_node=False, default=False)
-    phase: str = struct.field(pytree_node=False, default="")
+    phase: int = struct.field(pytree_node=False, default=0)   # index in trainer.phases (0: the run's own)
 
 
 @dataclasses.dataclass(frozen=True)

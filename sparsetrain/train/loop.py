@@ -132,10 +132,10 @@ class Trainer:
             model = self.phases[phase][1]
             batch_shard = batch_sharding(self.mesh)
             train_step = jax.jit(make_train_step(model, self.optimizer, self.cfg.trainer, self.schedule,
-                                                 self.trainable[phase]),
+                                                 self.trainable[phase], phase),
                                  in_shardings=(self.shardings, batch_shard),
                                  out_shardings=(self.shardings, replicated(self.mesh)), donate_argnums=0)
-            eval_step = jax.jit(make_eval_step(model), in_shardings=(self.shardings["params"], batch_shard),
+            eval_step = jax.jit(make_eval_step(model, phase), in_shardings=(self.shardings["params"], batch_shard),
                                 out_shardings=replicated(self.mesh))
             self._compiled[phase] = (train_step, eval_step)
         return self._compiled[phase]

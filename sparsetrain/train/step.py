@@ -78,10 +78,10 @@ def accumulate_gradients(params, batch, model: ModelDef, cfg: TrainerConfig, ctx
 
 
 def make_train_step(model: ModelDef, optimizer: optax.GradientTransformation, cfg: TrainerConfig,
-                    schedule: optax.Schedule, trainable: frozenset[str]):
+                    schedule: optax.Schedule, trainable: frozenset[str], phase: int = 0):
     def train_step(state, batch):
         params = state["params"]
-        ctx = StepContext(step=state["step"], train=True,
+        ctx = StepContext(step=state["step"], train=True, phase=phase,
                           rng=jax.random.fold_in(jax.random.key(cfg.seed), state["step"]))
         grads, loss, count, reported = accumulate_gradients(params, batch, model, cfg, ctx, trainable)
         grad_norm = optax.tree.norm(grads)
@@ -103,10 +103,10 @@ def make_train_step(model: ModelDef, optimizer: optax.GradientTransformation, cf
     return train_step
 
 
-def make_eval_step(model: ModelDef):
+def make_eval_step(model: ModelDef, phase: int = 0):
     def eval_step(params, batch):
         logits, _, metrics = model.apply(params, batch["inputs"], batch["positions"],
-                                         batch["segment_ids"], StepContext(train=False))
+                                         batch["segment_ids"], StepContext(train=False, phase=phase))
         mask = batch["loss_mask"].astype(jnp.float32)
         return {"loss_sum": jnp.sum(token_losses(logits, batch["targets"], 0.0) * mask),
                 "tokens": jnp.sum(mask), **metrics}
