@@ -2,10 +2,10 @@
 
     tokens [B, T] -> embed -> L x Block -> RMSNorm -> lm_head -> logits [B, T, V] (float32)
 
-Each layer's attention is chosen by the config's per-layer AttentionSpec through the dispatcher in
-`sparsetrain.attention`. Layers are a list (`layers/<i>/...` parameter paths) or, with
+Each layer's attention is the module its attention rule builds (`model.attention`, one method's
+options per rule; the registry is `sparsetrain.attention.spec.METHODS`). Layers are a list (`layers/<i>/...` parameter paths) or, with
 `scan_layers=True`, one stacked Block scanned over a leading "layers" axis (faster compiles for deep
-models; all layers must then share one attention spec).
+models; all layers must then share one attention rule).
 """
 
 from __future__ import annotations
