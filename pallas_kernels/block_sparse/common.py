@@ -54,9 +54,9 @@ class Dims:
         return self.seq_kv - self.seq_q
 
 
-def _check_qk(q, k, block_size: int) -> None:
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size={block_size} is not supported; choose one of {BLOCK_SIZES}")
+def _check_qk(q, k, block_size: int, block_sizes: tuple[int, ...] = BLOCK_SIZES) -> None:
+    if block_size not in block_sizes:
+        raise ValueError(f"block_size={block_size} is not supported; choose one of {block_sizes}")
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"q and k must be [batch, seq, heads, head_dim]; got q{q.shape}, k{k.shape}")
     if q.dtype not in DTYPES or k.dtype != q.dtype:
@@ -70,9 +70,10 @@ def _check_qk(q, k, block_size: int) -> None:
         raise ValueError(f"empty sequence: q{q.shape}, k{k.shape}")
 
 
-def attention_dims(q, k, v, block_mask, block_size: int) -> Dims:
+def attention_dims(q, k, v, block_mask, block_size: int,
+                   block_sizes: tuple[int, ...] = BLOCK_SIZES) -> Dims:
     """Validates the inputs of `block_sparse_attention` (ValueError with the shapes) and returns Dims."""
-    _check_qk(q, k, block_size)
+    _check_qk(q, k, block_size, block_sizes)
     if v.shape != k.shape or v.dtype != k.dtype:
         raise ValueError(f"v must match k in shape and dtype; got k{k.shape} {k.dtype}, v{v.shape} {v.dtype}")
     b, t, n, d = q.shape

@@ -66,20 +66,7 @@ def check_block_size(block_size) -> None:
 def attention_dims(q, k, v, block_mask, block_size: int) -> Dims:
     """`common.attention_dims` with the TPU block sizes (ValueError naming the argument)."""
     check_block_size(block_size)
-    # q/k shapes, dtypes and head counts: the shared checks (run at a block size they accept).
-    base = common.scores_dims(q, k, 128)
-    if v.shape != k.shape or v.dtype != k.dtype:
-        raise ValueError(f"v must match k in shape and dtype; got k{k.shape} {k.dtype}, v{v.shape} {v.dtype}")
-    if block_mask.dtype != jnp.bool_:
-        raise ValueError(f"block_mask must be bool; got {block_mask.dtype}")
-    b, t, n, s, kh = base.batch, base.seq_q, base.q_heads, base.seq_kv, base.kv_heads
-    n_q, n_k = -(-t // block_size), -(-s // block_size)
-    if (block_mask.ndim != 4 or block_mask.shape[0] != b or block_mask.shape[1] not in (kh, n)
-            or block_mask.shape[2:] != (n_q, n_k)):
-        raise ValueError(
-            f"block_mask must be [batch={b}, heads={kh} (kv) or {n} (q), {n_q}, {n_k}] for seq={t}, "
-            f"seq_kv={s}, block_size={block_size}; got {block_mask.shape}")
-    return dataclasses.replace(base, mask_heads=block_mask.shape[1], block=block_size)
+    return common.attention_dims(q, k, v, block_mask, block_size, block_sizes=BLOCK_SIZES)
 
 
 def padded_head_dim(head_dim: int) -> int:
