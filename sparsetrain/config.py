@@ -18,14 +18,34 @@ DTypeName = Literal["float32", "bfloat16", "float16"]
 @dataclasses.dataclass(frozen=True)
 class RopeConfig(Config):
     theta: float = 10000.0       # RoPE base
-    # Context-extension scaling; only "none" is implemented now, the others are the seam for later.
-    scaling: Literal["none"] = "none"   # context-extension scaling (only "none" yet)
-    factor: float = 1.0          # scaling factor (for PI/NTK/YaRN)
-    original_max_len: int = 0    # training length before extension (for PI/NTK/YaRN)
+    # Context extension (Hugging Face `rope_type` semantics, see models/rope.py and docs/long_context.md):
+    # "linear" position interpolation, "ntk" NTK-aware base scaling, "yarn", "llama3".
+    scaling: Literal["none", "linear", "ntk", "yarn", "llama3"] = "none"
+    factor: float = 1.0          # context extension factor s (every scaling but "none")
+    original_max_len: int = 0    # pretraining length before extension (yarn, llama3)
+    beta_fast: float = 32.0      # yarn: rotations per original context above which pairs extrapolate
+    beta_slow: float = 1.0       # yarn: rotations below which pairs interpolate (ramp in between)
+    attention_factor: float = 0.0  # yarn: cos/sin multiplier; 0 = 0.1 * ln(factor) + 1
+    low_freq_factor: float = 1.0   # llama3: wavelengths above original_max_len / this interpolate
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
 
     def validate(self) -> None:
         self.require(self.theta > 0, "theta", "must be > 0")
         self.require(self.factor >= 1.0, "factor", "must be >= 1")
+        if self.scaling == "none":
+            self.require(self.factor == 1.0, "factor",
+                         "has no effect with scaling='none'; choose scaling 'linear', 'ntk', 'yarn' or 'llama3'")
+        if self.scaling in ("yarn", "llama3"):
+            self.require(self.original_max_len > 0, "original_max_len",
+                         f"must be > 0 (the pretraining length) for scaling={self.scaling!r}")
+        if self.scaling == "yarn":
+            self.require(self.beta_slow > 0, "beta_slow", "must be > 0")
+            self.require(self.beta_fast > self.beta_slow, "beta_fast", f"must be > beta_slow={self.beta_slow}")
+            self.require(self.attention_factor >= 0, "attention_factor", "must be >= 0 (0: 0.1 * ln(factor) + 1)")
+        if self.scaling == "llama3":
+            self.require(self.low_freq_factor > 0, "low_freq_factor", "must be > 0")
+            self.require(self.high_freq_factor > self.low_freq_factor, "high_freq_factor",
+                         f"must be > low_freq_factor={self.low_freq_factor}")
 
 
 @dataclasses.dataclass(frozen=True)

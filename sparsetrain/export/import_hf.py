@@ -7,7 +7,7 @@ HF_DIR holds config.json and model.safetensors (or shards with model.safetensors
 bfloat16, float16 or float32; folders exported by sparsetrain with sparse layers also bring their
 `sparse_attention` block and sparse_attention.safetensors. Tensors go through the export mapping
 table backwards, so export followed by import is bit-exact. Options our Llama cannot represent
-(biases, activations other than SiLU, RoPE scaling) are rejected with the config key named.
+(biases, activations other than SiLU, dynamic/longrope RoPE) are rejected with the config key named.
 """
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> RunConfig:
 def train_overrides(model: ModelConfig) -> list[str]:
     """`key=value` overrides that make train.py build this architecture."""
     overrides = [f"model.{name}={getattr(model, name)}" for name in ARCHITECTURE_FIELDS]
-    return overrides + [f"model.rope.theta={model.rope.theta}"]
+    # theta always (the default rarely fits an imported model), the scaling fields when they differ.
+    rope = [f"model.rope.{f.name}={getattr(model.rope, f.name)}" for f in dataclasses.fields(model.rope)
+            if f.name == "theta" or getattr(model.rope, f.name) != f.default]
+    return overrides + rope
 
 
 def main(argv: list[str] | None = None) -> int:

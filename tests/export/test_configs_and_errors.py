@@ -54,14 +54,17 @@ def test_sparse_config_names_the_remote_code_and_each_layer():
         specs_from_sparse_config(broken, 3)
 
 
-def test_rope_reads_transformers_4_and_5_keys_and_rejects_scaling():
+def test_rope_reads_transformers_4_and_5_keys_and_rejects_unsupported_scaling():
     assert rope_from_hf({"rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}) == RopeConfig(theta=7.0)
     assert rope_from_hf({"rope_theta": 7.0, "rope_scaling": None}) == RopeConfig(theta=7.0)
     assert rope_from_hf({}) == RopeConfig(theta=10000.0)
-    with pytest.raises(ValueError, match="rope_type='yarn'"):
-        rope_from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
-    with pytest.raises(ValueError, match="rope_type='linear'"):
-        rope_from_hf({"rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert rope_from_hf({"rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}}) == RopeConfig(
+        theta=1e4, scaling="linear", factor=2.0)
+    with pytest.raises(ValueError, match="rope_type='dynamic'"):
+        rope_from_hf({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="mscale"):
+        rope_from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "mscale": 0.7,
+                                          "original_max_position_embeddings": 128}})
 
 
 LLAMA_HF = to_hf_config(tiny(), dtype="bfloat16", eos_token_id=2, pad_token_id=None)
@@ -72,7 +75,7 @@ LLAMA_HF = to_hf_config(tiny(), dtype="bfloat16", eos_token_id=2, pad_token_id=N
     ({"mlp_bias": True}, "mlp_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"model_type": "mistral"}, "model_type='mistral'"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "rope_type='yarn'"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_type='longrope'"),
     ({"num_key_value_heads": 3}, "num_kv_heads"),
 ])
 def test_import_rejects_what_our_llama_cannot_represent(change, message):

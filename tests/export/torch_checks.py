@@ -5,6 +5,7 @@
     python torch_checks.py tokenizer DIR TEXT_FILE
     python torch_checks.py bf16 DIR REFERENCE_NPZ
     python torch_checks.py make_llama OUT_DIR    # a random transformers Llama for the import test
+    python torch_checks.py rope_frequencies JSON # {name: config.json dict} -> transformers' RoPE per name
 
 Each prints one line "torch_checks result: {JSON of measurements}"; the pytest side (tests/export/test_torch_*.py) asserts on
 them, so thresholds live with the tests.
@@ -24,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM)
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 torch.set_grad_enabled(False)
 SPARSE_FILE = "sparse_attention.safetensors"
@@ -50,8 +52,9 @@ def config_diff(directory: Path) -> dict:
         config.save_pretrained(tmp)
         theirs = json.loads((Path(tmp) / "config.json").read_text())
     ours = json.loads((directory / "config.json").read_text())
-    # rope_theta: our top-level copy for transformers 4.x readers, which 5.x folds into rope_parameters.
-    ignored = {"transformers_version", "rope_theta"}
+    # rope_theta, rope_scaling: our top-level copies for transformers 4.x readers, which 5.x folds into
+    # rope_parameters.
+    ignored = {"transformers_version", "rope_theta", "rope_scaling"}
     return {key: [ours.get(key), theirs.get(key)] for key in sorted(set(ours) | set(theirs))
             if key not in ignored and ours.get(key) != theirs.get(key)}
 
@@ -192,10 +195,20 @@ def make_llama(out_dir: str) -> dict:
     return {"bf16_files": sorted(p.name for p in (out / "bf16_sharded").iterdir())}
 
 
+def rope_frequencies(configs_file: str) -> dict:
+    """For each named config.json dict: the inverse frequencies and cos/sin factor of the rotary
+    embedding transformers' Llama builds from it."""
+    out = {}
+    for name, hf in json.loads(Path(configs_file).read_text()).items():
+        rotary = LlamaRotaryEmbedding(LlamaConfig(**hf))
+        out[name] = {"inv_freq": rotary.inv_freq.tolist(), "attention_factor": float(rotary.attention_scaling)}
+    return out
+
+
 RESULT_MARKER = "torch_checks result: "   # on its own line; transformers' prompts also write to stdout
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     result = {"parity": parity, "sparse_refusals": sparse_refusals, "tokenizer": tokenizer, "bf16": bf16,
-              "make_llama": make_llama}[command](*args)
+              "make_llama": make_llama, "rope_frequencies": rope_frequencies}[command](*args)
     print(f"\n{RESULT_MARKER}{json.dumps(result)}")

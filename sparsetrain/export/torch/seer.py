@@ -19,21 +19,38 @@ only forwards that see whole blocks.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .attention_common import (SequenceHistory, key_positions, lag_blocks, pool_blocks, ranked,
                                softmax_attention, token_mask, with_padding)
 
 
-def rope(x, positions, theta: float):
-    """Half-split rotary embedding of x [B, M, n, E] at positions [n]."""
+def gate_rope(config, dim: int):
+    """(inverse frequencies [dim/2], cos/sin factor) of the model's RoPE scaling at the gate width: the
+    JAX gate applies the model's RopeConfig to its own width, so YaRN's ramp and NTK's base use `dim`."""
+    params = dict(getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 1e4)})
+    ntk = getattr(config, "sparsetrain_ntk_rope", None)   # exported as a plain base for the model's head_dim
+    if ntk:
+        params["rope_theta"] = ntk["rope_theta"] * ntk["factor"] ** (dim / (dim - 2))
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = float(params["rope_theta"])
+        return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim), 1.0
+    gate_config = copy.copy(config)
+    gate_config.head_dim, gate_config.rope_parameters = dim, params
+    return ROPE_INIT_FUNCTIONS[rope_type](gate_config)
+
+
+def rope(x, positions, inv_freq, factor: float):
+    """Half-split rotary embedding of x [B, M, n, E] at positions [n], cos/sin multiplied by factor."""
     e = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, e, 2, dtype=torch.float32, device=x.device) / e)
-    angles = positions.float()[:, None] * inv_freq                  # [n, E/2]
-    cos, sin = torch.cos(angles), torch.sin(angles)
+    angles = positions.float()[:, None] * inv_freq.to(x.device)      # [n, E/2]
+    cos, sin = torch.cos(angles) * factor, torch.sin(angles) * factor
     x1, x2 = x[..., : e // 2], x[..., e // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -52,8 +69,7 @@ class SeerAttention(nn.Module):
         heads, head_dim = config.num_attention_heads, config.head_dim
         self.d_gate = min(int(spec["d_gate"]), head_dim)
         self.group = heads // config.num_key_value_heads
-        rope_parameters = getattr(config, "rope_parameters", None) or {}
-        self.theta = float(rope_parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        self.config = config   # for gate_rope, computed per call: tensors built here may be on "meta"
         # Loaded from sparse_attention.safetensors; the initialiser only keeps the module usable.
         self.q_gate = nn.Parameter(torch.randn(heads, head_dim, self.d_gate) * 0.02)
         self.k_gate = nn.Parameter(torch.randn(heads, 3 * head_dim, self.d_gate) * 0.02)
@@ -67,9 +83,9 @@ class SeerAttention(nn.Module):
             q_pool = lag_blocks(q_pool)
         k_pool = pool_blocks(k_all, bs, ("max", "min", "avg")).repeat_interleave(self.group, 1)
         n = q_pool.shape[2]
-        starts = torch.arange(n, device=q_all.device) * bs
-        q_hat = rope(torch.einsum("bnqh,nhe->bnqe", q_pool, self.q_gate.float()), starts, self.theta)
-        k_hat = rope(torch.einsum("bnkf,nfe->bnke", k_pool, self.k_gate.float()), starts, self.theta)
+        starts, freqs = torch.arange(n, device=q_all.device) * bs, gate_rope(self.config, self.d_gate)
+        q_hat = rope(torch.einsum("bnqh,nhe->bnqe", q_pool, self.q_gate.float()), starts, *freqs)
+        k_hat = rope(torch.einsum("bnkf,nfe->bnke", k_pool, self.k_gate.float()), starts, *freqs)
         logits = torch.einsum("bnqe,bnke->bnqk", q_hat, k_hat) / math.sqrt(self.d_gate)
         i, j = torch.arange(n, device=q_all.device)[:, None], torch.arange(n, device=q_all.device)[None, :]
         return logits.masked_fill(~((j < i) if lagged else (j <= i)), -torch.inf)
