@@ -1,6 +1,7 @@
 """Llama-style decoder-only transformer in Flax NNX.
 
-    tokens [B, T] -> embed -> L x Block -> RMSNorm -> lm_head -> logits [B, T, V] (float32)
+    tokens [B, T] -> embed -> L x Block -> RMSNorm -> hidden states [B, T, D]   (hidden_states)
+                                                  -> lm_head -> logits [B, T, V] float32   (logits)
 
 Each layer's attention is the module its attention rule builds (`model.attention`, one method's
 options per rule; the registry is `sparsetrain.attention.spec.METHODS`). Layers are a list (`layers/<i>/...` parameter paths) or, with
@@ -50,6 +51,11 @@ class Llama(nnx.Module):
                  segment_ids: jax.Array | None = None, ctx: StepContext | None = None) -> jax.Array:
         """tokens int32 [B, T]; positions [B, T] (default 0..T-1); ctx: the step's context (default:
         evaluation at step 0); returns float32 logits [B, T, V]."""
+        return self.logits(self.hidden_states(tokens, positions, segment_ids, ctx))
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None, ctx: StepContext | None = None) -> jax.Array:
+        """The final norm's output [B, T, D] in the compute dtype: everything but the output head."""
         cfg = self.cfg
         ctx = StepContext() if ctx is None else ctx
         if positions is None:
@@ -66,11 +72,17 @@ class Llama(nnx.Module):
         else:
             for block in self.layers:
                 x = forward(block, x, positions, segment_ids, ctx)
-        x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", None, "vocab"))
+        return self.final_norm(x)
 
+    def logits(self, h: jax.Array) -> jax.Array:
+        """The output head: float32 logits [..., V] of hidden states [..., D] (any leading axes, so
+        a chunked loss can project a few tokens at a time)."""
+        cfg = self.cfg
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        # The cast happens here, per call: a chunked loss then accumulates the head's gradient
+        # over chunks in the float32 of the master weight.
+        logits = jnp.einsum("...D,DV->...V", h, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
 
 def count_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -174,6 +174,10 @@ class TrainerConfig(Config):
     grad_accum: int = 1           # microbatches per step; batch_size must divide evenly
     seed: int = 0                 # parameter init and per-step rng seed
     z_loss: float = 0.0           # weight of logsumexp^2 (keeps logits from drifting)
+    # Tokens per chunk of the output head and its loss: memory for logits becomes loss_chunk x vocab
+    # instead of batch x seq_len x vocab, for one extra head matmul in the backward pass. 0 = whole
+    # batch at once; otherwise must divide the tokens of a microbatch (batch_size/grad_accum x seq_len).
+    loss_chunk: int = 0
     log_every: int = 10           # steps between metric lines
     eval_every: int = 100         # steps between validation passes
     eval_batches: int = 8         # validation batches per pass
@@ -188,6 +192,7 @@ class TrainerConfig(Config):
                      "max_nonfinite_in_row"):
             self.require(getattr(self, name) > 0, name, "must be > 0")
         self.require(self.z_loss >= 0, "z_loss", "must be >= 0")
+        self.require(self.loss_chunk >= 0, "loss_chunk", "must be >= 0 (0 = unchunked)")
         starts = [phase.start_step for phase in self.phases]
         self.require(starts == sorted(set(starts)), "phases", "start_step must increase from phase to phase")
 
@@ -239,3 +244,7 @@ class RunConfig(Config):
                      f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         self.require(self.data.batch_size % self.trainer.grad_accum == 0, "trainer",
                      f"grad_accum={self.trainer.grad_accum} must divide data.batch_size={self.data.batch_size}")
+        micro_tokens = self.data.batch_size // self.trainer.grad_accum * self.data.seq_len
+        self.require(micro_tokens % max(self.trainer.loss_chunk, 1) == 0, "trainer",
+                     f"loss_chunk={self.trainer.loss_chunk} must divide the {micro_tokens} tokens of a "
+                     "microbatch (data.batch_size / grad_accum x data.seq_len)")

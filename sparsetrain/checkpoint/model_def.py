@@ -81,21 +81,31 @@ class ModelDef:
         return nnx.merge(self.graphdef, state)
 
     def apply(self, params: Params, tokens, positions=None, segment_ids=None, ctx: StepContext | None = None):
-        """(logits [B, T, V] float32, losses, metrics) for `params`.
+        """(logits [B, T, V] float32, losses, metrics) for `params`: `hidden_states` then `logits`."""
+        hidden, losses, metrics = self.hidden_states(params, tokens, positions, segment_ids, ctx)
+        return self.logits(params, hidden), losses, metrics
+
+    def hidden_states(self, params: Params, tokens, positions=None, segment_ids=None,
+                      ctx: StepContext | None = None):
+        """(final-norm output [B, T, D] in the compute dtype, losses, metrics) for `params`: the
+        model without its output head, for losses that project a chunk of tokens at a time.
 
         losses: {name: mean over the layers that reported it} of the weighted losses layers report
         (the train step adds their sum to the objective). metrics: for each reported metric its
         mean over layers under `name` and each layer's value under `name/<layer>`."""
         model = self.bind(params)
-        logits, loss_state, metric_state = nnx.capture(model, AuxLoss, AuxMetric)(
+        hidden, loss_state, metric_state = nnx.capture(model.hidden_states, AuxLoss, AuxMetric)(
             tokens, positions, segment_ids, ctx)
         losses = {name: jnp.mean(jnp.stack(list(v.values()))) for name, v in _by_layer(loss_state).items()}
         metrics = {}
         for name, per_layer in _by_layer(metric_state).items():
             metrics[name] = jnp.mean(jnp.stack(list(per_layer.values())))
             metrics.update({f"{name}/{layer}": value for layer, value in per_layer.items()})
-        return logits, losses, metrics
+        return hidden, losses, metrics
 
+    def logits(self, params: Params, hidden) -> jax.Array:
+        """The output head: float32 logits [..., V] of hidden states [..., D]."""
+        return self.bind(params).logits(hidden)
 
 def _by_layer(state) -> dict[str, dict[int, jax.Array]]:
     """{name: {layer index: scalar}} from captured intermediates. `sow` keeps a tuple per

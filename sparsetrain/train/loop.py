@@ -135,7 +135,8 @@ class Trainer:
                                                  self.trainable[phase], phase),
                                  in_shardings=(self.shardings, batch_shard),
                                  out_shardings=(self.shardings, replicated(self.mesh)), donate_argnums=0)
-            eval_step = jax.jit(make_eval_step(model, phase), in_shardings=(self.shardings["params"], batch_shard),
+            eval_step = jax.jit(make_eval_step(model, self.cfg.trainer, phase),
+                                in_shardings=(self.shardings["params"], batch_shard),
                                 out_shardings=replicated(self.mesh))
             self._compiled[phase] = (train_step, eval_step)
         return self._compiled[phase]

@@ -7,6 +7,8 @@ shardings; nothing here knows about meshes.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,14 +16,17 @@ import optax
 from sparsetrain.attention.method import StepContext
 from sparsetrain.checkpoint.model_def import ModelDef, Params, flatten, path_str
 from sparsetrain.config import TrainerConfig
+from sparsetrain.train.cross_entropy import head_token_losses
 
 
-def token_losses(logits: jax.Array, targets: jax.Array, z_loss: float) -> jax.Array:
-    """Per-token cross-entropy [B, T] in float32, plus z_loss * logsumexp^2 (keeps logits from drifting)."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return (lse - target_logit) + z_loss * jnp.square(lse)
+def sequence_losses(params, batch, model: ModelDef, ctx: StepContext, z_loss: float, loss_chunk: int):
+    """(per-token losses [B, T] float32, layer losses, metrics) of `batch` under `params`; the
+    output head runs `loss_chunk` tokens at a time (0: whole, materialising [B, T, V] logits)."""
+    hidden, losses, metrics = model.hidden_states(params, batch["inputs"], batch["positions"],
+                                                  batch.get("segment_ids"), ctx)
+    tokens = head_token_losses(functools.partial(model.logits, params), hidden, batch["targets"],
+                               z_loss, loss_chunk)
+    return tokens, losses, metrics
 
 
 def split_trainable(params: Params, trainable: frozenset[str]) -> tuple[dict, dict]:
@@ -35,10 +40,9 @@ def _microbatch_loss(trainable, frozen, batch, model: ModelDef, cfg: TrainerConf
     """Sum of masked token losses plus the layers' (already weighted) losses, scaled so that
     microbatches add up exactly; and the values to report."""
     params = model.params_from_flat({**trainable, **frozen})
-    logits, losses, metrics = model.apply(params, batch["inputs"], batch["positions"],
-                                          batch["segment_ids"], ctx)
+    tokens, losses, metrics = sequence_losses(params, batch, model, ctx, cfg.z_loss, cfg.loss_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
-    loss_sum = jnp.sum(token_losses(logits, batch["targets"], cfg.z_loss) * mask)
+    loss_sum = jnp.sum(tokens * mask)
     count = jnp.sum(mask)
     # Layer losses are per-sequence means; scaling by the token count makes the final division by
     # all tokens give loss = CE + sum of the layer losses.
@@ -103,11 +107,11 @@ def make_train_step(model: ModelDef, optimizer: optax.GradientTransformation, cf
     return train_step
 
 
-def make_eval_step(model: ModelDef, phase: int = 0):
+def make_eval_step(model: ModelDef, cfg: TrainerConfig, phase: int = 0):
     def eval_step(params, batch):
-        logits, _, metrics = model.apply(params, batch["inputs"], batch["positions"],
-                                         batch["segment_ids"], StepContext(train=False, phase=phase))
+        # Validation reports the plain cross-entropy: no z-loss.
+        tokens, _, metrics = sequence_losses(params, batch, model, StepContext(train=False, phase=phase),
+                                             0.0, cfg.loss_chunk)
         mask = batch["loss_mask"].astype(jnp.float32)
-        return {"loss_sum": jnp.sum(token_losses(logits, batch["targets"], 0.0) * mask),
-                "tokens": jnp.sum(mask), **metrics}
+        return {"loss_sum": jnp.sum(tokens * mask), "tokens": jnp.sum(mask), **metrics}
     return eval_step

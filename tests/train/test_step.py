@@ -12,8 +12,9 @@ from sparsetrain.configbase import apply_overrides
 from sparsetrain.attention.dense import DenseAttention
 from sparsetrain.attention.method import AuxLoss, StepContext
 from sparsetrain.checkpoint.model_def import ModelDef, flatten
+from sparsetrain.train.cross_entropy import token_losses
 from sparsetrain.train.optimizer import frozen_paths, learning_rate_schedule, make_optimizer
-from sparsetrain.train.step import accumulate_gradients, make_train_step, token_losses
+from sparsetrain.train.step import accumulate_gradients, make_train_step
 from tests.tolerances import assert_close_to_scale
 from tests.train.helpers import small_config
 

@@ -1,0 +1,79 @@
+"""Peak device memory of the training step per batch size, and the largest batch that fits.
+
+    PYTHONPATH=. python3 bench/memory.py --seq 16384 --remat none --loss-chunk 0 --batches 1,2,4,8
+    PYTHONPATH=. python3 bench/memory.py --seq 16384 --remat full --loss-chunk 8192 --batches 1,2,4,8,16
+
+Each batch size runs two train steps of the 125M config (or `--config`) on synthetic tokens in its own
+process, so every peak is that batch's alone and an out-of-memory error ends only that process.
+Batch sizes run in the given order and stop at the first that does not fit. Prints one line per
+batch size and a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+GIB = 2 ** 30
+
+
+def measure(config: str, seq: int, batch: int, remat: str, loss_chunk: int) -> dict:
+    """Peak bytes of two train steps at [batch, seq] (in this process), and XLA's compile-time plan."""
+    # Imported here, in the child only: the parent must not start a backend that holds device memory.
+    import jax
+
+    import configs
+    from bench.steps import train_step_and_state
+    from sparsetrain.configbase import apply_overrides
+
+    cfg = apply_overrides(configs.load(config), [
+        f"model.max_seq_len={seq}", f"data.seq_len={seq}", f"data.batch_size={batch}",
+        f"model.remat={remat}", f"trainer.loss_chunk={loss_chunk}"])
+    step, state, data = train_step_and_state(cfg, batch, seq)
+    plan = step.lower(state, data).compile().memory_analysis()
+    for _ in range(2):
+        state, metrics = step(state, data)
+    jax.block_until_ready(metrics)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"batch": batch, "peak_gib": stats.get("peak_bytes_in_use", 0) / GIB,
+            "xla_temp_gib": plan.temp_size_in_bytes / GIB, "loss": float(metrics["loss"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="small_125m")
+    parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    parser.add_argument("--loss-chunk", type=int, default=0, help="trainer.loss_chunk (0: whole logits)")
+    parser.add_argument("--batches", default="1,2,4,8", help="comma-separated batch sizes, ascending")
+    parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # child process: one batch
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.config, args.seq, args.one, args.remat, args.loss_chunk)))
+        return
+    summary = {"config": args.config, "seq": args.seq, "remat": args.remat, "loss_chunk": args.loss_chunk,
+               "runs": [], "largest_batch": 0}
+    for batch in map(int, args.batches.split(",")):
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", str(batch)],
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            oom = "RESOURCE_EXHAUSTED" in child.stderr or "out of memory" in child.stderr.lower()
+            print(f"batch {batch}: " + ("out of memory" if oom else f"failed\n{child.stderr[-2000:]}"))
+            summary["runs"].append({"batch": batch, "error": "oom" if oom else "failed"})
+            break
+        run = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"batch {batch}: peak {run['peak_gib']:.2f} GiB (XLA temp {run['xla_temp_gib']:.2f} GiB), "
+              f"loss {run['loss']:.3f}", flush=True)
+        summary["runs"].append(run)
+        summary["largest_batch"] = batch
+    print(json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
