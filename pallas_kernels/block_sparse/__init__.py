@@ -5,9 +5,9 @@ scores.block_attention_scores / reference.block_attention_scores share their sig
 """
 
 from pallas_kernels.block_sparse import reference
-from pallas_kernels.block_sparse.common import mask_to_indices
+from pallas_kernels.block_sparse.common import SegmentIds, mask_to_indices
 from pallas_kernels.block_sparse.kernel import Tuning, block_sparse_attention, poison_outputs, tuning
 from pallas_kernels.block_sparse.scores import block_attention_scores
 
-__all__ = ["Tuning", "block_attention_scores", "block_sparse_attention", "mask_to_indices",
+__all__ = ["SegmentIds", "Tuning", "block_attention_scores", "block_sparse_attention", "mask_to_indices",
            "poison_outputs", "reference", "tuning"]

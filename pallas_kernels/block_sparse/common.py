@@ -10,7 +10,9 @@ position i + (S - T) and sees keys j <= i + (S - T).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -96,6 +98,62 @@ def scores_dims(q, k, block_size: int) -> Dims:
     return Dims(b, t, k.shape[1], n, k.shape[2], n, d, block_size)
 
 
+class SegmentIds(NamedTuple):
+    """Document ids of packed sequences (splash attention's form): q int [B, T], kv int [B, S].
+
+    A query row sees a key only when their ids are equal (on top of causality and the block
+    selection). For self-attention (S == T) a single [B, T] array may be passed instead.
+    """
+
+    q: jax.Array
+    kv: jax.Array
+
+
+def segment_ids_pair(segment_ids, dims: Dims) -> SegmentIds | None:
+    """Validates `segment_ids` (None, int [B, T] when S == T, or SegmentIds) -> int32 SegmentIds."""
+    if segment_ids is None:
+        return None
+    if not isinstance(segment_ids, SegmentIds):
+        if dims.seq_q != dims.seq_kv:
+            raise ValueError(f"segment_ids as one array needs seq == seq_kv (got {dims.seq_q}, "
+                             f"{dims.seq_kv}); pass SegmentIds(q=[B, T], kv=[B, S])")
+        segment_ids = SegmentIds(segment_ids, segment_ids)
+    want = {"q": (dims.batch, dims.seq_q), "kv": (dims.batch, dims.seq_kv)}
+    for name, ids in zip(SegmentIds._fields, segment_ids):
+        if not jnp.issubdtype(ids.dtype, jnp.integer) or tuple(ids.shape) != want[name]:
+            raise ValueError(f"segment_ids.{name} must be an integer array of shape {want[name]}; "
+                             f"got {ids.dtype} {tuple(ids.shape)}")
+    return SegmentIds(*(ids.astype(jnp.int32) for ids in segment_ids))
+
+
+def segment_element_mask(seg: SegmentIds):
+    """bool [B, T, S]: query and key belong to the same document."""
+    return seg.q[:, :, None] == seg.kv[:, None, :]
+
+
+def _block_range(ids, block: int, n_blocks: int):
+    """Per block min and max id, int32 [B, n]; the ragged tail repeats the last id."""
+    ids = jnp.pad(ids, ((0, 0), (0, n_blocks * block - ids.shape[1])), mode="edge")
+    ids = ids.reshape(ids.shape[0], n_blocks, block)
+    return ids.min(-1), ids.max(-1)
+
+
+def segment_tile_classes(seg: SegmentIds, dims: Dims):
+    """bool [B, 1, nQ, nK] pair (possible, uniform) of the document mask.
+
+    possible: some query id of the tile equals some key id (the id ranges overlap); other tiles
+    are dropped. uniform: every query and key of the tile has one same id, so the document mask
+    is all True there and the tile keeps its causal class (no extra compare).
+    """
+    q_lo, q_hi = _block_range(seg.q, dims.block, dims.n_q)
+    k_lo, k_hi = _block_range(seg.kv, dims.block, dims.n_k)
+    q_lo, q_hi = q_lo[:, None, :, None], q_hi[:, None, :, None]
+    k_lo, k_hi = k_lo[:, None, None, :], k_hi[:, None, None, :]
+    possible = (q_lo <= k_hi) & (k_lo <= q_hi)
+    uniform = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    return possible, uniform
+
+
 def default_scale(sm_scale: float | None, head_dim: int) -> float:
     return float(head_dim) ** -0.5 if sm_scale is None else float(sm_scale)
 
@@ -149,13 +207,24 @@ def mask_to_indices(mask):
 
 
 def block_lists(mask, first):
-    """Index lists the kernels loop over.
+    """Index lists the kernels loop over: each row's tiles in `first`, then the others.
 
-    mask: bool [B, H, R, C] (already restricted to possible tiles); first: static bool [R, C], the
-    tiles each row visits first (a prefix of every row's ascending list).
+    mask: bool [B, H, R, C] (already restricted to possible tiles); first: bool broadcastable to
+    it, the tiles each row visits first: a static numpy [R, C] that is a prefix of every ascending
+    row (the causal classes), or any array (document masks). Each part is ascending.
     Returns idx int32 [B, H, R, C] and counts int32 [B, H, R, 2] = (tiles in `first`, all tiles).
     """
-    idx = mask_to_indices(mask)
+    if isinstance(first, np.ndarray):
+        # Static tile classes (no documents): `first` is a prefix of every ascending row, so the
+        # plain ascending list is already in order.
+        idx = mask_to_indices(mask)
+    else:
+        # One list over 2C columns (first tiles, then the rest), folded back to column numbers;
+        # at most C entries are real, so the first C slots hold them all.
+        first = jnp.broadcast_to(first, mask.shape)
+        both = mask_to_indices(jnp.concatenate([mask & first, mask & ~first], axis=-1))
+        both = both[..., :mask.shape[-1]]
+        idx = jnp.where(both < 0, -1, both % mask.shape[-1])
     n_all = mask.sum(-1, dtype=jnp.int32)
     n_first = (mask & first).sum(-1, dtype=jnp.int32)
     return idx, jnp.stack([n_first, n_all], axis=-1)

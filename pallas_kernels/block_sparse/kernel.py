@@ -29,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
@@ -121,22 +122,32 @@ def pallas(kernel, *, grid, in_specs, out_specs, out_shape, warps, stages, inter
 # ------------------------------------------------------------------------------------------------
 # Shared pieces of the kernel bodies.
 
-def visible(rows, cols, *, causal: bool, offset: int, seq_kv: int):
-    """Elementwise mask of a tile: real keys, and (causal) keys at or before the query position."""
+def visible(rows, cols, *, causal: bool, offset: int, seq_kv: int, same_doc=None):
+    """Elementwise mask of a tile: real keys, (causal) keys at or before the query position, and
+    (`same_doc`, from segment ids) keys of the query's document."""
     keep = cols < seq_kv
     if causal:
         keep = keep & (cols <= rows + offset)
+    if same_doc is not None:
+        keep = keep & same_doc
     return keep
 
 
 def logits_tile(q, k_ref, start, rows, *, dims: Dims, causal: bool, scale: float, masked: bool,
-                precision):
-    """Base-2 logits [bq, bs] of a query tile against the key block at `start` (-inf where hidden)."""
+                precision, docs=None):
+    """Base-2 logits [bq, bs] of a query tile against the key block at `start` (-inf where hidden).
+
+    docs: None, or (row ids [bq], ref of the key ids) when segment ids are given.
+    """
     bs = dims.block
     s = pltr.dot(q, k_ref[pl.ds(start, bs), :], trans_b=True, precision=precision) * (scale * LOG2E)
     if masked:
+        same_doc = None
+        if docs is not None:
+            row_ids, kseg_ref = docs
+            same_doc = row_ids[:, None] == kseg_ref[pl.ds(start, bs)][None, :]
         keep = visible(rows[:, None], start + jnp.arange(bs)[None, :], causal=causal,
-                       offset=dims.offset, seq_kv=dims.seq_kv)
+                       offset=dims.offset, seq_kv=dims.seq_kv, same_doc=same_doc)
         s = jnp.where(keep, s, -jnp.inf)
     return s
 
@@ -165,18 +176,25 @@ class _Config:
     causal: bool
     scale: float
     interpret: bool
+    segmented: bool  # segment ids given: masked tiles also compare document ids
 
 
 # ------------------------------------------------------------------------------------------------
 # Kernels.
 
-def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config, precision):
+def _docs(qseg_ref, kseg_ref, cfg: _Config):
+    """`logits_tile`'s docs argument: this tile's query ids and the key ids, or None."""
+    return (qseg_ref[...], kseg_ref) if cfg.segmented else None
+
+
+def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                cfg: _Config, precision):
     d, bs = cfg.dims, cfg.dims.block
     qi = query_block(pl.program_id(0), d.n_q, cfg.causal)
     q = q_ref[...]
     rows = qi * bs + jnp.arange(bs)
     tile = functools.partial(logits_tile, q, k_ref, rows=rows, dims=d, causal=cfg.causal,
-                             scale=cfg.scale, precision=precision)
+                             scale=cfg.scale, precision=precision, docs=_docs(qseg_ref, kseg_ref, cfg))
 
     def step(t, carry, *, masked):
         acc, m, l = carry
@@ -202,15 +220,15 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_safe))
 
 
-def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               cfg: _Config, precision):
+def _dq_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, *, cfg: _Config, precision):
     d, bs = cfg.dims, cfg.dims.block
     qi = query_block(pl.program_id(0), d.n_q, cfg.causal)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     rows = qi * bs + jnp.arange(bs)
     tile = functools.partial(logits_tile, q, k_ref, rows=rows, dims=d, causal=cfg.causal,
-                             scale=cfg.scale, precision=precision)
+                             scale=cfg.scale, precision=precision, docs=_docs(qseg_ref, kseg_ref, cfg))
 
     def step(t, dq, *, masked):
         start = pl.multiple_of(idx_ref[t] * bs, bs)
@@ -226,11 +244,12 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                cfg: _Config, precision):
+def _dkv_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, *, cfg: _Config, precision):
     # Works on transposed tiles (keys x queries) so that every product is a plain or trans_b dot.
     d, bs = cfg.dims, cfg.dims.block
     k, v = k_ref[...], v_ref[...]
+    col_ids = kseg_ref[...] if cfg.segmented else None
     cols = pl.program_id(0) * bs + jnp.arange(bs)
     c = cfg.scale * LOG2E
 
@@ -243,8 +262,11 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
         delta = delta_ref[pl.ds(start, bs)]
         st = pltr.dot(k, q, trans_b=True, precision=precision) * c  # [keys, queries]
         if masked:
+            same_doc = None
+            if cfg.segmented:
+                same_doc = col_ids[:, None] == qseg_ref[pl.ds(start, bs)][None, :]
             keep = visible(start + jnp.arange(bs)[None, :], cols[:, None], causal=cfg.causal,
-                           offset=d.offset, seq_kv=d.seq_kv)
+                           offset=d.offset, seq_kv=d.seq_kv, same_doc=same_doc)
             st = jnp.where(keep, st, -jnp.inf)
         pt = jnp.exp2(st - lse[None, :])
         dv = dv + pltr.dot(pt.astype(do.dtype), do, precision=precision)
@@ -263,34 +285,37 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
 # pallas_call wrappers. Arrays here are padded: T_p = nQ*bs, S_p = nK*bs, D_p a power of two.
 
 def _row_specs(cfg: _Config, n_rows: int, reverse: bool):
-    """BlockSpecs of a (query block, batch, head) grid: lists, counts, q-row tiles, whole K/V."""
+    """BlockSpecs of a (query block, batch, head) grid: lists, counts, the tile's query ids and all
+    key ids."""
     d = cfg.dims
     qb = functools.partial(query_block, n_q=n_rows, reverse=reverse)
     lists = pl.BlockSpec((None, None, None, d.n_k), lambda i, b, h: (b, h // d.mask_group, qb(i), 0))
     counts = pl.BlockSpec((None, None, None, 2), lambda i, b, h: (b, h // d.mask_group, qb(i), 0))
-    return qb, lists, counts
+    qseg = pl.BlockSpec((None, d.block), lambda i, b, h: (b, qb(i)))
+    kseg = pl.BlockSpec((None, d.n_k * d.block), lambda i, b, h: (b, 0))
+    return qb, [lists, counts, qseg, kseg]
 
 
-def _forward(q, k, v, idx, cnt, cfg: _Config):
+def _forward(q, k, v, idx, cnt, seg, cfg: _Config):
     d, bs = cfg.dims, cfg.dims.block
     b, t_p, n, dh = q.shape
     s_p = k.shape[1]
-    qb, lists, counts = _row_specs(cfg, d.n_q, cfg.causal)
+    qb, list_specs = _row_specs(cfg, d.n_q, cfg.causal)
     tune = current_tuning(bs, dh)
     q_tile = pl.BlockSpec((None, bs, None, dh), lambda i, b, h: (b, qb(i), h, 0))
     kv_all = pl.BlockSpec((None, s_p, None, dh), lambda i, b, h: (b, 0, h // d.group, 0))
     return pallas(
         functools.partial(_fwd_kernel, cfg=cfg, precision=dot_precision(q.dtype)),
         grid=(d.n_q, b, n),
-        in_specs=[lists, counts, q_tile, kv_all, kv_all],
+        in_specs=[*list_specs, q_tile, kv_all, kv_all],
         out_specs=[q_tile, pl.BlockSpec((None, None, bs), lambda i, b, h: (b, h, qb(i)))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, n, t_p), jnp.float32)],
         warps=tune.fwd_warps, stages=tune.fwd_stages, interpret=cfg.interpret,
-        name="block_sparse_fwd")(idx, cnt, q, k, v)
+        name="block_sparse_fwd")(idx, cnt, *seg, q, k, v)
 
 
-def _backward(q, k, v, do, lse, delta, mask, full, cfg: _Config):
+def _backward(q, k, v, do, lse, delta, mask, full, seg, cfg: _Config):
     d, bs = cfg.dims, cfg.dims.block
     b, t_p, n, dh = q.shape
     s_p = k.shape[1]
@@ -298,22 +323,25 @@ def _backward(q, k, v, do, lse, delta, mask, full, cfg: _Config):
     precision = dot_precision(q.dtype)
 
     idx, cnt = common.block_lists(mask, full)
-    qb, lists, counts = _row_specs(cfg, d.n_q, cfg.causal)
+    qb, list_specs = _row_specs(cfg, d.n_q, cfg.causal)
     q_tile = pl.BlockSpec((None, bs, None, dh), lambda i, b, h: (b, qb(i), h, 0))
     kv_all = pl.BlockSpec((None, s_p, None, dh), lambda i, b, h: (b, 0, h // d.group, 0))
     row_vec = pl.BlockSpec((None, None, bs), lambda i, b, h: (b, h, qb(i)))
     dq = pallas(
         functools.partial(_dq_kernel, cfg=cfg, precision=precision),
         grid=(d.n_q, b, n),
-        in_specs=[lists, counts, q_tile, kv_all, kv_all, q_tile, row_vec, row_vec],
+        in_specs=[*list_specs, q_tile, kv_all, kv_all, q_tile, row_vec, row_vec],
         out_specs=q_tile, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         warps=tune.bwd_warps, stages=tune.bwd_stages, interpret=cfg.interpret,
-        name="block_sparse_dq")(idx, cnt, q, k, v, do, lse, delta)
+        name="block_sparse_dq")(idx, cnt, *seg, q, k, v, do, lse, delta)
 
     # Transposed lists: per key block, the query blocks that selected it; masked tiles first.
-    idx_t, cnt_t = common.block_lists(jnp.swapaxes(mask, -1, -2), ~full.T)
+    full_t = full.T if isinstance(full, np.ndarray) else jnp.swapaxes(full, -1, -2)
+    idx_t, cnt_t = common.block_lists(jnp.swapaxes(mask, -1, -2), ~full_t)
     lists_t = pl.BlockSpec((None, None, None, d.n_q), lambda j, b, h: (b, h // d.mask_group, j, 0))
     counts_t = pl.BlockSpec((None, None, None, 2), lambda j, b, h: (b, h // d.mask_group, j, 0))
+    qseg_all = pl.BlockSpec((None, t_p), lambda j, b, h: (b, 0))
+    kseg_tile = pl.BlockSpec((None, bs), lambda j, b, h: (b, j))
     q_all = pl.BlockSpec((None, t_p, None, dh), lambda j, b, h: (b, 0, h, 0))
     kv_tile = pl.BlockSpec((None, bs, None, dh), lambda j, b, h: (b, j, h // d.group, 0))
     row_all = pl.BlockSpec((None, None, t_p), lambda j, b, h: (b, h, 0))
@@ -323,11 +351,11 @@ def _backward(q, k, v, do, lse, delta, mask, full, cfg: _Config):
     dk, dv = pallas(
         functools.partial(_dkv_kernel, cfg=cfg, precision=precision),
         grid=(d.n_k, b, n),
-        in_specs=[lists_t, counts_t, q_all, kv_tile, kv_tile, q_all, row_all, row_all],
+        in_specs=[lists_t, counts_t, qseg_all, kseg_tile, q_all, kv_tile, kv_tile, q_all, row_all, row_all],
         out_specs=[dkv_tile, dkv_tile],
         out_shape=[jax.ShapeDtypeStruct((b, s_p, n, dh), dkv_dtype)] * 2,
         warps=tune.bwd_warps, stages=tune.bwd_stages, interpret=cfg.interpret,
-        name="block_sparse_dkv")(idx_t, cnt_t, q, k, v, do, lse, delta)
+        name="block_sparse_dkv")(idx_t, cnt_t, *seg, q, k, v, do, lse, delta)
     if d.group > 1:
         dk = dk.reshape(b, s_p, d.kv_heads, d.group, dh).sum(3).astype(k.dtype)
         dv = dv.reshape(b, s_p, d.kv_heads, d.group, dh).sum(3).astype(v.dtype)
@@ -341,38 +369,51 @@ def _pad(x, seq: int, dh: int):
     return common.pad_axis(common.pad_axis(x, 1, seq), 3, dh)
 
 
-def _restricted(block_mask, cfg: _Config):
-    """The selection without impossible tiles, and the static full-tile classes."""
+def _restricted(block_mask, seg: common.SegmentIds, cfg: _Config):
+    """The selection without impossible tiles, and the full-tile classes: static numpy for the
+    causal classes alone, [B, 1, nQ, nK] arrays with documents (tiles crossing a document
+    boundary are masked, tiles of two different documents dropped)."""
     possible, full = common.tile_classes(cfg.dims, cfg.causal)
-    return block_mask & possible, full
+    mask = block_mask & possible
+    if cfg.segmented:
+        doc_possible, doc_uniform = common.segment_tile_classes(seg, cfg.dims)
+        mask, full = mask & doc_possible, full & doc_uniform
+    return mask, full
 
 
-def _fwd_impl(q, k, v, block_mask, cfg: _Config):
+def _padded_ids(seg: common.SegmentIds, cfg: _Config) -> common.SegmentIds:
+    """Ids padded to whole blocks by repeating the last one (padded keys are hidden anyway)."""
+    d = cfg.dims
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1])), mode="edge")  # noqa: E731
+    return common.SegmentIds(pad(seg.q, d.n_q * d.block), pad(seg.kv, d.n_k * d.block))
+
+
+def _fwd_impl(q, k, v, block_mask, seg, cfg: _Config):
     d = cfg.dims
     dh = common.padded_head_dim(d.head_dim)
-    mask, full = _restricted(block_mask, cfg)
+    mask, full = _restricted(block_mask, seg, cfg)
     idx, cnt = common.block_lists(mask, full)
     qp = _pad(q, d.n_q * d.block, dh)
     kp, vp = (_pad(x, d.n_k * d.block, dh) for x in (k, v))
-    o, lse2 = _forward(qp, kp, vp, idx, cnt, cfg)
+    o, lse2 = _forward(qp, kp, vp, idx, cnt, _padded_ids(seg, cfg), cfg)
     o = o[:, :d.seq_q, :, :d.head_dim]
     lse = jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * LN2)[..., :d.seq_q]
     return o, lse, lse2
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, block_mask, cfg: _Config):
-    o, lse, _ = _fwd_impl(q, k, v, block_mask, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, block_mask, seg, cfg: _Config):
+    o, lse, _ = _fwd_impl(q, k, v, block_mask, seg, cfg)
     return o, lse
 
 
-def _attention_fwd(q, k, v, block_mask, cfg: _Config):
-    o, lse, lse2 = _fwd_impl(q, k, v, block_mask, cfg)
-    return (o, lse), (q, k, v, block_mask, o, lse2)
+def _attention_fwd(q, k, v, block_mask, seg, cfg: _Config):
+    o, lse, lse2 = _fwd_impl(q, k, v, block_mask, seg, cfg)
+    return (o, lse), (q, k, v, block_mask, seg, o, lse2)
 
 
 def _attention_bwd(cfg: _Config, res, cotangents):
-    q, k, v, block_mask, o, lse2 = res
+    q, k, v, block_mask, seg, o, lse2 = res
     do, dlse = cotangents
     d = cfg.dims
     dh = common.padded_head_dim(d.head_dim)
@@ -381,16 +422,17 @@ def _attention_bwd(cfg: _Config, res, cotangents):
     delta = jnp.einsum("btnd,btnd->bnt", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
     dq, dk, dv = _backward(
         _pad(q, t_p, dh), _pad(k, s_p, dh), _pad(v, s_p, dh), _pad(do.astype(q.dtype), t_p, dh),
-        lse2, common.pad_axis(delta, 2, t_p), *_restricted(block_mask, cfg), cfg)
+        lse2, common.pad_axis(delta, 2, t_p), *_restricted(block_mask, seg, cfg),
+        _padded_ids(seg, cfg), cfg)
     cut = lambda x, n: x[:, :n, :, :d.head_dim]  # noqa: E731
-    return cut(dq, d.seq_q), cut(dk, d.seq_kv), cut(dv, d.seq_kv), None
+    return cut(dq, d.seq_q), cut(dk, d.seq_kv), cut(dv, d.seq_kv), None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           interpret=False, return_lse=False):
+                           segment_ids=None, interpret=False, return_lse=False):
     """Softmax attention restricted to the selected blocks (Pallas Triton kernels).
 
     Args:
@@ -399,12 +441,20 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
       causal: also mask keys after the query position (aligned at the end when S != T).
       block_size: bs, one of 16, 32, 64, 128.
       sm_scale: logit scale, default 1/sqrt(D).
+      segment_ids: None, int [B, T] (S == T), or `common.SegmentIds(q [B, T], kv [B, S])`: a query
+        sees only keys with its id. Tiles of one document cost nothing extra, tiles of two
+        disjoint id ranges are skipped, the others pay an id compare.
       interpret: run the kernels in the Pallas interpreter (CPU).
       return_lse: also return the natural-log LSE of each row's scaled logits, f32 [B, N, T]
         (-inf for rows with no visible key, whose output is 0).
     Returns o [B, T, N, D] in q's dtype (and the LSE). Differentiable in q, k, v (and through LSE).
     """
     dims = common.attention_dims(q, k, v, block_mask, block_size)
-    cfg = _Config(dims, bool(causal), common.default_scale(sm_scale, dims.head_dim), bool(interpret))
-    o, lse = _attention(q, k, v, block_mask, cfg)
+    seg = common.segment_ids_pair(segment_ids, dims)
+    cfg = _Config(dims, bool(causal), common.default_scale(sm_scale, dims.head_dim), bool(interpret),
+                  segmented=seg is not None)
+    if seg is None:  # unread placeholders keep one kernel signature
+        seg = common.SegmentIds(jnp.zeros((dims.batch, dims.seq_q), jnp.int32),
+                                jnp.zeros((dims.batch, dims.seq_kv), jnp.int32))
+    o, lse = _attention(q, k, v, block_mask, seg, cfg)
     return (o, lse) if return_lse else o

@@ -38,16 +38,26 @@ def _masked_softmax(s, allowed):
     return e / l_safe, lse[..., 0]
 
 
+def _visible(dims: common.Dims, causal: bool, seg):
+    """bool [B or 1, 1, 1, T, S]: causality and (with segment ids) same document."""
+    allowed = common.causal_element_mask(dims.seq_q, dims.seq_kv, causal)[None]
+    if seg is not None:
+        allowed = allowed & common.segment_element_mask(seg)
+    return allowed[:, None, None]
+
+
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           interpret=False, return_lse=False):
+                           segment_ids=None, interpret=False, return_lse=False):
     """Reference of `kernel.block_sparse_attention` (same arguments, shapes and semantics)."""
     del interpret
     d = common.attention_dims(q, k, v, block_mask, block_size)
+    seg = common.segment_ids_pair(segment_ids, d)
     scale = common.default_scale(sm_scale, d.head_dim)
     # Block mask -> element mask [B, K, 1 or G, T, S].
     elem = jnp.repeat(jnp.repeat(block_mask, block_size, axis=2), block_size, axis=3)
-    elem = elem[:, :, :d.seq_q, :d.seq_kv] & common.causal_element_mask(d.seq_q, d.seq_kv, causal)
+    elem = elem[:, :, :d.seq_q, :d.seq_kv]
     elem = elem.reshape(d.batch, d.kv_heads, d.mask_heads // d.kv_heads, d.seq_q, d.seq_kv)
+    elem = elem & _visible(d, causal, seg)
     p, lse = _masked_softmax(_logits(q, k, d, scale), elem)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32), precision=_HI)
     o = o.reshape(q.shape).astype(q.dtype)
@@ -55,17 +65,19 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     return (o, lse) if return_lse else o
 
 
-def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, interpret=False):
+def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,
+                           interpret=False):
     """Reference of `scores.block_attention_scores`: f32 [B, N, nQ, nK].
 
-    The 2-D max-pool of the dense (causal) softmax map over each (query block, key block) tile,
-    row-normalised over key blocks; tiles with no visible pair, and rows with none at all, are 0.
+    The 2-D max-pool of the dense (causal, same-document) softmax map over each (query block, key
+    block) tile, row-normalised over key blocks; tiles with no visible pair, and rows with none at
+    all, are 0.
     """
     del interpret
     d = common.scores_dims(q, k, block_size)
+    seg = common.segment_ids_pair(segment_ids, d)
     scale = common.default_scale(sm_scale, d.head_dim)
-    allowed = common.causal_element_mask(d.seq_q, d.seq_kv, causal)
-    p, _ = _masked_softmax(_logits(q, k, d, scale), allowed)
+    p, _ = _masked_softmax(_logits(q, k, d, scale), _visible(d, causal, seg))
     p = p.reshape(d.batch, d.q_heads, d.seq_q, d.seq_kv)
     # Probabilities are >= 0, so zero padding never wins the max.
     p = common.pad_axis(common.pad_axis(p, 2, d.n_q * block_size), 3, d.n_k * block_size)

@@ -9,7 +9,9 @@ row normalised over j. P is never materialised; two passes over the causal tiles
 
 Each pass costs one Q.K^T over the causal tiles, so together they do the matrix products of one
 dense causal forward (without the P.V half of its work). Grid (nQ, B, N) as in the attention
-forward; the dense causal tile lists are static and shared by every (batch, head).
+forward. Without segment ids the dense causal tile lists are static and shared by every (batch,
+head); with them, each batch row gets its own lists (tiles between two documents dropped, tiles
+crossing a boundary masked by an id compare).
 """
 
 from __future__ import annotations
@@ -28,11 +30,17 @@ from pallas_kernels.block_sparse.kernel import (current_tuning, dot_precision, l
                                                 query_block, run_two_loops)
 
 
-def _lse_kernel(idx_ref, cnt_ref, q_ref, k_ref, lse_ref, *, dims: Dims, causal, scale, precision):
-    bs = dims.block
+def _tile_fn(q_ref, k_ref, qseg_ref, kseg_ref, *, dims: Dims, causal, scale, precision, segmented):
+    """`logits_tile` of this program's query block, with its document ids when segmented."""
     qi = query_block(pl.program_id(0), dims.n_q, causal)
-    tile = functools.partial(logits_tile, q_ref[...], k_ref, rows=qi * bs + jnp.arange(bs), dims=dims,
-                             causal=causal, scale=scale, precision=precision)
+    docs = (qseg_ref[...], kseg_ref) if segmented else None
+    return functools.partial(logits_tile, q_ref[...], k_ref, rows=qi * dims.block + jnp.arange(dims.block),
+                             dims=dims, causal=causal, scale=scale, precision=precision, docs=docs)
+
+
+def _lse_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, lse_ref, **kw):
+    bs = kw["dims"].block
+    tile = _tile_fn(q_ref, k_ref, qseg_ref, kseg_ref, **kw)
 
     def step(t, carry, *, masked):
         m, l = carry
@@ -46,13 +54,10 @@ def _lse_kernel(idx_ref, cnt_ref, q_ref, k_ref, lse_ref, *, dims: Dims, causal, 
     lse_ref[...] = jnp.where(l == 0.0, jnp.inf, m + jnp.log2(jnp.where(l == 0.0, 1.0, l)))
 
 
-def _pool_kernel(idx_ref, cnt_ref, q_ref, k_ref, lse_ref, out_ref, *, dims: Dims, causal, scale,
-                 precision):
-    bs = dims.block
-    qi = query_block(pl.program_id(0), dims.n_q, causal)
+def _pool_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, lse_ref, out_ref, **kw):
+    bs = kw["dims"].block
     lse = lse_ref[...]
-    tile = functools.partial(logits_tile, q_ref[...], k_ref, rows=qi * bs + jnp.arange(bs), dims=dims,
-                             causal=causal, scale=scale, precision=precision)
+    tile = _tile_fn(q_ref, k_ref, qseg_ref, kseg_ref, **kw)
 
     def step(t, carry, *, masked):
         kb = idx_ref[t]
@@ -66,10 +71,10 @@ def _pool_kernel(idx_ref, cnt_ref, q_ref, k_ref, lse_ref, out_ref, *, dims: Dims
 
 class _Setup(NamedTuple):
     dims: Dims
-    possible: np.ndarray
+    possible: jax.Array  # bool [B, nQ, nK]
     qp: jax.Array
     kp: jax.Array
-    lists: tuple[jax.Array, jax.Array]
+    lists: tuple[jax.Array, ...]  # idx, counts, query ids, key ids
     call: Callable
     specs: list
     row_vec: pl.BlockSpec
@@ -77,23 +82,44 @@ class _Setup(NamedTuple):
     qb: Callable  # grid index -> query block
 
 
-def _setup(q, k, block_size, causal, sm_scale, interpret) -> _Setup:
+def _lists(d: Dims, causal: bool, seg):
+    """Dense tile lists per batch row: idx int32 [B, nQ, nK], counts [B, nQ, 2], possible [B, nQ, nK]."""
+    possible, full = common.tile_classes(d, causal)
+    if seg is None:
+        # Static and shared: the possible tiles of a row are the key blocks [0, n_all), the full
+        # ones a prefix of those.
+        n_all = possible.sum(1)
+        cols = np.arange(d.n_k)
+        idx = np.where(cols < n_all[:, None], cols, -1)
+        cnt = np.stack([(possible & full).sum(1), n_all], 1)
+        shape = (d.batch, d.n_q)
+        return (jnp.broadcast_to(jnp.asarray(idx, jnp.int32), shape + (d.n_k,)),
+                jnp.broadcast_to(jnp.asarray(cnt, jnp.int32), shape + (2,)),
+                jnp.broadcast_to(jnp.asarray(possible), shape + (d.n_k,)))
+    doc_possible, doc_uniform = common.segment_tile_classes(seg, d)
+    mask = possible & doc_possible[:, 0]
+    idx, cnt = common.block_lists(mask, full & doc_uniform[:, 0])
+    return idx, cnt, mask
+
+
+def _setup(q, k, block_size, causal, sm_scale, segment_ids, interpret) -> _Setup:
     d = common.scores_dims(q, k, block_size)
+    seg = common.segment_ids_pair(segment_ids, d)
     dh = common.padded_head_dim(d.head_dim)
     bs = d.block
     qp = common.pad_axis(common.pad_axis(q, 1, d.n_q * bs), 3, dh)
     kp = common.pad_axis(common.pad_axis(k, 1, d.n_k * bs), 3, dh)
-    # Dense causal lists, static and shared: the possible tiles of a row are the key blocks
-    # [0, n_all), the full ones a prefix of those.
-    possible, full = common.tile_classes(d, causal)
-    n_all = possible.sum(1)
-    cols = np.arange(d.n_k)
-    idx = jnp.asarray(np.where(cols < n_all[:, None], cols, -1), jnp.int32)
-    cnt = jnp.asarray(np.stack([(possible & full).sum(1), n_all], 1), jnp.int32)
+    idx, cnt, possible = _lists(d, causal, seg)
+    # Ids padded by repeating the last one; unread (zeros) without segment ids.
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1])), mode="edge")  # noqa: E731
+    ids = (pad(seg.q, d.n_q * bs), pad(seg.kv, d.n_k * bs)) if seg is not None else (
+        jnp.zeros((d.batch, d.n_q * bs), jnp.int32), jnp.zeros((d.batch, d.n_k * bs), jnp.int32))
 
     qb = functools.partial(query_block, n_q=d.n_q, reverse=causal)
-    specs = [pl.BlockSpec((None, d.n_k), lambda i, b, h: (qb(i), 0)),
-             pl.BlockSpec((None, 2), lambda i, b, h: (qb(i), 0)),
+    specs = [pl.BlockSpec((None, None, d.n_k), lambda i, b, h: (b, qb(i), 0)),
+             pl.BlockSpec((None, None, 2), lambda i, b, h: (b, qb(i), 0)),
+             pl.BlockSpec((None, bs), lambda i, b, h: (b, qb(i))),
+             pl.BlockSpec((None, d.n_k * bs), lambda i, b, h: (b, 0)),
              pl.BlockSpec((None, bs, None, dh), lambda i, b, h: (b, qb(i), h, 0)),
              pl.BlockSpec((None, kp.shape[1], None, dh), lambda i, b, h: (b, 0, h // d.group, 0))]
     row_vec = pl.BlockSpec((None, None, bs), lambda i, b, h: (b, h, qb(i)))
@@ -101,8 +127,8 @@ def _setup(q, k, block_size, causal, sm_scale, interpret) -> _Setup:
     call = functools.partial(pallas, grid=(d.n_q, d.batch, d.q_heads), warps=tune.fwd_warps,
                              stages=tune.fwd_stages, interpret=interpret)
     kernel_kw = dict(dims=d, causal=causal, scale=common.default_scale(sm_scale, d.head_dim),
-                     precision=dot_precision(q.dtype))
-    return _Setup(d, possible, qp, kp, (idx, cnt), call, specs, row_vec, kernel_kw, qb)
+                     precision=dot_precision(q.dtype), segmented=seg is not None)
+    return _Setup(d, possible, qp, kp, (idx, cnt, *ids), call, specs, row_vec, kernel_kw, qb)
 
 
 def _row_lse(st: _Setup):
@@ -115,15 +141,16 @@ def _row_lse(st: _Setup):
     return jnp.where(jnp.arange(t_p) < d.seq_q, lse, jnp.inf)
 
 
-def row_lse(q, k, *, block_size=64, causal=True, sm_scale=None, interpret=False):
+def row_lse(q, k, *, block_size=64, causal=True, sm_scale=None, segment_ids=None, interpret=False):
     """Pass 1 alone: base-2 LSE of the dense (causal) rows, f32 [B, N, nQ*bs] (+inf on padding).
 
     Exposed so benchmarks can split the cost of the two passes.
     """
-    return _row_lse(_setup(q, k, block_size, causal, sm_scale, interpret))
+    return _row_lse(_setup(q, k, block_size, causal, sm_scale, segment_ids, interpret))
 
 
-def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, interpret=False):
+def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,
+                           interpret=False):
     """Block ground truth of the dense softmax map: f32 [B, N, nQ, nK].
 
     Args:
@@ -131,17 +158,18 @@ def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, i
       block_size: bs, one of 16, 32, 64, 128 (the tile of the max-pool).
       causal: end-aligned causal map; tiles with no visible pair are 0.
       sm_scale: logit scale, default 1/sqrt(D).
+      segment_ids: None, int [B, T] (S == T) or `common.SegmentIds`: the map of each document alone.
       interpret: run the kernels in the Pallas interpreter (CPU).
     Returns, per (query block i, key block j), max_{rows of i, keys of j} softmax probability,
     normalised so each row sums to 1 over j (rows with no visible key are all 0).
     """
-    st = _setup(q, k, block_size, causal, sm_scale, interpret)
+    st = _setup(q, k, block_size, causal, sm_scale, segment_ids, interpret)
     d = st.dims
     lse = _row_lse(st)
     out_spec = pl.BlockSpec((None, None, None, d.n_k), lambda i, b, h: (b, h, st.qb(i), 0))
     raw = st.call(functools.partial(_pool_kernel, **st.kernel_kw), in_specs=[*st.specs, st.row_vec],
                   out_specs=out_spec, out_shape=jax.ShapeDtypeStruct((d.batch, d.q_heads, d.n_q, d.n_k), jnp.float32),
                   name="block_scores_pool")(*st.lists, st.qp, st.kp, lse)
-    raw = jnp.where(st.possible, raw, 0.0)  # the kernel writes only the possible tiles
+    raw = jnp.where(st.possible[:, None], raw, 0.0)  # the kernel writes only the possible tiles
     total = raw.sum(-1, keepdims=True)
     return jnp.where(total > 0, raw / jnp.where(total > 0, total, 1.0), 0.0)

@@ -57,6 +57,12 @@ _NN = (((1,), (0,)), ((), ()))  # a @ b
 # ------------------------------------------------------------------------------------------------
 # Validation and static configuration.
 
+def check_no_segment_ids(segment_ids) -> None:
+    if segment_ids is not None:
+        raise NotImplementedError("segment_ids (document masking) is not implemented in the Mosaic TPU "
+                                  "kernels yet; use impl='xla' (the reference) for packed documents")
+
+
 def check_block_size(block_size) -> None:
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size={block_size} is not supported on TPU; choose one of {BLOCK_SIZES} "
@@ -393,7 +399,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           interpret=False, return_lse=False):
+                           segment_ids=None, interpret=False, return_lse=False):
     """Softmax attention restricted to the selected blocks (Pallas Mosaic TPU kernels).
 
     Args:
@@ -403,12 +409,15 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
       block_size: bs, one of 128, 256, 512 on TPU (the default 64 of the shared signature is
         rejected with a ValueError: pass block_size explicitly).
       sm_scale: logit scale, default 1/sqrt(D).
+      segment_ids: must be None here (NotImplementedError otherwise): document masking is not in
+        the TPU kernels yet.
       interpret: True runs the TPU interpreter on CPU (`pltpu.InterpretParams()`); an
         InterpretParams instance is used as given. False compiles for a TPU.
       return_lse: also return the natural-log LSE of each row's scaled logits, f32 [B, N, T]
         (-inf for rows with no visible key, whose output is 0).
     Returns o [B, T, N, D] in q's dtype (and the LSE). Differentiable in q, k, v (and through LSE).
     """
+    check_no_segment_ids(segment_ids)
     dims = attention_dims(q, k, v, block_mask, block_size)
     cfg = _Config(dims, bool(causal), common.default_scale(sm_scale, dims.head_dim),
                   interpret_params(interpret))

@@ -24,8 +24,8 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse_tpu.kernel import (LANES, _branches, _call, _Config, _dot, _heads,
                                                     _is_full, _lanes, _row_grid_specs, _visible,
-                                                    check_block_size, interpret_params,
-                                                    padded_head_dim, slot_lists)
+                                                    check_block_size, check_no_segment_ids,
+                                                    interpret_params, padded_head_dim, slot_lists)
 
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
@@ -94,7 +94,8 @@ def _pool_kernel(data_ref, cnt_ref, q_ref, k_ref, lse_ref, out_ref, *, cfg: _Con
     _branches(t < cnt_ref[row], _is_full(qi, kb, cfg), body)
 
 
-def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, interpret=False):
+def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,
+                           interpret=False):
     """Block ground truth of the dense softmax map: f32 [B, N, nQ, nK] (Pallas Mosaic TPU).
 
     Args:
@@ -102,10 +103,12 @@ def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, i
       block_size: bs, one of 128, 256, 512 on TPU (the tile of the max-pool).
       causal: end-aligned causal map; tiles with no visible pair are 0.
       sm_scale: logit scale, default 1/sqrt(D).
+      segment_ids: must be None (NotImplementedError otherwise, as in the TPU attention kernels).
       interpret: True runs the TPU interpreter on CPU; an InterpretParams instance is used as given.
     Returns, per (query block i, key block j), max_{rows of i, keys of j} softmax probability,
     normalised so each row sums to 1 over j (rows with no visible key are all 0).
     """
+    check_no_segment_ids(segment_ids)
     check_block_size(block_size)
     d = dataclasses.replace(common.scores_dims(q, k, 128), mask_heads=1, block=block_size)
     cfg = _Config(d, bool(causal), common.default_scale(sm_scale, d.head_dim), interpret_params(interpret))

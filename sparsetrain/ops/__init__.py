@@ -3,6 +3,7 @@
 Arrays in, arrays out; no config or model knowledge. The kernels live in `pallas_kernels/`.
 """
 
+from pallas_kernels.block_sparse.common import SegmentIds
 from sparsetrain.ops.block_sparse import block_attention_scores, block_sparse_attention
 from sparsetrain.ops.selection import (Selection, budget_block_mask, causal_block_mask, forced_block_mask,
                                        indices_to_mask, mask_to_indices, selection_density,
@@ -10,7 +11,7 @@ from sparsetrain.ops.selection import (Selection, budget_block_mask, causal_bloc
                                        topk_block_mask, topp_block_mask, transposed_indices)
 
 __all__ = [
-    "Selection", "block_attention_scores", "block_sparse_attention", "budget_block_mask",
+    "SegmentIds", "Selection", "block_attention_scores", "block_sparse_attention", "budget_block_mask",
     "causal_block_mask", "forced_block_mask", "indices_to_mask", "mask_to_indices",
     "selection_density", "selection_recall", "threshold_block_mask", "tile_weights",
     "topk_block_mask", "topp_block_mask", "transposed_indices",

@@ -24,7 +24,7 @@ _BACKENDS = {
 }
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           impl="auto", interpret=None, return_lse=False):
+                           segment_ids=None, impl="auto", interpret=None, return_lse=False):
     """Softmax attention restricted to the selected (query block, key block) tiles.
 
     Args:
@@ -38,6 +38,11 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         i sits at position i + S - T).
       block_size: bs, one of 16, 32, 64, 128; T and S need not be multiples of it.
       sm_scale: logit scale, default 1/sqrt(D).
+      segment_ids: document masking for packed sequences. None (no masking); int [B, T] when
+        S == T (self-attention: one id per token); or `SegmentIds(q=[B, T], kv=[B, S])`. A query
+        sees a key only when their ids are equal, on top of causality and the selection. The
+        Triton kernel skips tiles between two documents and compares ids only in tiles that
+        cross a boundary; the TPU kernel raises NotImplementedError.
       impl: "auto" | "pallas" | "pallas_tpu" | "xla" (see `sparsetrain.ops.platform.kernel_backend`;
         the TPU kernel takes block_size 128 only of these); interpret: None = True off the
         kernel's own platform.
@@ -53,21 +58,23 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     if isinstance(block_mask, Selection):
         block_mask = block_mask.to_mask()
     return fn(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
-              interpret=interpret, return_lse=return_lse)
+              segment_ids=segment_ids, interpret=interpret, return_lse=return_lse)
 
 
-def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, impl="auto",
-                           interpret=None):
+def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,
+                           impl="auto", interpret=None):
     """SeerAttention's block ground truth: f32 [B, N, nQ, nK].
 
     For each query head, the 2-D max-pool over every (query block, key block) tile of the dense
     (causal, end-aligned) softmax map, then row-normalised to sum to 1 over key blocks. Tiles with
     no visible pair are 0; so are rows with no visible key. The Pallas version runs two flash-style
     passes (row LSE, then tile maxima of exp(s - lse)) and never materialises [T, S].
-    q: [B, T, N, D]; k: [B, S, K, D]. Not differentiable (a distillation target).
+    q: [B, T, N, D]; k: [B, S, K, D]. segment_ids as in `block_sparse_attention` (the map of
+    each document alone). Not differentiable (a distillation target).
     """
     backend, interpret = kernel_backend(impl, interpret)
     fn = _BACKENDS[backend][1]
     # Cut gradients at the inputs so autodiff never traces into the kernels.
     q, k = jax.lax.stop_gradient((q, k))
-    return fn(q, k, block_size=block_size, causal=causal, sm_scale=sm_scale, interpret=interpret)
+    return fn(q, k, block_size=block_size, causal=causal, sm_scale=sm_scale, segment_ids=segment_ids,
+              interpret=interpret)

@@ -78,13 +78,17 @@ def make_inputs(rng, c: Case):
     return q, k, v, jnp.asarray(mask)
 
 
-def naive_attention(q, k, v, block_mask, c: Case, scale: float):
-    """Plain softmax attention, every step in the inputs' dtype: the tolerance baseline."""
+def naive_attention(q, k, v, block_mask, c: Case, scale: float, same_doc=None):
+    """Plain softmax attention, every step in the inputs' dtype: the tolerance baseline.
+
+    same_doc: optional bool [B, T, S] document mask (segment ids)."""
     s_len = k.shape[1]
     g = c.q_heads // c.kv_heads
     elem = jnp.repeat(jnp.repeat(block_mask, c.block, 2), c.block, 3)[:, :, :c.seq, :s_len]
     if c.causal:
         elem = elem & (jnp.arange(s_len)[None, :] <= jnp.arange(c.seq)[:, None] + s_len - c.seq)
+    if same_doc is not None:
+        elem = elem & same_doc[:, None]
     if not c.per_q_head:
         elem = jnp.repeat(elem, g, axis=1)
     kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
@@ -107,6 +111,30 @@ def run_vjp(fn, q, k, v, cot, with_lse):
     return (out, lse), pull(cot[0].astype(out.dtype))
 
 
+def check_against_reference(c: Case, rng, q, k, v, run, truth, naive):
+    """Outputs, LSE and gradients (for fresh random cotangents) of `run` (a kernel, traced with
+    poisoned outputs) against `truth` (the reference, float32 inputs) within the error of `naive`
+    (plain attention in the inputs' dtype). Each callable maps (q, k, v) to (o, lse)."""
+    cot = (jnp.asarray(rng.standard_normal(q.shape), jnp.float32),
+           jnp.asarray(rng.standard_normal((c.batch, c.q_heads, c.seq)), jnp.float32))
+    with kernel.poison_outputs():
+        (o, lse), grads = run_vjp(jax.jit(run), q, k, v, cot, c.lse)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    with jax.default_matmul_precision("highest"):
+        (o_t, lse_t), grads_t = run_vjp(truth, *f32, cot, c.lse)
+        (o_n, _), grads_n = run_vjp(naive, q, k, v, cot, c.lse)
+
+    assert o.dtype == q.dtype and o.shape == q.shape
+    assert_close("o", o, o_n, o_t, c.dtype)
+    lse, lse_t = np.asarray(lse), np.asarray(lse_t)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_t), "empty rows differ")
+    fin = np.isfinite(lse_t)
+    np.testing.assert_allclose(lse[fin], lse_t[fin], rtol=1e-4, atol=1e-4)
+    for name, g, g_n, g_t in zip(("dq", "dk", "dv"), grads, grads_n, grads_t):
+        assert g.dtype == q.dtype
+        assert_close(name, g, g_n, g_t, c.dtype)
+
+
 class _AttentionTests:
     INTERPRET = True
 
@@ -114,31 +142,12 @@ class _AttentionTests:
     def test_matches_reference(self, c: Case, request):
         rng = seeded_rng(request)
         q, k, v, mask = make_inputs(rng, c)
-        scale = c.head_dim ** -0.5
-        cot = (jnp.asarray(rng.standard_normal(q.shape), jnp.float32),
-               jnp.asarray(rng.standard_normal((c.batch, c.q_heads, c.seq)), jnp.float32))
         kw = dict(causal=c.causal, block_size=c.block, return_lse=True)
-
-        with kernel.poison_outputs():
-            run = jax.jit(lambda q, k, v: kernel.block_sparse_attention(
-                q, k, v, mask, interpret=self.INTERPRET, **kw))
-            (o, lse), grads = run_vjp(run, q, k, v, cot, c.lse)
-        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-        with jax.default_matmul_precision("highest"):
-            (o_t, lse_t), grads_t = run_vjp(
-                lambda *a: reference.block_sparse_attention(*a, mask, **kw), *f32, cot, c.lse)
-            (o_n, _), grads_n = run_vjp(
-                lambda *a: naive_attention(*a, mask, c, scale), q, k, v, cot, c.lse)
-
-        assert o.dtype == q.dtype and o.shape == q.shape
-        assert_close("o", o, o_n, o_t, c.dtype)
-        lse, lse_t = np.asarray(lse), np.asarray(lse_t)
-        np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_t), "empty rows differ")
-        fin = np.isfinite(lse_t)
-        np.testing.assert_allclose(lse[fin], lse_t[fin], rtol=1e-4, atol=1e-4)
-        for name, g, g_n, g_t in zip(("dq", "dk", "dv"), grads, grads_n, grads_t):
-            assert g.dtype == q.dtype
-            assert_close(name, g, g_n, g_t, c.dtype)
+        check_against_reference(
+            c, rng, q, k, v,
+            lambda *a: kernel.block_sparse_attention(*a, mask, interpret=self.INTERPRET, **kw),
+            lambda *a: reference.block_sparse_attention(*a, mask, **kw),
+            lambda *a: naive_attention(*a, mask, c, c.head_dim ** -0.5))
 
     def test_all_true_mask_is_dense_causal(self, request):
         """An all-True mask must give exactly dense causal attention (float64 numpy)."""
