@@ -2,10 +2,11 @@
 dense step in the same run (median over repeated steps of the trainer's own jitted step, synthetic
 tokens, batch 1).
 
-    PYTHONPATH=. python3 bench/steps.py --seq 32768 --remat full --case moba=configs/moba_125m.py
+    PYTHONPATH=. python3 bench/steps.py --seq 32768 --remat full --case moba=configs/moba_125m.py \
+        --case "infllm48=configs/infllm_v2_125m.py model.attention.0.topk=48"
 
-Each `--case NAME=CONFIG` takes the attention rules of a config (its `model.attention`); the dense
-case always runs first. Prints one line per case and a JSON summary (ms, ratio to dense, measured
+Each `--case "NAME=CONFIG [OVERRIDE ...]"` takes the attention rules of a config (its
+`model.attention`, after the command-line style overrides); the dense case always runs first. Prints one line per case and a JSON summary (ms, ratio to dense, measured
 density, model TFLOP/s).
 """
 
@@ -24,30 +25,25 @@ import jax.numpy as jnp
 import configs
 from sparsetrain.attention.spec import DenseOptions
 from sparsetrain.checkpoint.model_def import ModelDef, flatten
+from sparsetrain.configbase import apply_overrides
 from sparsetrain.train.metrics import flops_per_token
 from sparsetrain.train.optimizer import frozen_paths, learning_rate_schedule, make_optimizer
 from sparsetrain.train.step import make_train_step
 
 
-def train_step_and_state(cfg, batch: int, seq: int):
-    """(jitted train step of `cfg` donating its state, initial state, synthetic batch [batch, seq])."""
+def median_step_ms(cfg, seq: int, reps: int = 10) -> tuple[float, dict]:
+    """Median ms of the train step of `cfg` on one synthetic batch [1, seq], and its last metrics."""
     model = ModelDef.create(cfg.model)
     params = jax.jit(model.init, static_argnums=0)(0)
     frozen = frozen_paths(cfg.optimizer, cfg.model, params)
     optimizer = make_optimizer(cfg.optimizer, params, 1000, frozen)
     step = jax.jit(make_train_step(model, optimizer, cfg.trainer, learning_rate_schedule(cfg.optimizer, 1000),
                                    frozenset(flatten(params)) - frozen), donate_argnums=0)
-    tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 256)
-    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((batch, seq)),
-            "segment_ids": jnp.ones((batch, seq), jnp.int32),
-            "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))}
+    tokens = jax.random.randint(jax.random.key(0), (1, seq + 1), 0, 256)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((1, seq)),
+             "segment_ids": jnp.ones((1, seq), jnp.int32),
+             "positions": jnp.arange(seq, dtype=jnp.int32)[None]}
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
-    return step, state, data
-
-
-def median_step_ms(cfg, seq: int, reps: int = 10) -> tuple[float, dict]:
-    """Median ms of the train step of `cfg` on one synthetic batch [1, seq], and its last metrics."""
-    step, state, batch = train_step_and_state(cfg, 1, seq)
     for _ in range(3):   # compile and warm up
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -70,13 +66,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq", type=int, default=16384)
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
-    parser.add_argument("--case", action="append", default=[], help="NAME=CONFIG (its attention rules)")
+    parser.add_argument("--case", action="append", default=[],
+                        help="'NAME=CONFIG [OVERRIDE ...]' (the config's attention rules)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     base = configs.load("small_125m")
     cases = {"dense": (DenseOptions(),)}
-    cases.update({name: configs.load(path).model.attention for name, path in
-                  (item.split("=", 1) for item in args.case)})
+    for name, spec in (item.split("=", 1) for item in args.case):
+        path, *overrides = spec.split()
+        cases[name] = apply_overrides(configs.load(path), overrides).model.attention
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "seq": args.seq,
            "remat": args.remat, "cases": {}}
     for name, rules in cases.items():

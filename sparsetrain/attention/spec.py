@@ -30,6 +30,7 @@ METHODS: dict[str, str] = {
     "local": "sparsetrain.sparse.local:LocalOptions",
     "seer": "sparsetrain.sparse.seer:SeerOptions",
     "moba": "sparsetrain.sparse.moba:MobaOptions",
+    "infllm_v2": "sparsetrain.sparse.infllm_v2:InfllmV2Options",
 }
 
 # Fields of the flat AttentionSpec that checkpoints written before per-method options carry on

@@ -16,6 +16,7 @@ from sparsetrain.attention.spec import method_options
 from sparsetrain.configbase import ConfigError
 from sparsetrain.sparse.moba import gate_scores, select_routing
 from tests.sparse.helpers import inputs, layer, qkv
+from tests.sparse.planted import planted
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -146,29 +147,6 @@ def test_density_budget():
     n = 32
     want = sum(min(2, c) + 0.5 for c in range(n)) / (n * n / 2)
     assert o.density(16384) == pytest.approx(want, rel=2e-3)
-
-
-def planted(seq, moba_block, heads=4, kv_heads=2, head_dim=32, topics=8, segment=24, seed=0, batch=2):
-    """q/k with structure: each routing block of keys carries one of a few topic directions (norm 4),
-    and the queries follow topics in runs of about `segment` tokens, both plus N(0, 1) noise."""
-    rng = np.random.default_rng(seed)
-    u = rng.normal(size=(batch, kv_heads, topics, head_dim))
-    u *= 4.0 / np.linalg.norm(u, axis=-1, keepdims=True)
-    block_topic = rng.integers(0, topics, (batch, kv_heads, seq // moba_block))
-    k = np.take_along_axis(u, block_topic[..., None], 2)                  # [B, K, nR, H]
-    k = np.repeat(k, moba_block, axis=2).transpose(0, 2, 1, 3) + rng.normal(size=(batch, seq, kv_heads, head_dim))
-    changes = rng.random((batch, seq)) < 1.0 / segment
-    seg = np.cumsum(changes, axis=1)
-    q_topic = rng.integers(0, topics, (batch, heads, seq + 1))
-    q_topic = np.take_along_axis(q_topic, np.broadcast_to(seg[:, None], (batch, heads, seq)), 2)
-    group = heads // kv_heads
-    q = np.stack([u[np.arange(batch)[:, None], h // group, q_topic[:, h]] for h in range(heads)], 2)
-    q = q + rng.normal(size=q.shape)
-    # Planted relevance: the earlier blocks of each (token, head) whose topic is the query's.
-    block_of = np.repeat(block_topic, group, axis=1)[:, :, None, :]       # [B, N, 1, nR]
-    earlier = np.arange(seq // moba_block)[None, :] < (np.arange(seq) // moba_block)[:, None]
-    relevant = (block_of == q_topic[..., None]) & earlier                 # [B, N, T, nR]
-    return q.astype(np.float32), k.astype(np.float32), relevant
 
 
 @pytest.mark.parametrize("segment", [24, 128])

@@ -70,6 +70,15 @@ class SequenceHistory:
             self.tensors = tuple(torch.cat([old, new], 2) for old, new in zip(self.tensors, tensors))
         return self.tensors
 
+    def queries(self, positions, q, seq_kv: int, layer: str):
+        """`update` with this forward's post-RoPE queries: those of the whole sequence so far,
+        which must be as many as the cached keys."""
+        (q_all,) = self.update(positions, q)
+        if q_all.shape[2] != seq_kv:
+            raise ValueError(f"{layer} layer: {q_all.shape[2]} remembered queries but {seq_kv} cached keys; "
+                             f"start each sequence at position 0")
+        return q_all
+
 
 def token_mask(kept, q_pos, k_pos, q_block: int, k_block: int):
     """bool [B, M, T, S]: a block-level choice `kept` [B, M, nQ, nK] (query blocks of `q_block`

@@ -55,11 +55,8 @@ class MobaAttention(nn.Module):
 
     def forward(self, q, k, v, *, q_raw, k_raw, attention_mask, positions, scaling):
         del q_raw, k_raw
-        (q_all,) = self.history.update(positions, q)
         seq = k.shape[2]
-        if q_all.shape[2] != seq:
-            raise ValueError(f"moba layer: {q_all.shape[2]} remembered queries but {seq} cached keys; "
-                             f"start each sequence at position 0")
+        q_all = self.history.queries(positions, q, seq, "moba")
         bs = self.block_size
         q_pos = positions.expand(q.shape[0], -1)                            # [B, T]
         k_pos = key_positions(positions, seq).expand(q.shape[0], -1)        # [B, S]

@@ -1,0 +1,218 @@
+"""method="infllm_v2": InfLLM-V2 trainable dense-sparse switchable attention (OpenBMB, MiniCPM4;
+arXiv 2509.24663), method notes §3.
+
+No parameters: the layer reuses the dense layer's q, k, v. Each key block of `block_size` tokens is
+scored per query token t and KV head from compressed keys, means of the post-RoPE K:
+  * fine: windows of `kernel_size` tokens with stride `kernel_stride` (complete windows only);
+  * coarse: windows of `coarse_size` with stride `coarse_stride`, whose logits give each token's
+    approximate log-sum-exp lse_t,h (the paper's cheap LSE).
+A fine window c is visible to t iff it ends at or before t (c*stride + size - 1 <= t), and the same
+for coarse windows. The score of window c is sum over the GQA group of exp(q_t,h . k1_c * scale -
+lse_t,h) (so one selection per KV head), and a block's score is the max over the fine windows that
+overlap it (the reference's max-pool, window block/stride + 1, stride block/stride, padding 1, at its
+defaults). Per row, `initial_blocks` and the `local_blocks` ending at the diagonal are forced, and the
+best others fill a budget of `topk` blocks in all; selection gets no gradient (as upstream).
+Tokens before the first complete coarse window have no LSE and score 0 (their blocks are all in the
+forced local window at the defaults).
+
+Dense-sparse switch: a query at position p < `dense_len` (key length <= dense_len) attends densely. A
+sequence of at most `dense_len` tokens therefore runs the dense layer itself, bit for bit (the
+cuDNN/XLA call of `method="dense"`), so a model trained short and dense keeps exactly its behaviour
+on short inputs. Longer sequences attend densely in their first dense_len positions and sparsely
+after. The reference switches the whole prefill by kv length (kv_len < dense_len dense): our rule per
+position agrees with it on short inputs and in cached decoding, and makes the output at a position
+independent of how much follows it (the exported model decodes exactly with a KV cache).
+
+Deviation (measured by tests/sparse/test_infllm_v2.py, quoted in docs/sparse_methods.md): the paper
+selects per query token; until the token-level kernel lands, our kernel selects per query tile of
+`block_size` tokens. Tile i is scored with the sum of the per-token block scores of the tokens of
+tile i-1 ("lagged": a token's selection never reads a later token, so selection is causal per token
+and cached decoding is exact); its own diagonal block and the local window are forced, as upstream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from sparsetrain import ops
+from sparsetrain.attention.dense import dense_causal_attention
+from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
+from sparsetrain.attention.spec import MethodExport
+from sparsetrain.sparse.pooling import lag_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class InfllmV2Options(BlockSparseOptions):
+    method: str = "infllm_v2"
+    kernel_size: int = 32        # tokens per fine compressed key (mean of post-RoPE K), the score unit
+    kernel_stride: int = 16      # stride of the fine windows; divides kernel_size and block_size
+    coarse_size: int = 128       # tokens per coarse compressed key (only for the approximate LSE)
+    coarse_stride: int = 64      # stride of the coarse windows; divides coarse_size
+    topk: int = 96               # key blocks per query, the forced initial and local ones included
+    initial_blocks: int = 1      # attention sinks (MiniCPM4: init_blocks=1)
+    local_blocks: int = 32       # local window in blocks, the diagonal included (MiniCPM4: 2048 tokens)
+    dense_len: int = 8192        # queries at positions < dense_len attend densely; a multiple of block_size
+    score_chunk: int = 1024      # queries per step of the scoring pass (bounds its [chunk, T/stride] memory)
+
+    conformance_variants = {
+        # The suite's lengths are far below the default dense_len (so "default" is the dense
+        # regime); these exercise the sparse path, at sizes scaled to its 16-token blocks.
+        "sparse": {"dense_len": 0, "kernel_size": 8, "kernel_stride": 4, "coarse_size": 16,
+                   "coarse_stride": 8, "topk": 3, "local_blocks": 1, "score_chunk": 32},
+        "switch": {"dense_len": 48, "kernel_size": 8, "kernel_stride": 4, "coarse_size": 16,
+                   "coarse_stride": 8, "topk": 3, "local_blocks": 1, "score_chunk": 64},
+    }
+    export = MethodExport(torch_impl="infllm_v2",
+                          fields=("block_size", "local_blocks", "initial_blocks", "kernel_size",
+                                  "kernel_stride", "coarse_size", "coarse_stride", "topk", "dense_len"))
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("kernel_size", "kernel_stride", "coarse_size", "coarse_stride"):
+            self.require(getattr(self, name) > 0, name, "must be > 0")
+        self.require(self.kernel_size % self.kernel_stride == 0, "kernel_size",
+                     f"must be a multiple of kernel_stride={self.kernel_stride}")
+        self.require(self.block_size % self.kernel_stride == 0, "kernel_stride",
+                     f"must divide block_size={self.block_size}")
+        self.require(self.coarse_size % self.coarse_stride == 0, "coarse_size",
+                     f"must be a multiple of coarse_stride={self.coarse_stride}")
+        self.require(self.topk >= 1, "topk", "must be >= 1")
+        self.require(self.dense_len >= 0 and self.dense_len % self.block_size == 0, "dense_len",
+                     f"must be >= 0 and a multiple of block_size={self.block_size} (tiles switch whole)")
+        self.require(self.score_chunk > 0 and self.score_chunk % self.block_size == 0, "score_chunk",
+                     f"must be a positive multiple of block_size={self.block_size}")
+
+    def full_budget(self) -> "InfllmV2Options":
+        return dataclasses.replace(self, topk=1 << 20)
+
+    def build(self, *, num_heads, num_kv_heads, head_dim, rngs) -> "InfllmV2Attention":
+        return InfllmV2Attention(self, num_heads, num_kv_heads, head_dim)
+
+    def density(self, seq_len: int) -> float:
+        """The static budget: every sparse row keeps min(topk, its causal blocks), whichever they are."""
+        if seq_len <= self.dense_len:
+            return 1.0
+        n = -(-seq_len // self.block_size)
+        mask = select_blocks(jnp.zeros((n, n)), seq_len, self)
+        return float(ops.selection_density(mask, seq_len, seq_len, self.block_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring and selection as plain functions (tests/sparse/test_infllm_v2.py checks them against a
+# straightforward per-token reference of the method notes).
+
+def window_means(k: jax.Array, size: int, stride: int) -> jax.Array:
+    """[B, T, K, H] -> f32 [B, nW, K, H]: the means of the complete windows of `size` tokens at
+    stride `stride` (nW = (T - size) // stride + 1, possibly 0). Sums of stride-chunks, no cumsum,
+    so long sequences lose no precision."""
+    b, t, kh, h = k.shape
+    n_windows = max(0, (t - size) // stride + 1)
+    per = size // stride
+    n_chunks = n_windows + per - 1
+    chunks = k[:, :n_chunks * stride].astype(jnp.float32).reshape(b, n_chunks, stride, kh, h).sum(2)
+    total = sum(chunks[:, i:i + n_windows] for i in range(per))
+    return total / size
+
+
+def _visible(positions: jax.Array, n_windows: int, size: int, stride: int) -> jax.Array:
+    """bool [C, nW]: window c has ended by token t (c * stride + size - 1 <= t)."""
+    return jnp.arange(n_windows)[None, :] * stride + size - 1 <= positions[:, None]
+
+
+def pool_to_blocks(window_scores: jax.Array, n_blocks: int, o: InfllmV2Options) -> jax.Array:
+    """f32 [..., nW] -> [..., nK]: each key block's max over the fine windows overlapping it, i.e.
+    windows c with c*stride < (j+1)*block and c*stride + size > j*block. Scores are >= 0, so the
+    zero padding never wins."""
+    per_block, per_window = o.block_size // o.kernel_stride, o.kernel_size // o.kernel_stride
+    width = n_blocks * per_block
+    s = jnp.pad(window_scores, [(0, 0)] * (window_scores.ndim - 1) + [(per_window - 1, 0)])
+    s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, max(0, width + per_window - 1 - s.shape[-1]))])
+    # Window c covers stride-chunks c ... c + per_window - 1. Entry c' of `covering` is the max over
+    # the windows that cover chunk c' (c' - per_window + 1 ... c'); block j owns chunks
+    # j*per_block ... (j+1)*per_block - 1, so its max over those entries is its overlap max.
+    covering = s[..., per_window - 1:per_window - 1 + width]
+    for shift in range(1, per_window):
+        covering = jnp.maximum(covering, s[..., per_window - 1 - shift:per_window - 1 - shift + width])
+    return covering.reshape(*covering.shape[:-1], n_blocks, per_block).max(-1)
+
+
+def token_block_scores(q: jax.Array, positions: jax.Array, fine: jax.Array, coarse: jax.Array,
+                       n_blocks: int, o: InfllmV2Options, scale: float) -> jax.Array:
+    """Per query token and KV head, every key block's score: f32 [B, C, K, nK].
+
+    q [B, C, N, H] post-RoPE at sequence positions `positions` [C]; fine/coarse [B, nW, K, H] the
+    window means of the whole sequence's post-RoPE K."""
+    b, c, n, h = q.shape
+    kh = fine.shape[2]
+    qg = q.astype(jnp.float32).reshape(b, c, kh, n // kh, h)
+    hi = jax.lax.Precision.HIGHEST
+    coarse_logits = jnp.einsum("bckgh,bwkh->bkgcw", qg, coarse, precision=hi) * scale
+    coarse_seen = _visible(positions, coarse.shape[1], o.coarse_size, o.coarse_stride)
+    lse = jax.nn.logsumexp(jnp.where(coarse_seen, coarse_logits, -jnp.inf), axis=-1)   # [B, K, G, C]
+    has_lse = jnp.isfinite(lse)[..., None]
+    fine_logits = jnp.einsum("bckgh,bwkh->bkgcw", qg, fine, precision=hi) * scale
+    fine_seen = _visible(positions, fine.shape[1], o.kernel_size, o.kernel_stride)
+    p = jnp.where(fine_seen & has_lse, jnp.exp(fine_logits - jnp.where(has_lse, lse[..., None], 0.0)), 0.0)
+    blocks = pool_to_blocks(p.sum(2), n_blocks, o)          # [B, K, C, nK]
+    return blocks.transpose(0, 2, 1, 3)
+
+
+def tile_scores(q: jax.Array, k: jax.Array, o: InfllmV2Options, scale: float) -> jax.Array:
+    """f32 [B, K, nQ, nK]: per query tile, the summed block scores of the previous tile's tokens
+    (tile 0 gets zeros). Runs over chunks of `score_chunk` queries so that the per-token window
+    scores never exceed [chunk, T / kernel_stride] per head."""
+    b, t, n, h = q.shape
+    n_blocks = -(-t // o.block_size)
+    fine = window_means(k, o.kernel_size, o.kernel_stride)
+    coarse = window_means(k, o.coarse_size, o.coarse_stride)
+    chunk = min(o.score_chunk, n_blocks * o.block_size)
+    n_chunks = -(-t // chunk)
+    q = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - t), (0, 0), (0, 0)))
+    q_chunks = q.reshape(b, n_chunks, chunk, n, h).swapaxes(0, 1)
+
+    def one_chunk(args):
+        q_c, start = args
+        positions = start + jnp.arange(chunk)
+        s = token_block_scores(q_c, positions, fine, coarse, n_blocks, o, scale)   # [B, C, K, nK]
+        s = jnp.where((positions < t)[None, :, None, None], s, 0.0)   # padding tokens add nothing
+        return s.reshape(b, chunk // o.block_size, o.block_size, *s.shape[2:]).sum(2)
+
+    per_tile = jax.lax.map(one_chunk, (q_chunks, jnp.arange(n_chunks) * chunk))   # [nC, B, c/bs, K, nK]
+    per_tile = per_tile.swapaxes(0, 1).reshape(b, -1, *per_tile.shape[3:])[:, :n_blocks]
+    return lag_blocks(per_tile).transpose(0, 2, 1, 3)
+
+
+def select_blocks(scores: jax.Array, seq_len: int, o: InfllmV2Options) -> jax.Array:
+    """bool [..., nQ, nK]: the forced blocks plus the best-scoring others, `topk` in all; tiles
+    whose positions are all below `dense_len` keep every causal tile."""
+    valid = ops.causal_block_mask(seq_len, seq_len, o.block_size)
+    mask = ops.topk_block_mask(scores, o.topk, force_first=o.initial_blocks, force_local=o.local_blocks,
+                               valid=valid)
+    dense_rows = ((jnp.arange(valid.shape[0]) + 1) * o.block_size <= o.dense_len)[:, None]
+    return mask | (dense_rows & valid)
+
+
+class InfllmV2Attention(SparseMethod):
+    """Block selection by compressed keys, shared per KV head; dense below `dense_len`."""
+
+    def dense_regime(self, inp: AttentionInputs) -> bool:
+        return inp.k.shape[1] <= self.options.dense_len
+
+    def select(self, inp: AttentionInputs) -> ops.Selection:
+        o = self.options
+        b, seq = inp.q.shape[:2]
+        if self.dense_regime(inp):
+            causal = ops.causal_block_mask(seq, seq, o.block_size)
+            return ops.Selection.from_mask(jnp.broadcast_to(causal, (b, self.num_kv_heads, *causal.shape)))
+        q, k = jax.lax.stop_gradient((inp.q, inp.k))    # top-k selection: no gradient, as upstream
+        scores = tile_scores(q, k, o, 1.0 / math.sqrt(self.head_dim))
+        return ops.Selection.from_mask(select_blocks(scores, seq, o), scores=scores)
+
+    def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
+        if self.dense_regime(inp):
+            return dense_causal_attention(inp.q, inp.k, inp.v)   # the dense layer itself, bit for bit
+        return super().attend(inp, sel)
