@@ -1,0 +1,79 @@
+"""python -m sparsetrain.eval RUN_OR_CHECKPOINT [options]
+
+Evaluates a run directory (its latest checkpoint), a checkpoint folder, or a Hugging Face Llama
+folder, and writes results.json, results.md and PNG plots to --out (default RUN_OR_CHECKPOINT/eval).
+Sparse models run twice: as configured ("sparse") and with every layer dense ("dense"); --modes
+picks one. Lengths are powers of two from --min_len up to --max_len (default: model.max_seq_len;
+lengths past it measure how RoPE and the attention extrapolate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sparsetrain.errors import InputError
+from sparsetrain.eval import plots, report
+from sparsetrain.eval.measure import load_subject
+from sparsetrain.eval.suite import EvalOptions, evaluate, powers_of_two
+
+
+def _numbers(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated {kind.__name__}s") from None
+    return parse
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="python -m sparsetrain.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="run directory, checkpoint folder, or Hugging Face Llama folder")
+    parser.add_argument("--out", help="output directory (default: CHECKPOINT/eval)")
+    parser.add_argument("--min_len", type=int, help="shortest context length (default 1024, or max_len if less)")
+    parser.add_argument("--max_len", type=int, help="longest context length (default model.max_seq_len)")
+    parser.add_argument("--modes", type=_numbers(str), default=("sparse", "dense"),
+                        help="sparse (as configured) and/or dense (every layer dense); default both")
+    parser.add_argument("--tasks", type=_numbers(str), default=("loss", "passkey", "mqar"),
+                        help="loss, passkey, mqar (default all)")
+    parser.add_argument("--loss_tokens", type=int, default=32768, help="held-out tokens per length")
+    parser.add_argument("--depths", type=_numbers(float), default=(0.0, 0.25, 0.5, 0.75, 1.0),
+                        help="passkey needle depths in [0, 1]")
+    parser.add_argument("--passkey_samples", type=int, default=4, help="passkey probes per length x depth")
+    parser.add_argument("--mqar_pairs", type=_numbers(int), default=(8, 32, 128), help="pairs per MQAR probe")
+    parser.add_argument("--mqar_samples", type=int, default=4, help="MQAR probes per pair count")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic probes")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the run's)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        subject = load_subject(args.checkpoint, dtype=args.dtype)
+        max_len = args.max_len or subject.cfg.model.max_seq_len
+        lengths = powers_of_two(args.min_len or min(1024, max_len), max_len)
+        options = EvalOptions(lengths=lengths, modes=args.modes, tasks=args.tasks, loss_tokens=args.loss_tokens,
+                              depths=args.depths, passkey_samples=args.passkey_samples,
+                              mqar_pairs=args.mqar_pairs, mqar_samples=args.mqar_samples, seed=args.seed)
+        out = Path(args.out or Path(args.checkpoint) / "eval")
+        out.mkdir(parents=True, exist_ok=True)
+        results = evaluate(subject, options, progress=not args.no_progress)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(report.markdown(results))
+    written = plots.write_all(results, out)
+    print(report.summary(results))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(p.name for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

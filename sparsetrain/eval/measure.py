@@ -1,0 +1,92 @@
+"""The checkpoint under evaluation and what is measured on it: next-token losses, argmax predictions
+and the per-layer metrics sparse layers report (`name/<layer>`), for one attention mode:
+
+- "sparse": the model as configured (its per-layer attention rules);
+- "dense": the same weights with every layer's method overridden to dense (method parameters such as
+  gates are left out), the baseline a sparse method is compared with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsetrain.attention.method import StepContext
+from sparsetrain.attention.spec import DenseOptions
+from sparsetrain.checkpoint.model_def import ModelDef
+from sparsetrain.config import DTypeName, RunConfig
+from sparsetrain.data import Tokenizer, load_tokenizer
+from sparsetrain.data.pipeline import TokenStream, split_documents, tokenize_documents
+from sparsetrain.export.import_hf import read_hf
+from sparsetrain.export.pretrained import is_hf_folder, load_checkpoint
+
+MODES = ("sparse", "dense")
+METHOD_PARAMS = "/attn/attend/"   # where a layer's method keeps its own parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """A loaded checkpoint: its run config, flat float32 params, step (None for HF folders), tokenizer."""
+
+    path: str
+    cfg: RunConfig
+    flat: dict[str, np.ndarray]
+    step: int | None
+    tokenizer: Tokenizer
+
+    @property
+    def is_sparse(self) -> bool:
+        return any(spec.method != "dense" for spec in self.cfg.model.layer_specs)
+
+
+def load_subject(path: str | Path, *, dtype: DTypeName | None = None) -> Subject:
+    """A run directory, a checkpoint folder or a Hugging Face Llama folder (InputError if none)."""
+    if is_hf_folder(path):
+        (cfg, flat), step = read_hf(path), None
+    else:
+        cfg, flat, meta = load_checkpoint(path)
+        step = int(meta["step"])
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+    return Subject(str(path), cfg, flat, step, load_tokenizer(cfg.data.tokenizer))
+
+
+class Runner:
+    """One attention mode of a subject, jitted once per input shape."""
+
+    def __init__(self, subject: Subject, mode: str):
+        model = subject.cfg.model
+        if mode == "dense":
+            model = dataclasses.replace(model, attention=(DenseOptions(),))
+        self.model_def = ModelDef.create(model)
+        flat = subject.flat if mode == "sparse" else {
+            k: v for k, v in subject.flat.items() if METHOD_PARAMS not in k}
+        self.params = self.model_def.params_from_flat({k: jnp.asarray(v) for k, v in flat.items()})
+        self._forward = jax.jit(self._losses_and_predictions)
+
+    def _losses_and_predictions(self, params, tokens):
+        logits, _, metrics = self.model_def.apply(params, tokens, ctx=StepContext(train=False))
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]     # [B, T-1]
+        return nll, jnp.argmax(logits, axis=-1).astype(jnp.int32), metrics
+
+    def __call__(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """tokens int32 [B, T] -> (next-token losses [B, T-1], argmax predictions [B, T], metrics
+        averaged over the batch: density, recall and the rest, overall and per layer `name/<i>`)."""
+        nll, predicted, metrics = self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+        return np.asarray(nll), np.asarray(predicted), {k: float(v) for k, v in metrics.items()}
+
+
+def held_out_tokens(subject: Subject) -> np.ndarray:
+    """The run's validation documents (its data config's split), joined with eos as training packs
+    them: int32 [n]."""
+    data = subject.cfg.data
+    documents = tokenize_documents(data, subject.tokenizer)
+    _, val_ids = split_documents(len(documents), data.val_fraction, data.seed)
+    stream = TokenStream.concat([documents[i] for i in val_ids], subject.tokenizer.eos_id,
+                                subject.tokenizer.vocab_size)
+    return np.asarray(stream.tokens, np.int32)

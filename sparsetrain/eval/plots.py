@@ -1,0 +1,81 @@
+"""PNG plots of the results with matplotlib (headless "Agg" backend): one function per figure, each
+returning the path it wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")   # no display on training machines; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def loss_vs_length(results: dict, path: Path) -> Path:
+    """Held-out loss against context length (log2 x axis), one line per mode."""
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for mode, per_length in results["loss"].items():
+        lengths = sorted(per_length, key=int)
+        ax.plot([int(n) for n in lengths], [per_length[n]["loss"] for n in lengths], marker="o", label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="context length (tokens)", ylabel="loss (nats/token)", title=f"{results['name']}: loss vs length")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def passkey_heatmap(results: dict, path: Path) -> Path:
+    """Passkey accuracy, length (rows) x depth (columns), one panel per mode."""
+    modes = list(results["passkey"])
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.5), squeeze=False,
+                             layout="constrained")
+    for ax, mode in zip(axes[0], modes):
+        per_length = results["passkey"][mode]
+        lengths = sorted(per_length, key=int)
+        depths = sorted({d for per_depth in per_length.values() for d in per_depth}, key=float)
+        grid = np.array([[per_length[n].get(d, np.nan) for d in depths] for n in lengths])
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(depths)), depths)
+        ax.set_yticks(range(len(lengths)), lengths)
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
+        ax.set(xlabel="needle depth", ylabel="length (tokens)", title=f"passkey, {mode}")
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
+    return _save(fig, path)
+
+
+def layer_bars(results: dict, path: Path) -> Path:
+    """Measured density and recall per sparse layer at the longest evaluated length."""
+    length = max(results["layers"], key=int)
+    per_layer = results["layers"][length]
+    names = [n for n in ("density", "recall") if n in per_layer]
+    layers = sorted({layer for n in names for layer in per_layer[n]}, key=int)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(layers) + 2), 3.5), layout="constrained")
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        ax.bar(np.arange(len(layers)) + k * width, [per_layer[name].get(layer, np.nan) for layer in layers],
+               width, label=name)
+    ax.set_xticks(np.arange(len(layers)) + width * (len(names) - 1) / 2, layers)
+    ax.set(xlabel="layer", ylim=(0, 1.05), title=f"sparse layers at length {length}")
+    ax.legend()
+    return _save(fig, path)
+
+
+def write_all(results: dict, out_dir: Path) -> list[Path]:
+    """Every plot the results support."""
+    written = []
+    if results["loss"]:
+        written.append(loss_vs_length(results, out_dir / "loss_vs_length.png"))
+    if results["passkey"]:
+        written.append(passkey_heatmap(results, out_dir / "passkey.png"))
+    if results["layers"]:
+        written.append(layer_bars(results, out_dir / "layers.png"))
+    return written
