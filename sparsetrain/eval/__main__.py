@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from sparsetrain.errors import InputError
 from sparsetrain.eval import plots, report
 from sparsetrain.eval.measure import load_subject
@@ -34,7 +36,7 @@ def parse_args(argv: list[str] | None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run directory, checkpoint folder, or Hugging Face Llama folder")
     parser.add_argument("--out", help="output directory (default: CHECKPOINT/eval)")
-    parser.add_argument("--min_len", type=int, help="shortest context length (default 1024, or max_len if less)")
+    parser.add_argument("--min_len", type=int, help="shortest length (default 1024, or max_len if less)")
     parser.add_argument("--max_len", type=int, help="longest context length (default model.max_seq_len)")
     parser.add_argument("--modes", type=_numbers(str), default=("sparse", "dense"),
                         help="sparse (as configured) and/or dense (every layer dense); default both")
@@ -67,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    written = plots.write_all(results, out)
+    if results.get("selection_map"):
+        # The block maps go to an .npz beside the JSON (at 64k tokens they are 1024 x 1024).
+        arrays = {key: results["selection_map"].pop(key) for key in ("selected", "scores")}
+        np.savez_compressed(out / "selection_map.npz", **arrays)
+        written.append(out / "selection_map.npz")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(report.markdown(results))
-    written = plots.write_all(results, out)
     print(report.summary(results))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(p.name for p in written))
     return 0

@@ -25,7 +25,8 @@ def loss_vs_length(results: dict, path: Path) -> Path:
         lengths = sorted(per_length, key=int)
         ax.plot([int(n) for n in lengths], [per_length[n]["loss"] for n in lengths], marker="o", label=mode)
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="context length (tokens)", ylabel="loss (nats/token)", title=f"{results['name']}: loss vs length")
+    ax.set(xlabel="context length (tokens)", ylabel="loss (nats/token)",
+           title=f"{results['name']}: loss vs length")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
@@ -69,6 +70,23 @@ def layer_bars(results: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def selected_blocks(results: dict, path: Path) -> Path:
+    """The true pooled attention map of one head (grey, darker = more attention, square-root scale) with
+    the blocks the layer selected shaded red."""
+    view = results["selection_map"]
+    fig, ax = plt.subplots(figsize=(5.5, 5), layout="constrained")
+    image = ax.imshow(view["scores"], cmap="gray_r", norm=matplotlib.colors.PowerNorm(0.5),
+                      interpolation="nearest")
+    overlay = np.zeros((*view["selected"].shape, 4))
+    overlay[view["selected"]] = (0.9, 0.0, 0.0, 0.45)
+    ax.imshow(overlay, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="pooled attention (row-normalised)", shrink=0.8)
+    ax.set(xlabel=f"key block ({view['block_size']} tokens)", ylabel="query block",
+           title=f"layer {view['layer']}, head {view['head']}, length {view['length']}: selected (red) "
+                 f"hold {view['covered']:.0%}")
+    return _save(fig, path)
+
+
 def write_all(results: dict, out_dir: Path) -> list[Path]:
     """Every plot the results support."""
     written = []
@@ -78,4 +96,6 @@ def write_all(results: dict, out_dir: Path) -> list[Path]:
         written.append(passkey_heatmap(results, out_dir / "passkey.png"))
     if results["layers"]:
         written.append(layer_bars(results, out_dir / "layers.png"))
+    if results.get("selection_map"):
+        written.append(selected_blocks(results, out_dir / "selected_blocks.png"))
     return written

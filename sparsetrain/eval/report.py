@@ -50,7 +50,14 @@ def layers_table(results: dict) -> list[str]:
     names = sorted(per_layer)
     rows = [[layer, *(f"{per_layer[n][layer]:.3f}" if layer in per_layer[n] else "-" for n in names)]
             for layer in layers]
-    return [f"Per-layer measurements of the sparse layers at length {length}", "", *_table(["layer", *names], rows)]
+    lines = [f"Per-layer measurements of the sparse layers at length {length}", "",
+             *_table(["layer", *names], rows)]
+    view = results.get("selection_map")
+    if view:
+        lines += [f"Selected blocks of layer {view['layer']}, head {view['head']}, on one window of "
+                  f"{view['length']} tokens hold {view['covered']:.1%} of the true pooled attention mass "
+                  "(selected_blocks.png).", ""]
+    return lines
 
 
 def markdown(results: dict) -> str:

@@ -9,6 +9,10 @@ Results (a JSON-ready dict; lengths, depths and pair counts are string keys):
                                  selected blocks hold)
     passkey[mode][length][depth] exact-match accuracy over the samples
     mqar[mode][pairs]            {"accuracy" (per query), "length" (tokens)}
+    selection_map                for the first sparse layer, head 0, the first window of the longest
+                                 length: {"layer", "head", "length", "block_size", "covered" (share
+                                 of the true map's mass on selected blocks), "selected" bool [nQ, nK]
+                                 and "scores" f32 [nQ, nK] (numpy arrays, saved beside the JSON)}
     skipped                      what could not run, and why
 """
 
@@ -25,6 +29,7 @@ from sparsetrain.configbase import to_dict
 from sparsetrain.errors import InputError
 from sparsetrain.eval.measure import MODES, Runner, Subject, held_out_tokens
 from sparsetrain.eval.probes import Probe, answers_correct, mqar, passkey
+from sparsetrain.eval.selection_map import first_sparse_layer, selection_map
 
 TASKS = ("loss", "passkey", "mqar")
 # Tokens per forward call when several windows of one length are batched (bounds logits memory).
@@ -126,6 +131,15 @@ def _jobs(subject: Subject, options: EvalOptions, runners: dict[str, Runner]) ->
                 value = {"accuracy": float(np.mean(correct)), "length": int(max(len(p.tokens) for p in probes))}
                 return ("mqar", mode, str(pairs)), value
             jobs.append((f"{mode} mqar {pairs} pairs", recall))
+    sparse = runners.get("sparse")
+    layer = first_sparse_layer(sparse) if sparse else None
+    if layer is not None and "loss" in options.tasks and not subject.cfg.model.scan_layers:
+        def blocks(length=max(options.lengths)):
+            if len(text) < length:
+                return None, f"selection map at {length}: the held-out text has only {len(text)} tokens"
+            value = selection_map(sparse, text[:length], layer)
+            return ("selection_map",), {"layer": layer, "head": 0, "length": length, **value}
+        jobs.append((f"sparse selection map, layer {layer}", blocks))
     return jobs
 
 

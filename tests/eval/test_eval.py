@@ -110,7 +110,12 @@ def test_command_writes_json_markdown_and_plots_that_agree(sparse_run, tmp_path,
     assert f"| 1 | {results['layers']['512']['density']['1']:.3f} |" in markdown
     assert set(results["passkey"]["sparse"]["512"]) == {"0.0", "1.0"}
     assert results["mqar"]["dense"]["4"]["length"] > 0
-    for name in ("loss_vs_length.png", "passkey.png", "layers.png"):
+    view = results["selection_map"]
+    assert (view["layer"], view["length"]) == (1, 512) and f"hold {view['covered']:.1%}" in markdown
+    blocks = np.load(out / "selection_map.npz")
+    assert blocks["selected"].shape == blocks["scores"].shape == (16, 16)
+    assert view["covered"] == pytest.approx((blocks["scores"] * blocks["selected"]).sum() / blocks["scores"].sum())
+    for name in ("loss_vs_length.png", "passkey.png", "layers.png", "selected_blocks.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000
     assert "sparse  loss@512" in capsys.readouterr().out
