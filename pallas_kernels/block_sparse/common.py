@@ -72,12 +72,16 @@ def _check_qk(q, k, block_size: int, block_sizes: tuple[int, ...] = BLOCK_SIZES)
         raise ValueError(f"empty sequence: q{q.shape}, k{k.shape}")
 
 
-def attention_dims(q, k, v, block_mask, block_size: int,
-                   block_sizes: tuple[int, ...] = BLOCK_SIZES) -> Dims:
-    """Validates the inputs of `block_sparse_attention` (ValueError with the shapes) and returns Dims."""
+def check_qkv(q, k, v, block_size: int, block_sizes: tuple[int, ...] = BLOCK_SIZES) -> None:
     _check_qk(q, k, block_size, block_sizes)
     if v.shape != k.shape or v.dtype != k.dtype:
         raise ValueError(f"v must match k in shape and dtype; got k{k.shape} {k.dtype}, v{v.shape} {v.dtype}")
+
+
+def attention_dims(q, k, v, block_mask, block_size: int,
+                   block_sizes: tuple[int, ...] = BLOCK_SIZES) -> Dims:
+    """Validates the inputs of `block_sparse_attention` (ValueError with the shapes) and returns Dims."""
+    check_qkv(q, k, v, block_size, block_sizes)
     b, t, n, d = q.shape
     s, kh = k.shape[1], k.shape[2]
     if block_mask.dtype != jnp.bool_:
@@ -131,7 +135,7 @@ def segment_element_mask(seg: SegmentIds):
     return seg.q[:, :, None] == seg.kv[:, None, :]
 
 
-def _block_range(ids, block: int, n_blocks: int):
+def block_id_range(ids, block: int, n_blocks: int):
     """Per block min and max id, int32 [B, n]; the ragged tail repeats the last id."""
     ids = jnp.pad(ids, ((0, 0), (0, n_blocks * block - ids.shape[1])), mode="edge")
     ids = ids.reshape(ids.shape[0], n_blocks, block)
@@ -145,8 +149,8 @@ def segment_tile_classes(seg: SegmentIds, dims: Dims):
     are dropped. uniform: every query and key of the tile has one same id, so the document mask
     is all True there and the tile keeps its causal class (no extra compare).
     """
-    q_lo, q_hi = _block_range(seg.q, dims.block, dims.n_q)
-    k_lo, k_hi = _block_range(seg.kv, dims.block, dims.n_k)
+    q_lo, q_hi = block_id_range(seg.q, dims.block, dims.n_q)
+    k_lo, k_hi = block_id_range(seg.kv, dims.block, dims.n_k)
     q_lo, q_hi = q_lo[:, None, :, None], q_hi[:, None, :, None]
     k_lo, k_hi = k_lo[:, None, None, :], k_hi[:, None, None, :]
     possible = (q_lo <= k_hi) & (k_lo <= q_hi)

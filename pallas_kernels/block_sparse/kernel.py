@@ -22,8 +22,6 @@ in `sparsetrain.ops` keeps the same signature so a Mosaic GPU version can replac
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 
@@ -34,89 +32,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.block_sparse import common
+from pallas_kernels.block_sparse import common, flash
 from pallas_kernels.block_sparse.common import LN2, LOG2E, Dims
+# Launch helpers are re-exported: tests and benchmarks use kernel.poison_outputs / kernel.tuning.
+from pallas_kernels.block_sparse.launch import (Tuning, current_tuning, dot_precision, pallas,
+                                                poison_outputs, tuning)
+from pallas_kernels.block_sparse.selection import Selection
+from pallas_kernels.block_sparse.token_kernel import token_block_sparse_attention
 
-
-# ------------------------------------------------------------------------------------------------
-# Trace-time overrides (tests and benchmarks). Read while the kernels are traced, so a caller must
-# trace inside the context (a fresh jax.jit, or eager calls).
-
-@dataclasses.dataclass(frozen=True)
-class Tuning:
-    """Triton launch parameters: forward (also used by the scores kernels) and backward."""
-
-    fwd_warps: int = 4
-    fwd_stages: int = 2
-    bwd_warps: int = 4
-    bwd_stages: int = 2
-
-
-def default_tuning(block: int, head_dim: int) -> Tuning:
-    # H100 sweep (docs/benchmarks.md): up to 64x128 tiles, 4 warps / 2 stages beats 8 warps by
-    # 1.4x (fwd) and 1.8x (fwd+bwd), and 3 stages slows the backward; 128x128 tiles want 8 warps,
-    # and with 3 stages their backward exceeds the shared memory.
-    big = block * head_dim > 64 * 128
-    return Tuning(fwd_warps=8 if big else 4, bwd_warps=8 if big else 4)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Overrides:
-    poison: float | None = None
-    tuning: Tuning | None = None
-
-
-_OVERRIDES = contextvars.ContextVar("block_sparse_overrides", default=_Overrides())
-
-
-@contextlib.contextmanager
-def poison_outputs(value: float = float("nan")):
-    """Kernel outputs traced inside start filled with `value`, so a tile the kernel forgets to
-    write shows up in a test (compiled kernels otherwise start from whatever memory held)."""
-    token = _OVERRIDES.set(dataclasses.replace(_OVERRIDES.get(), poison=value))
-    try:
-        yield
-    finally:
-        _OVERRIDES.reset(token)
-
-
-@contextlib.contextmanager
-def tuning(params: Tuning):
-    """Overrides the launch parameters of kernels traced inside (for benchmark sweeps)."""
-    token = _OVERRIDES.set(dataclasses.replace(_OVERRIDES.get(), tuning=params))
-    try:
-        yield
-    finally:
-        _OVERRIDES.reset(token)
-
-
-def current_tuning(block: int, head_dim: int) -> Tuning:
-    return _OVERRIDES.get().tuning or default_tuning(block, head_dim)
-
-
-def pallas(kernel, *, grid, in_specs, out_specs, out_shape, warps, stages, interpret, name):
-    """pl.pallas_call with the poison hook: poisoned outputs alias NaN-filled inputs."""
-    poison = _OVERRIDES.get().poison
-    params = pltr.CompilerParams(num_warps=warps, num_stages=stages)
-    if poison is None:
-        return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                              out_shape=out_shape, compiler_params=params, interpret=interpret, name=name)
-    single = not isinstance(out_shape, (list, tuple))
-    out_shape, out_specs = ([out_shape], [out_specs]) if single else (out_shape, out_specs)
-    n_in, n_out = len(in_specs), len(out_shape)
-
-    def kernel_skipping_aliases(*refs):  # the aliased inputs are never read
-        kernel(*refs[:n_in], *refs[n_in + n_out:])
-
-    call = pl.pallas_call(
-        kernel_skipping_aliases, grid=grid, in_specs=[*in_specs, *out_specs], out_specs=out_specs,
-        out_shape=out_shape, compiler_params=params, interpret=interpret, name=name,
-        input_output_aliases={n_in + i: i for i in range(n_out)})
-
-    def run(*args):
-        outs = call(*args, *(jnp.full(o.shape, poison, o.dtype) for o in out_shape))
-        return outs[0] if single else outs
-    return run
+__all__ = ["Tuning", "block_sparse_attention", "current_tuning", "dot_precision", "pallas",
+           "poison_outputs", "tuning"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,11 +75,6 @@ def logits_tile(q, k_ref, start, rows, *, dims: Dims, causal: bool, scale: float
                        offset=dims.offset, seq_kv=dims.seq_kv, same_doc=same_doc)
         s = jnp.where(keep, s, -jnp.inf)
     return s
-
-
-def dot_precision(dtype):
-    # f32 inputs: IEEE products (Triton's default for f32 is TF32); 16-bit inputs: tensor cores.
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def run_two_loops(cnt_ref, step, carry, *, masked_first: bool):
@@ -197,27 +117,14 @@ def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref
                              scale=cfg.scale, precision=precision, docs=_docs(qseg_ref, kseg_ref, cfg))
 
     def step(t, carry, *, masked):
-        acc, m, l = carry
         start = pl.multiple_of(idx_ref[t] * bs, bs)
-        s = tile(start, masked=masked)
-        v = v_ref[pl.ds(start, bs), :]
-        m_new = jnp.maximum(m, s.max(axis=1))
-        # A row may have seen only masked keys so far (m_new = -inf): subtract 0 instead, so that
-        # exp2 gives 0 rather than NaN. Unmasked tiles always hold a finite maximum.
-        m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-        alpha = jnp.exp2(m - m_sub)
-        p = jnp.exp2(s - m_sub[:, None])
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * alpha[:, None] + pltr.dot(p.astype(v.dtype), v, precision=precision)
-        return acc, m_new, l
+        return flash.softmax_update(carry, tile(start, masked=masked), v_ref[pl.ds(start, bs), :],
+                                    may_be_empty=masked, precision=precision)
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bs,), -jnp.inf, jnp.float32),
-            jnp.zeros((bs,), jnp.float32))
-    acc, m, l = run_two_loops(cnt_ref, step, init, masked_first=False)
-    empty = l == 0.0  # no visible key: output 0, and LSE +inf so that the backward's p is 0
-    l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_safe))
+    carry = run_two_loops(cnt_ref, step, flash.softmax_init(bs, q.shape[-1]), masked_first=False)
+    o, lse = flash.softmax_finish(*carry)
+    lse_ref[...] = lse
+    o_ref[...] = o.astype(o_ref.dtype)
 
 
 def _dq_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
@@ -437,7 +344,9 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
 
     Args:
       q: [B, T, N, D]; k, v: [B, S, K, D] with N a multiple of K (query head h uses kv head h // G).
-      block_mask: bool [B, H, ceil(T/bs), ceil(S/bs)], H = K (shared by a GQA group) or N.
+      block_mask: bool [B, H, ceil(T/bs), ceil(S/bs)], H = K (shared by a GQA group) or N; or a
+        `Selection`: tile granularity (the same rows as lists) or token granularity (lists
+        [B, H, T, m] per query token, run by `token_kernel`).
       causal: also mask keys after the query position (aligned at the end when S != T).
       block_size: bs, one of 16, 32, 64, 128.
       sm_scale: logit scale, default 1/sqrt(D).
@@ -449,6 +358,12 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         (-inf for rows with no visible key, whose output is 0).
     Returns o [B, T, N, D] in q's dtype (and the LSE). Differentiable in q, k, v (and through LSE).
     """
+    if isinstance(block_mask, Selection) and block_mask.granularity == "token":
+        return token_block_sparse_attention(q, k, v, block_mask, causal=causal, block_size=block_size,
+                                            sm_scale=sm_scale, segment_ids=segment_ids,
+                                            interpret=interpret, return_lse=return_lse)
+    if isinstance(block_mask, Selection):
+        block_mask = block_mask.to_mask()
     dims = common.attention_dims(q, k, v, block_mask, block_size)
     seg = common.segment_ids_pair(segment_ids, dims)
     cfg = _Config(dims, bool(causal), common.default_scale(sm_scale, dims.head_dim), bool(interpret),

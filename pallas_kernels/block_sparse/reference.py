@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse import common
+from pallas_kernels.block_sparse.selection import Selection, token_attention_dims
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -46,16 +47,28 @@ def _visible(dims: common.Dims, causal: bool, seg):
     return allowed[:, None, None]
 
 
+def _selected_keys(q, k, v, block_mask, block_size: int):
+    """(Dims, bool [B, H, T, S]): the keys inside each query row's selected blocks, for a tile
+    mask, a tile `Selection` or a token `Selection`."""
+    if isinstance(block_mask, Selection) and block_mask.granularity == "token":
+        d = token_attention_dims(q, k, v, block_mask, block_size)
+        elem = jnp.repeat(block_mask.to_mask(), block_size, axis=3)
+    else:
+        if isinstance(block_mask, Selection):
+            block_mask = block_mask.to_mask()
+        d = common.attention_dims(q, k, v, block_mask, block_size)
+        elem = jnp.repeat(jnp.repeat(block_mask, block_size, axis=2), block_size, axis=3)
+    return d, elem[:, :, :d.seq_q, :d.seq_kv]
+
+
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
                            segment_ids=None, interpret=False, return_lse=False):
     """Reference of `kernel.block_sparse_attention` (same arguments, shapes and semantics)."""
     del interpret
-    d = common.attention_dims(q, k, v, block_mask, block_size)
+    d, elem = _selected_keys(q, k, v, block_mask, block_size)
     seg = common.segment_ids_pair(segment_ids, d)
     scale = common.default_scale(sm_scale, d.head_dim)
-    # Block mask -> element mask [B, K, 1 or G, T, S].
-    elem = jnp.repeat(jnp.repeat(block_mask, block_size, axis=2), block_size, axis=3)
-    elem = elem[:, :, :d.seq_q, :d.seq_kv]
+    # Element mask [B, K, 1 or G, T, S].
     elem = elem.reshape(d.batch, d.kv_heads, d.mask_heads // d.kv_heads, d.seq_q, d.seq_kv)
     elem = elem & _visible(d, causal, seg)
     p, lse = _masked_softmax(_logits(q, k, d, scale), elem)

@@ -47,6 +47,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.common import Dims
+from pallas_kernels.block_sparse.selection import Selection
 
 BLOCK_SIZES = (128, 256, 512)
 LANES = 128
@@ -404,7 +405,8 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
 
     Args:
       q: [B, T, N, D]; k, v: [B, S, K, D] with N a multiple of K (query head h uses kv head h // G).
-      block_mask: bool [B, H, ceil(T/bs), ceil(S/bs)], H = K (shared by a GQA group) or N.
+      block_mask: bool [B, H, ceil(T/bs), ceil(S/bs)], H = K (shared by a GQA group) or N, or a
+        tile-level `Selection` (token-level ones raise NotImplementedError).
       causal: also mask keys after the query position (aligned at the end when S != T).
       block_size: bs, one of 128, 256, 512 on TPU (the default 64 of the shared signature is
         rejected with a ValueError: pass block_size explicitly).
@@ -418,6 +420,11 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     Returns o [B, T, N, D] in q's dtype (and the LSE). Differentiable in q, k, v (and through LSE).
     """
     check_no_segment_ids(segment_ids)
+    if isinstance(block_mask, Selection):
+        if block_mask.granularity == "token":
+            raise NotImplementedError("token-level selections are not implemented in the Mosaic TPU kernels; "
+                                      "use impl='pallas' (GPU) or impl='xla'")
+        block_mask = block_mask.to_mask()
     dims = attention_dims(q, k, v, block_mask, block_size)
     cfg = _Config(dims, bool(causal), common.default_scale(sm_scale, dims.head_dim),
                   interpret_params(interpret))

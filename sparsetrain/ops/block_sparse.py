@@ -14,7 +14,6 @@ from pallas_kernels.block_sparse import kernel as _kernel
 from pallas_kernels.block_sparse import reference as _reference
 from pallas_kernels.block_sparse import scores as _scores
 from sparsetrain.ops.platform import kernel_backend
-from sparsetrain.ops.selection import Selection
 
 # backend -> (attention, block scores); every pair shares the reference's signatures.
 _BACKENDS = {
@@ -32,8 +31,14 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         i*G..(i+1)*G-1 (G = N // K) read kv head i; K/V are never repeated in memory.
       block_mask: bool [B, H, nQ, nK] with H = K (one selection per GQA group, as NSA/InfLLM-V2)
         or H = N (per query head, as SeerAttention prefill). True = compute that tile. Or a
-        `Selection` (sorted index lists with counts) of the same [B, H, nQ] rows; the Triton kernel
-        turns it into its own loop lists (native list input lands with the token-level kernel).
+        `Selection` (sorted index lists with counts) of either granularity:
+        "tile": the same [B, H, nQ] rows as lists (the Triton kernel turns them into its loop
+        lists); "token": one list per query token, indices int32 [B, H, T, m] ascending, counts
+        [B, H, T], shared by the N // H query heads of a selection head (NSA / InfLLM-V2 with
+        H = K). A token sees the keys of its blocks at or before its position. The Triton token
+        kernel tiles G heads x P tokens (P = 16 // G when G < 16; N // H a power of two); the
+        TPU kernel takes tile selections only. Index values (range, order, counts) are checked
+        when they are concrete (not under jit): ValueError naming the field.
       causal: also hide keys after the query position, aligned at the end when S > T (query row
         i sits at position i + S - T).
       block_size: bs, one of 16, 32, 64, 128; T and S need not be multiples of it.
@@ -55,8 +60,6 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     """
     backend, interpret = kernel_backend(impl, interpret)
     fn = _BACKENDS[backend][0]
-    if isinstance(block_mask, Selection):
-        block_mask = block_mask.to_mask()
     return fn(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
               segment_ids=segment_ids, interpret=interpret, return_lse=return_lse)
 

@@ -16,14 +16,17 @@ so every query sees at least itself.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_sparse.common import mask_to_indices as _sorted_indices
+# The selection type and its list conversions live beside the kernels that read them.
+from pallas_kernels.block_sparse.selection import Selection, indices_to_mask
+from pallas_kernels.block_sparse.selection import mask_to_lists as mask_to_indices
+
+__all__ = ["Selection", "budget_block_mask", "causal_block_mask", "forced_block_mask", "indices_to_mask",
+           "mask_to_indices", "selection_density", "selection_recall", "threshold_block_mask",
+           "tile_weights", "topk_block_mask", "topp_block_mask", "transposed_indices"]
 
 
 def causal_block_mask(seq_q: int, seq_kv: int, block_size: int):
@@ -100,61 +103,12 @@ def topp_block_mask(probs, p: float, *, force_first: int = 0, force_local: int =
     return forced | kept
 
 
-def mask_to_indices(mask, max_blocks: int | None = None):
-    """Sorted lists of the selected key blocks of each row, in the NSA/FSA layout.
-
-    mask: bool [..., nQ, nK] -> (indices int32 [..., nQ, max_blocks or nK], ascending, padded
-    with -1; counts int32 [..., nQ]). With max_blocks, rows holding more keep their lowest
-    max_blocks indices (and count). Cost is linear in the mask (a cumsum and a scatter).
-    """
-    idx = _sorted_indices(jnp.asarray(mask, bool))
-    counts = jnp.asarray(mask, bool).sum(-1, dtype=jnp.int32)
-    if max_blocks is not None:
-        idx, counts = idx[..., :max_blocks], jnp.minimum(counts, max_blocks)
-    return idx, counts
-
-
-def indices_to_mask(indices, num_blocks: int):
-    """Inverse of `mask_to_indices`: int [..., nQ, m] (entries < 0 ignored) -> bool [..., nQ, nK]."""
-    indices = jnp.asarray(indices)
-    cols = jnp.where(indices < 0, num_blocks, indices)  # out of range: dropped
-    return jnp.put_along_axis(jnp.zeros((*indices.shape[:-1], num_blocks), bool), cols, True,
-                              axis=-1, inplace=False, mode="drop")
-
-
 def transposed_indices(mask, max_blocks: int | None = None):
     """For each key block, the sorted query blocks that selected it (the dk/dv loop order).
 
     mask: bool [..., nQ, nK] -> (indices int32 [..., nK, max_blocks or nQ], counts [..., nK]).
     """
     return mask_to_indices(jnp.swapaxes(jnp.asarray(mask, bool), -1, -2), max_blocks)
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["indices", "counts", "extras"],
-                   meta_fields=["num_blocks"])
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    """Which key blocks each row attends to: the currency between routing and the kernels.
-
-    indices: int32 [..., nQ, m], each row's selected key blocks ascending, padded with -1;
-    counts: int32 [..., nQ], how many entries of each row are real; num_blocks: nK (static).
-    Leading axes are [B, H] (H = kv heads for a selection shared by a GQA group, or query heads).
-    extras: arrays a method keeps beside the choice (gate logits, scores) for its losses/metrics.
-    """
-
-    indices: jax.Array
-    counts: jax.Array
-    num_blocks: int
-    extras: dict = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_mask(cls, mask, max_blocks: int | None = None, **extras) -> "Selection":
-        indices, counts = mask_to_indices(mask, max_blocks)
-        return cls(indices, counts, mask.shape[-1], dict(extras))
-
-    def to_mask(self) -> jax.Array:
-        """bool [..., nQ, nK]."""
-        return indices_to_mask(self.indices, self.num_blocks)
 
 
 def tile_weights(seq_q: int, seq_kv: int, block_size: int) -> np.ndarray:
