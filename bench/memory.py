@@ -1,10 +1,12 @@
-"""Peak device memory of the training step per batch size, and the largest batch that fits.
+"""Peak device memory and time of the training step per batch size, and the largest batch that fits.
 
     PYTHONPATH=. python3 bench/memory.py --seq 16384 --remat none --loss-chunk 0 --batches 1,2,4,8
     PYTHONPATH=. python3 bench/memory.py --seq 16384 --remat full --loss-chunk 8192 --batches 1,2,4,8,16
+    PYTHONPATH=. python3 bench/memory.py --seq 65536 --context 2 --remat full --loss-chunk 8192 --batches 1
 
-Each batch size runs two train steps of the 125M config (or `--config`) on synthetic tokens in its own
-process, so every peak is that batch's alone and an out-of-memory error ends only that process.
+Each batch size runs seven train steps of the 125M config (or `--config`) on synthetic tokens in its
+own process (median time of the last five), so every peak is that batch's alone and an
+out-of-memory error ends only that process.
 Batch sizes run in the given order and stop at the first that does not fit. Prints one line per
 batch size and a JSON summary.
 """
@@ -19,26 +21,42 @@ import sys
 GIB = 2 ** 30
 
 
-def measure(config: str, seq: int, batch: int, remat: str, loss_chunk: int) -> dict:
-    """Peak bytes of two train steps at [batch, seq] (in this process), and XLA's compile-time plan."""
+def measure(config: str, seq: int, batch: int, remat: str, loss_chunk: int, context: int) -> dict:
+    """Peak bytes (the largest over devices) and median time of train steps at [batch, seq] in this
+    process, and XLA's compile-time plan; `context` > 1 splits each sequence over that many devices."""
     # Imported here, in the child only: the parent must not start a backend that holds device memory.
+    import contextlib
+    import statistics
+    import time
+
     import jax
 
     import configs
     from bench.steps import train_step_and_state
+    from sparsetrain.config import MeshConfig
     from sparsetrain.configbase import apply_overrides
+    from sparsetrain.train.sharding import batch_sharding, make_mesh, replicated
 
     cfg = apply_overrides(configs.load(config), [
         f"model.max_seq_len={seq}", f"data.seq_len={seq}", f"data.batch_size={batch}",
-        f"model.remat={remat}", f"trainer.loss_chunk={loss_chunk}"])
+        f"model.remat={remat}", f"trainer.loss_chunk={loss_chunk}", f"mesh.context={context}"])
     step, state, data = train_step_and_state(cfg, batch, seq)
-    plan = step.lower(state, data).compile().memory_analysis()
-    for _ in range(2):
-        state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    stats = jax.devices()[0].memory_stats() or {}
-    return {"batch": batch, "peak_gib": stats.get("peak_bytes_in_use", 0) / GIB,
-            "xla_temp_gib": plan.temp_size_in_bytes / GIB, "loss": float(metrics["loss"])}
+    mesh_context = contextlib.nullcontext()
+    if context > 1:   # parameters replicated, batch split over data, sequences over context
+        mesh = make_mesh(MeshConfig(data=-1, context=context))
+        state, data = jax.device_put(state, replicated(mesh)), jax.device_put(data, batch_sharding(mesh))
+        mesh_context = jax.set_mesh(mesh)
+    times = []
+    with mesh_context:
+        plan = step.lower(state, data).compile().memory_analysis()
+        for _ in range(7):   # 2 to compile and warm up, 5 timed
+            start = time.perf_counter()
+            state, metrics = step(state, data)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
+    return {"batch": batch, "peak_gib": peak / GIB, "xla_temp_gib": plan.temp_size_in_bytes / GIB,
+            "step_ms": 1e3 * statistics.median(times[2:]), "loss": float(metrics["loss"])}
 
 
 def main() -> None:
@@ -48,14 +66,15 @@ def main() -> None:
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     parser.add_argument("--loss-chunk", type=int, default=0, help="trainer.loss_chunk (0: whole logits)")
     parser.add_argument("--batches", default="1,2,4,8", help="comma-separated batch sizes, ascending")
+    parser.add_argument("--context", type=int, default=1, help="mesh.context (devices per sequence)")
     parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # child process: one batch
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.config, args.seq, args.one, args.remat, args.loss_chunk)))
+        print(json.dumps(measure(args.config, args.seq, args.one, args.remat, args.loss_chunk, args.context)))
         return
     summary = {"config": args.config, "seq": args.seq, "remat": args.remat, "loss_chunk": args.loss_chunk,
-               "runs": [], "largest_batch": 0}
+               "context": args.context, "runs": [], "largest_batch": 0}
     for batch in map(int, args.batches.split(",")):
         child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", str(batch)],
                                capture_output=True, text=True)
@@ -66,7 +85,7 @@ def main() -> None:
             break
         run = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"batch {batch}: peak {run['peak_gib']:.2f} GiB (XLA temp {run['xla_temp_gib']:.2f} GiB), "
-              f"loss {run['loss']:.3f}", flush=True)
+              f"{run['step_ms']:.1f} ms/step, loss {run['loss']:.3f}", flush=True)
         summary["runs"].append(run)
         summary["largest_batch"] = batch
     print(json.dumps(summary))

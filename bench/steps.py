@@ -31,19 +31,25 @@ from sparsetrain.train.optimizer import frozen_paths, learning_rate_schedule, ma
 from sparsetrain.train.step import make_train_step
 
 
-def median_step_ms(cfg, seq: int, reps: int = 10) -> tuple[float, dict]:
-    """Median ms of the train step of `cfg` on one synthetic batch [1, seq], and its last metrics."""
+def train_step_and_state(cfg, batch: int, seq: int):
+    """(jitted train step of `cfg` donating its state, initial state, synthetic batch [batch, seq])."""
     model = ModelDef.create(cfg.model)
     params = jax.jit(model.init, static_argnums=0)(0)
     frozen = frozen_paths(cfg.optimizer, cfg.model, params)
     optimizer = make_optimizer(cfg.optimizer, params, 1000, frozen)
     step = jax.jit(make_train_step(model, optimizer, cfg.trainer, learning_rate_schedule(cfg.optimizer, 1000),
                                    frozenset(flatten(params)) - frozen), donate_argnums=0)
-    tokens = jax.random.randint(jax.random.key(0), (1, seq + 1), 0, 256)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((1, seq)),
-             "segment_ids": jnp.ones((1, seq), jnp.int32),
-             "positions": jnp.arange(seq, dtype=jnp.int32)[None]}
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 256)
+    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((batch, seq)),
+            "segment_ids": jnp.ones((batch, seq), jnp.int32),
+            "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))}
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
+    return step, state, data
+
+
+def median_step_ms(cfg, seq: int, reps: int = 10) -> tuple[float, dict]:
+    """Median ms of the train step of `cfg` on one synthetic batch [1, seq], and its last metrics."""
+    step, state, batch = train_step_and_state(cfg, 1, seq)
     for _ in range(3):   # compile and warm up
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
