@@ -6,16 +6,22 @@ import dataclasses
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sparsetrain
 from models.rope import apply_rope, inverse_frequencies, yarn_attention_factor, yarn_ramp_bounds
 from sparsetrain.config import RopeConfig
 from sparsetrain.configbase import ConfigError, from_dict, to_dict
+from sparsetrain.export import export_checkpoint
 from sparsetrain.export.hf_config import from_hf_config, rope_from_hf, to_hf_config
-from sparsetrain.export.import_hf import train_overrides
-from tests.export.helpers import tiny
+from sparsetrain.export.import_hf import import_hf, train_overrides
+from tests.export.helpers import jax_outputs, save_run, tiny
+from tests.export.test_torch_parity import SEQ, check_parity, export_with_reference
+from tests.sparse.helpers import tiny as sparse_tiny
+from tests.sparse.test_conformance import rule, with_method_params
 
 H = 64
 SCALINGS = {
@@ -133,7 +139,6 @@ def test_frequencies_match_transformers(tmp_path, run_torch):
 
 @pytest.mark.parametrize("name", list(SCALINGS))
 def test_dense_torch_logits_parity(tmp_path, run_torch, name):
-    from tests.export.test_torch_parity import check_parity, export_with_reference
     out = export_with_reference(tmp_path, tiny(num_layers=2, rope=SCALINGS[name]))
     check_parity(run_torch("parity", out), "LlamaForCausalLM")
 
@@ -141,11 +146,6 @@ def test_dense_torch_logits_parity(tmp_path, run_torch, name):
 @pytest.mark.parametrize("name", ["yarn", "ntk"])
 def test_seer_gate_rope_parity(tmp_path, run_torch, name):
     # The gate applies the model's scaling at its own width (d_gate 8 < head_dim 16).
-    from sparsetrain.export import export_checkpoint
-    from tests.export.helpers import jax_outputs, save_run
-    from tests.export.test_torch_parity import SEQ, check_parity
-    from tests.sparse.helpers import tiny as sparse_tiny
-    from tests.sparse.test_conformance import rule, with_method_params
     seer = dataclasses.replace(rule("seer", "sparse"), d_gate=8)
     cfg = dataclasses.replace(sparse_tiny(seer), max_seq_len=512, rope=SCALINGS[name])
     params = with_method_params(cfg, seed=1)
@@ -153,3 +153,19 @@ def test_seer_gate_rope_parity(tmp_path, run_torch, name):
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, SEQ))
     np.savez(out / "jax_outputs.npz", **jax_outputs(cfg, params, tokens))
     check_parity(run_torch("parity", out), "SparseLlamaForCausalLM")
+
+
+@pytest.mark.parametrize("rope_parameters", [
+    {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "original_max_position_embeddings": 128},
+], ids=["llama3", "yarn"])
+def test_scaled_transformers_llama_imports_with_the_same_logits(tmp_path, run_torch, rope_parameters):
+    run_torch("make_llama", tmp_path, json.dumps(rope_parameters))
+    import_hf(tmp_path / "f32", tmp_path / "imported")
+    model, cfg = sparsetrain.load_pretrained(tmp_path / "imported", dtype="float32")
+    assert cfg.model.rope.scaling == rope_parameters["rope_type"]
+    ref = np.load(tmp_path / "torch_outputs.npz")
+    with jax.default_matmul_precision("highest"):
+        logits = np.asarray(model(ref["tokens"]))
+    assert np.abs(logits - ref["logits"]).max() <= 1e-4 * np.abs(ref["logits"]).max()

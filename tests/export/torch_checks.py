@@ -4,7 +4,7 @@
     python torch_checks.py sparse_refusals DIR   # DIR: an export with sparse layers
     python torch_checks.py tokenizer DIR TEXT_FILE
     python torch_checks.py bf16 DIR REFERENCE_NPZ
-    python torch_checks.py make_llama OUT_DIR    # a random transformers Llama for the import test
+    python torch_checks.py make_llama OUT_DIR [ROPE_JSON]  # a random transformers Llama for the import test
     python torch_checks.py rope_frequencies JSON # {name: config.json dict} -> transformers' RoPE per name
 
 Each prints one line "torch_checks result: {JSON of measurements}"; the pytest side (tests/export/test_torch_*.py) asserts on
@@ -176,13 +176,14 @@ def bf16(directory: str, reference: str) -> dict:
             "model_dtype": str(model.dtype), "finite": bool(torch.isfinite(logits).all())}
 
 
-def make_llama(out_dir: str) -> dict:
-    """A random tiny GQA Llama (perturbed norms, RoPE theta 500), saved in float32 and as sharded
-    bfloat16, with its float32 logits on 300 tokens."""
+def make_llama(out_dir: str, rope_json: str = "") -> dict:
+    """A random tiny GQA Llama (perturbed norms, RoPE theta 500, or the rope_parameters given as JSON),
+    saved in float32 and as sharded bfloat16, with its float32 logits on 300 tokens."""
     torch.manual_seed(0)
+    rope = json.loads(rope_json) if rope_json else {"rope_type": "default", "rope_theta": 500.0}
     config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                         rms_norm_eps=1e-6, rope_parameters=rope,
                          tie_word_embeddings=False, attn_implementation="eager")
     model = LlamaForCausalLM(config).eval()
     for name, p in model.named_parameters():
