@@ -70,8 +70,9 @@ class Runner:
 
     def _losses_and_predictions(self, params, tokens):
         logits, _, metrics = self.model_def.apply(params, tokens, ctx=StepContext(train=False))
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]     # [B, T-1]
+        # logsumexp - target logit: XLA reduces without a second [B, T, V] array (log_softmax's).
+        target = jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits[:, :-1], axis=-1) - target                        # [B, T-1]
         return nll, jnp.argmax(logits, axis=-1).astype(jnp.int32), metrics
 
     def __call__(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:

@@ -69,11 +69,17 @@ def powers_of_two(min_len: int, max_len: int) -> tuple[int, ...]:
 
 
 def _predict(runner: Runner, probes: list[Probe]) -> list[list[bool]]:
-    """Per probe, exact match per answer; probes of one length share a forward pass."""
-    if len({len(p.tokens) for p in probes}) == 1:
-        _, predicted, _ = runner(np.stack([p.tokens for p in probes]))
-        return [answers_correct(p, row) for p, row in zip(probes, predicted)]
-    return [c for p in probes for c in _predict(runner, [p])]
+    """Per probe, exact match per answer; probes of one length share forward passes of at most
+    BATCH_TOKENS tokens."""
+    length = len(probes[0].tokens)
+    if any(len(p.tokens) != length for p in probes):
+        return [c for p in probes for c in _predict(runner, [p])]
+    batch, out = max(1, BATCH_TOKENS // length), []
+    for first in range(0, len(probes), batch):
+        group = probes[first:first + batch]
+        _, predicted, _ = runner(np.stack([p.tokens for p in group]))
+        out += [answers_correct(p, row) for p, row in zip(group, predicted)]
+    return out
 
 
 def _loss_job(runner: Runner, text: np.ndarray, length: int, options: EvalOptions):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -90,7 +91,12 @@ def test_dense_mode_runs_the_same_weights_with_every_layer_dense(sparse_run, tmp
         {k: v for k, v in subject.flat.items()}))
     tokens = np.random.default_rng(0).integers(0, 256, (1, 200)).astype(np.int32)
     np.testing.assert_allclose(dense(tokens)[0], Runner(load_subject(dense_run), "sparse")(tokens)[0], rtol=1e-5)
-    sparse_nll, _, metrics = Runner(subject, "sparse")(tokens)
+    sparse = Runner(subject, "sparse")
+    sparse_nll, predicted, metrics = sparse(tokens)
+    logits = sparse.model_def.apply(sparse.params, tokens)[0][0]
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    np.testing.assert_allclose(sparse_nll[0], -logp[np.arange(199), tokens[0, 1:]], rtol=1e-4)
+    assert np.array_equal(predicted[0], np.asarray(logits).argmax(-1))
     assert set(metrics) >= {"density/1", "density/2", "recall/1"} and "density/0" not in metrics
     assert not np.allclose(sparse_nll, dense(tokens)[0])
 
