@@ -42,6 +42,7 @@ from sparsetrain import ops
 from sparsetrain.attention.dense import dense_causal_attention
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
 from sparsetrain.attention.spec import MethodExport
+from sparsetrain.ops.compressed_scores import token_block_scores
 from sparsetrain.sparse.pooling import lag_blocks
 
 
@@ -56,7 +57,7 @@ class InfllmV2Options(BlockSparseOptions):
     initial_blocks: int = 1      # attention sinks (MiniCPM4: init_blocks=1)
     local_blocks: int = 32       # local window in blocks, the diagonal included (MiniCPM4: 2048 tokens)
     dense_len: int = 8192        # queries at positions < dense_len attend densely; a multiple of block_size
-    score_chunk: int = 1024      # queries per step of the scoring pass (bounds its [chunk, T/stride] memory)
+    score_chunk: int = 1024      # queries per step of the XLA scoring pass (memory chunk x T/stride per head)
 
     conformance_variants = {
         # The suite's lengths are far below the default dense_len (so "default" is the dense
@@ -78,6 +79,9 @@ class InfllmV2Options(BlockSparseOptions):
                      f"must be a multiple of kernel_stride={self.kernel_stride}")
         self.require(self.block_size % self.kernel_stride == 0, "kernel_stride",
                      f"must divide block_size={self.block_size}")
+        self.require(self.kernel_size <= self.block_size + self.kernel_stride, "kernel_size",
+                     f"must be <= block_size + kernel_stride = {self.block_size + self.kernel_stride} "
+                     f"(a window overlaps at most one block before its own)")
         self.require(self.coarse_size % self.coarse_stride == 0, "coarse_size",
                      f"must be a multiple of coarse_stride={self.coarse_stride}")
         self.require(self.topk >= 1, "topk", "must be >= 1")
@@ -118,72 +122,20 @@ def window_means(k: jax.Array, size: int, stride: int) -> jax.Array:
     return total / size
 
 
-def _visible(positions: jax.Array, n_windows: int, size: int, stride: int) -> jax.Array:
-    """bool [C, nW]: window c has ended by token t (c * stride + size - 1 <= t)."""
-    return jnp.arange(n_windows)[None, :] * stride + size - 1 <= positions[:, None]
-
-
-def pool_to_blocks(window_scores: jax.Array, n_blocks: int, o: InfllmV2Options) -> jax.Array:
-    """f32 [..., nW] -> [..., nK]: each key block's max over the fine windows overlapping it, i.e.
-    windows c with c*stride < (j+1)*block and c*stride + size > j*block. Scores are >= 0, so the
-    zero padding never wins."""
-    per_block, per_window = o.block_size // o.kernel_stride, o.kernel_size // o.kernel_stride
-    width = n_blocks * per_block
-    s = jnp.pad(window_scores, [(0, 0)] * (window_scores.ndim - 1) + [(per_window - 1, 0)])
-    s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, max(0, width + per_window - 1 - s.shape[-1]))])
-    # Window c covers stride-chunks c ... c + per_window - 1. Entry c' of `covering` is the max over
-    # the windows that cover chunk c' (c' - per_window + 1 ... c'); block j owns chunks
-    # j*per_block ... (j+1)*per_block - 1, so its max over those entries is its overlap max.
-    covering = s[..., per_window - 1:per_window - 1 + width]
-    for shift in range(1, per_window):
-        covering = jnp.maximum(covering, s[..., per_window - 1 - shift:per_window - 1 - shift + width])
-    return covering.reshape(*covering.shape[:-1], n_blocks, per_block).max(-1)
-
-
-def token_block_scores(q: jax.Array, positions: jax.Array, fine: jax.Array, coarse: jax.Array,
-                       n_blocks: int, o: InfllmV2Options, scale: float) -> jax.Array:
-    """Per query token and KV head, every key block's score: f32 [B, C, K, nK].
-
-    q [B, C, N, H] post-RoPE at sequence positions `positions` [C]; fine/coarse [B, nW, K, H] the
-    window means of the whole sequence's post-RoPE K."""
-    b, c, n, h = q.shape
-    kh = fine.shape[2]
-    qg = q.astype(jnp.float32).reshape(b, c, kh, n // kh, h)
-    hi = jax.lax.Precision.HIGHEST
-    coarse_logits = jnp.einsum("bckgh,bwkh->bkgcw", qg, coarse, precision=hi) * scale
-    coarse_seen = _visible(positions, coarse.shape[1], o.coarse_size, o.coarse_stride)
-    lse = jax.nn.logsumexp(jnp.where(coarse_seen, coarse_logits, -jnp.inf), axis=-1)   # [B, K, G, C]
-    has_lse = jnp.isfinite(lse)[..., None]
-    fine_logits = jnp.einsum("bckgh,bwkh->bkgcw", qg, fine, precision=hi) * scale
-    fine_seen = _visible(positions, fine.shape[1], o.kernel_size, o.kernel_stride)
-    p = jnp.where(fine_seen & has_lse, jnp.exp(fine_logits - jnp.where(has_lse, lse[..., None], 0.0)), 0.0)
-    blocks = pool_to_blocks(p.sum(2), n_blocks, o)          # [B, K, C, nK]
-    return blocks.transpose(0, 2, 1, 3)
-
-
 def tile_scores(q: jax.Array, k: jax.Array, o: InfllmV2Options, scale: float) -> jax.Array:
-    """f32 [B, K, nQ, nK]: per query tile, the summed block scores of the previous tile's tokens
-    (tile 0 gets zeros). Runs over chunks of `score_chunk` queries so that the per-token window
-    scores never exceed [chunk, T / kernel_stride] per head."""
-    b, t, n, h = q.shape
+    """f32 [B, K, nQ, nK]: per query tile, the summed per-token block scores of the previous tile's
+    tokens (tile 0 gets zeros). The per-token scores come from `ops.compressed_scores` (a fused
+    kernel on GPU; the chunked reference elsewhere)."""
+    b, t = q.shape[:2]
     n_blocks = -(-t // o.block_size)
-    fine = window_means(k, o.kernel_size, o.kernel_stride)
-    coarse = window_means(k, o.coarse_size, o.coarse_stride)
-    chunk = min(o.score_chunk, n_blocks * o.block_size)
-    n_chunks = -(-t // chunk)
-    q = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - t), (0, 0), (0, 0)))
-    q_chunks = q.reshape(b, n_chunks, chunk, n, h).swapaxes(0, 1)
-
-    def one_chunk(args):
-        q_c, start = args
-        positions = start + jnp.arange(chunk)
-        s = token_block_scores(q_c, positions, fine, coarse, n_blocks, o, scale)   # [B, C, K, nK]
-        s = jnp.where((positions < t)[None, :, None, None], s, 0.0)   # padding tokens add nothing
-        return s.reshape(b, chunk // o.block_size, o.block_size, *s.shape[2:]).sum(2)
-
-    per_tile = jax.lax.map(one_chunk, (q_chunks, jnp.arange(n_chunks) * chunk))   # [nC, B, c/bs, K, nK]
-    per_tile = per_tile.swapaxes(0, 1).reshape(b, -1, *per_tile.shape[3:])[:, :n_blocks]
-    return lag_blocks(per_tile).transpose(0, 2, 1, 3)
+    scores = token_block_scores(
+        q, window_means(k, o.kernel_size, o.kernel_stride), window_means(k, o.coarse_size, o.coarse_stride),
+        block_size=o.block_size, kernel_size=o.kernel_size, kernel_stride=o.kernel_stride,
+        coarse_size=o.coarse_size, coarse_stride=o.coarse_stride, sm_scale=scale, query_chunk=o.score_chunk,
+        impl=o.impl)                                                          # [B, K, T, nK]
+    scores = jnp.pad(scores, ((0, 0), (0, 0), (0, n_blocks * o.block_size - t), (0, 0)))
+    per_tile = scores.reshape(b, scores.shape[1], n_blocks, o.block_size, n_blocks).sum(3)
+    return lag_blocks(per_tile.swapaxes(1, 2)).swapaxes(1, 2)
 
 
 def select_blocks(scores: jax.Array, seq_len: int, o: InfllmV2Options) -> jax.Array:

@@ -1,0 +1,47 @@
+"""Sizes and validation shared by the compressed-key block-score kernel and its reference.
+
+Axis letters: B batch, T queries (at positions 0..T-1), N query heads, K kv heads, G = N // K,
+D head dim, nW fine windows, nW2 coarse windows, nK = ceil(T / block) key blocks. A window c of
+`size` tokens at `stride` covers tokens [c*stride, c*stride + size) and is visible to token t once
+it has ended: c*stride + size - 1 <= t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """The static geometry of one call."""
+
+    block: int
+    size: int           # fine window
+    stride: int
+    coarse_size: int
+    coarse_stride: int
+
+    @property
+    def per_block(self) -> int:       # fine strides per key block (r)
+        return self.block // self.stride
+
+    @property
+    def per_window(self) -> int:      # fine strides per fine window (u)
+        return self.size // self.stride
+
+
+def check(q, fine, coarse, w: Windows) -> None:
+    """ValueError naming the argument for inputs the scores are not defined on."""
+    if q.ndim != 4 or fine.ndim != 4 or coarse.ndim != 4:
+        raise ValueError(f"q, fine and coarse must be [batch, seq, heads, head_dim]; got q{q.shape}, "
+                         f"fine{fine.shape}, coarse{coarse.shape}")
+    if fine.shape[0] != q.shape[0] or coarse.shape[0] != q.shape[0] or fine.shape[2:] != coarse.shape[2:] \
+            or fine.shape[3] != q.shape[3] or q.shape[2] % fine.shape[2]:
+        raise ValueError(f"fine{fine.shape} and coarse{coarse.shape} must share batch, kv heads and "
+                         f"head_dim with q{q.shape}, whose heads are a multiple of their kv heads")
+    if w.size % w.stride or w.block % w.stride or w.coarse_size % w.coarse_stride:
+        raise ValueError(f"kernel_stride must divide kernel_size and block_size, coarse_stride must "
+                         f"divide coarse_size; got {w}")
+    if w.per_window - 1 > w.per_block:
+        raise ValueError(f"kernel_size={w.size} may overlap at most one block before its own: "
+                         f"need kernel_size <= block_size + kernel_stride")

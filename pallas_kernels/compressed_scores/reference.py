@@ -1,0 +1,69 @@
+"""Pure-jnp reference of `kernel.token_block_scores`, with the same signature.
+
+Runs over chunks of `query_chunk` queries so that the per-token window scores never exceed
+[chunk, nW] per head; it is the "xla" implementation and the ground truth for the kernel's tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.compressed_scores.common import Windows, check
+
+
+def visible_windows(positions: jax.Array, n_windows: int, size: int, stride: int) -> jax.Array:
+    """bool [C, nW]: window c has ended by token t (c * stride + size - 1 <= t)."""
+    return jnp.arange(n_windows)[None, :] * stride + size - 1 <= positions[:, None]
+
+
+def pool_to_blocks(window_scores: jax.Array, n_blocks: int, w: Windows) -> jax.Array:
+    """f32 [..., nW] -> [..., nK]: each key block's max over the fine windows overlapping it, i.e.
+    windows c with c*stride < (j+1)*block and c*stride + size > j*block. Scores are >= 0, so the
+    zero padding never wins."""
+    r, u = w.per_block, w.per_window
+    width = n_blocks * r
+    s = jnp.pad(window_scores, [(0, 0)] * (window_scores.ndim - 1) + [(u - 1, 0)])
+    s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, max(0, width + u - 1 - s.shape[-1]))])
+    # Window c covers stride-chunks c ... c + u - 1. Entry c' of `covering` is the max over the
+    # windows that cover chunk c' (c' - u + 1 ... c'); block j owns chunks j*r ... (j+1)*r - 1, so
+    # its max over those entries is its overlap max.
+    covering = s[..., u - 1:u - 1 + width]
+    for shift in range(1, u):
+        covering = jnp.maximum(covering, s[..., u - 1 - shift:u - 1 - shift + width])
+    return covering.reshape(*covering.shape[:-1], n_blocks, r).max(-1)
+
+
+def _chunk_scores(q, positions, fine, coarse, n_blocks: int, w: Windows, scale: float):
+    """f32 [B, K, C, nK] for the queries q [B, C, N, D] at `positions` [C]."""
+    b, c, n, d = q.shape
+    kh = fine.shape[2]
+    qg = q.reshape(b, c, kh, n // kh, d)
+    dot = lambda keys: jnp.einsum("bckgd,bwkd->bkgcw", qg, keys, preferred_element_type=jnp.float32) * scale
+    coarse_seen = visible_windows(positions, coarse.shape[1], w.coarse_size, w.coarse_stride)
+    lse = jax.nn.logsumexp(jnp.where(coarse_seen, dot(coarse), -jnp.inf), axis=-1)     # [B, K, G, C]
+    has_lse = jnp.isfinite(lse)[..., None]
+    fine_seen = visible_windows(positions, fine.shape[1], w.size, w.stride)
+    p = jnp.exp(dot(fine) - jnp.where(has_lse, lse[..., None], 0.0))
+    return pool_to_blocks(jnp.where(fine_seen & has_lse, p, 0.0).sum(2), n_blocks, w)
+
+
+def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_stride, coarse_size,
+                       coarse_stride, sm_scale=None, query_chunk=512, interpret=False):
+    """Reference of `kernel.token_block_scores` (same arguments, shapes and semantics)."""
+    del interpret
+    w = Windows(block_size, kernel_size, kernel_stride, coarse_size, coarse_stride)
+    check(q, fine, coarse, w)
+    b, t, n, d = q.shape
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    n_blocks = -(-t // block_size)
+    chunk = min(query_chunk, t)
+    n_chunks = -(-t // chunk)
+    q = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - t), (0, 0), (0, 0)))
+    q_chunks = q.reshape(b, n_chunks, chunk, n, d).swapaxes(0, 1)
+    fine, coarse = fine.astype(q.dtype), coarse.astype(q.dtype)
+    one = lambda args: _chunk_scores(args[0], args[1] + jnp.arange(chunk), fine, coarse, n_blocks, w, scale)
+    out = jax.lax.map(one, (q_chunks, jnp.arange(n_chunks) * chunk))   # [nC, B, K, C, nK]
+    return out.transpose(1, 2, 0, 3, 4).reshape(b, fine.shape[2], n_chunks * chunk, n_blocks)[:, :, :t]
