@@ -16,13 +16,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.rope import apply_rope
+from sparsetrain.attention.context_parallel import context_size
+from sparsetrain.attention.dense import DenseAttention
 from sparsetrain.attention.method import AttentionInputs, StepContext
+from sparsetrain.attention.sharded import causal_attention
 from sparsetrain.attention.spec import MethodOptions
 from sparsetrain.config import ModelConfig
 from sparsetrain.partitioning import constrain
 
 
-RESIDUAL = ("batch", None, None)  # logical axes of [B, T, D] activations
+RESIDUAL = ("batch", "sequence", None)  # logical axes of [B, T, D] activations
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
@@ -64,12 +67,16 @@ class Attention(nnx.Module):
         k_nope = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
         rope = functools.partial(apply_rope, cfg=self.cfg.rope)
-        q = constrain(rope(q_nope, positions), ("batch", None, "heads", "head_dim"))
-        k = constrain(rope(k_nope, positions), ("batch", None, "kv_heads", "head_dim"))
-        v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
-        out = self.attend(AttentionInputs(q=q, k=k, v=v, q_nope=q_nope, k_nope=k_nope, x=x,
-                                          positions=positions, segment_ids=segment_ids, ctx=ctx,
-                                          rope=rope))  # [B, T, N, H]
+        q = constrain(rope(q_nope, positions), ("batch", "sequence", "heads", "head_dim"))
+        k = constrain(rope(k_nope, positions), ("batch", "sequence", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "sequence", "kv_heads", "head_dim"))
+        if context_size() > 1 and isinstance(self.attend, DenseAttention):
+            # Tokens are in the load-balanced order of a context split: causal by true order.
+            out = causal_attention(q, k, v, segment_ids=segment_ids)
+        else:
+            out = self.attend(AttentionInputs(q=q, k=k, v=v, q_nope=q_nope, k_nope=k_nope, x=x,
+                                              positions=positions, segment_ids=segment_ids, ctx=ctx,
+                                              rope=rope))  # [B, T, N, H]
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
 
 
@@ -85,7 +92,7 @@ class MLP(nnx.Module):
         dt = x.dtype
         gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(dt))
         up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(dt))
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "sequence", "mlp"))
         return jnp.einsum("BTF,FD->BTD", hidden, self.down_proj[...].astype(dt))
 
 

@@ -75,14 +75,15 @@ class Llama(nnx.Module):
         return self.final_norm(x)
 
     def logits(self, h: jax.Array) -> jax.Array:
-        """The output head: float32 logits [..., V] of hidden states [..., D] (any leading axes, so
-        a chunked loss can project a few tokens at a time)."""
+        """The output head: float32 logits [B, T, V] of hidden states [B, T, D], or [S, V] of a
+        chunk of S tokens [S, D] (the chunked loss)."""
         cfg = self.cfg
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         # The cast happens here, per call: a chunked loss then accumulates the head's gradient
         # over chunks in the float32 of the master weight.
         logits = jnp.einsum("...D,DV->...V", h, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("vocab",))
+        # [B, T, V] keeps the residual stream's split; a chunk [S, V] of the chunked loss mixes batch and T.
+        return constrain(logits, (("batch", "sequence") if logits.ndim == 3 else ("batch",)) + ("vocab",))
 
 def count_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -202,10 +202,13 @@ class MeshConfig(Config):
     # Device mesh axis sizes; exactly one may be -1 ("all remaining devices").
     data: int = -1                # pure data parallel (parameters replicated)
     fsdp: int = 1                 # data parallel with sharded parameters/optimizer state
+    # Context parallel: each sequence split along T over this many devices (load-balanced causal
+    # layout, K/V all-gathered for attention); dense and local layers only.
+    context: int = 1
     tensor: int = 1               # heads / MLP width split
 
     def validate(self) -> None:
-        sizes = (self.data, self.fsdp, self.tensor)
+        sizes = (self.data, self.fsdp, self.context, self.tensor)
         self.require(all(s == -1 or s > 0 for s in sizes), "data", "axis sizes must be > 0 or -1")
         self.require(sum(s == -1 for s in sizes) <= 1, "data", "at most one axis size may be -1")
 
@@ -244,6 +247,12 @@ class RunConfig(Config):
                      f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         self.require(self.data.batch_size % self.trainer.grad_accum == 0, "trainer",
                      f"grad_accum={self.trainer.grad_accum} must divide data.batch_size={self.data.batch_size}")
+        if self.mesh.context > 1:
+            # Methods that select from q/k content would see the load-balanced order, not the sequence's.
+            for spec in self.model.attention:
+                self.require(spec.method in ("dense", "local") and not getattr(spec, "ssa", False), "mesh",
+                             f"context={self.mesh.context} supports dense and local attention layers (without "
+                             f"ssa); the rule for layers {spec.layers!r} is {spec.method!r}")
         micro_tokens = self.data.batch_size // self.trainer.grad_accum * self.data.seq_len
         self.require(micro_tokens % max(self.trainer.loss_chunk, 1) == 0, "trainer",
                      f"loss_chunk={self.trainer.loss_chunk} must divide the {micro_tokens} tokens of a "

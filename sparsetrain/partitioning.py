@@ -1,4 +1,5 @@
-"""Logical axis names and the rules that map them onto the device mesh ("data", "fsdp", "tensor").
+"""Logical axis names and the rules that map them onto the device mesh ("data", "fsdp", "context",
+"tensor").
 
 Models name the axes of their parameters and activations ("embed", "heads", "batch", ...); this is
 the one table that says which mesh axes each name may be split over. It sits below `models/` so
@@ -12,11 +13,14 @@ import math
 import jax
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# "context" sits next to "tensor": both exchange activations every layer, so they get the devices
+# closest together (the last mesh axes vary fastest over the device list).
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # logical axis -> mesh axes it may be split over, in order of preference.
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
+    "sequence": ("context",),    # activations' T axis (in the load-balanced order under context parallelism)
     "embed": ("fsdp",),          # parameters only: FSDP shards weights, activations keep full width
     "vocab": ("tensor",),
     "heads": ("tensor",),
@@ -36,8 +40,9 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) 
     for name, dim in zip(axes, shape):
         if name is not None and name not in LOGICAL_RULES:
             raise ValueError(f"unknown logical axis {name!r}; known: {sorted(LOGICAL_RULES)}")
-        chosen = tuple(a for a in LOGICAL_RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
-        if chosen and dim % math.prod(mesh.shape[a] for a in chosen) == 0:
+        sizes = dict(mesh.shape)   # a mesh may lack an axis (a kernel test's own mesh): size 1
+        chosen = tuple(a for a in LOGICAL_RULES.get(name, ()) if a not in used and sizes.get(a, 1) > 1)
+        if chosen and dim % math.prod(sizes[a] for a in chosen) == 0:
             used.update(chosen)
             spec.append(chosen[0] if len(chosen) == 1 else chosen)
         else:

@@ -5,6 +5,10 @@ Attention is independent per batch row and per GQA group, so each device can run
 own rows and heads: batch split over the data-parallel axes, heads over "tensor" (query and kv heads
 split the same number of ways, so each query head stays with its kv head). Sparse methods call the
 kernels through `block_sparse_attention` and `block_attention_scores` here.
+
+With a "context" mesh axis, sequences are split along T too, in the load-balanced order, and each
+shard gathers the keys it needs (sparsetrain/attention/context_parallel.py); dense layers then run
+`causal_attention` here.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from sparsetrain import ops
+from sparsetrain.attention import context_parallel
 from sparsetrain.partitioning import logical_to_spec
 
 
@@ -24,36 +29,70 @@ def _active_mesh():
     return None if mesh.empty or all(size == 1 for size in mesh.shape.values()) else mesh
 
 
-def _specs(q, k, heads_dim: int, mesh):
-    """(q spec, k/v spec, spec of an array with heads on axis 1 of size `heads_dim`). Heads are
-    split only if every head count allows it."""
+def _sequence_axis(mesh) -> str | None:
+    """The mesh axis that splits T, or None."""
+    return context_parallel.AXIS if dict(mesh.shape).get(context_parallel.AXIS, 1) > 1 else None
+
+
+def _specs(q, k, heads_dim: int, mesh, seq: str | None = None):
+    """(q spec, k/v spec, spec of an array with heads on axis 1 of size `heads_dim`), T split over
+    `seq`. Heads are split only if every head count allows it."""
     batch = logical_to_spec(("batch",), q.shape[:1], mesh)[0]
     heads = logical_to_spec(("heads",), q.shape[2:3], mesh)[0]
     kv_heads = logical_to_spec(("kv_heads",), k.shape[2:3], mesh)[0]
     other = logical_to_spec(("heads",), (heads_dim,), mesh)[0]
     if heads is None or kv_heads is None or other is None:
         heads = kv_heads = other = None
-    return P(batch, None, heads, None), P(batch, None, kv_heads, None), P(batch, other, None, None)
+    return P(batch, seq, heads, None), P(batch, seq, kv_heads, None), P(batch, other, None, None)
 
 
-def block_sparse_attention(q, k, v, block_mask, **kwargs):
+def _per_shard(q, k, v, block_mask, segment_ids, mesh, **kwargs):
+    """The kernel under shard_map; with a context split, `context_parallel.shard_attention`."""
+    seq = _sequence_axis(mesh)
+    q_spec, kv_spec, mask_spec = _specs(q, k, block_mask.shape[1], mesh, seq)
+    if seq is None:
+        kernel = lambda q, k, v, mask, seg: ops.block_sparse_attention(q, k, v, mask, segment_ids=seg, **kwargs)
+    else:
+        kernel = functools.partial(context_parallel.shard_attention, **kwargs)
+    # check_vma=False: the Pallas call has no varying-across-mesh typing rule. Segment ids [B, T]
+    # split like q's batch and sequence (None is an empty operand).
+    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, P(q_spec[0], seq)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, block_mask, segment_ids)
+
+
+def block_sparse_attention(q, k, v, block_mask, *, segment_ids=None, **kwargs):
     """`sparsetrain.ops.block_sparse_attention` (same arguments and result), run per shard when a
-    mesh is active and directly otherwise."""
+    mesh is active and directly otherwise. With a context split, q/k/v are in the load-balanced
+    order and `block_mask` in natural order (a selection made for the natural sequence)."""
     mesh = _active_mesh()
     if mesh is None:
-        return ops.block_sparse_attention(q, k, v, block_mask, **kwargs)
-    q_spec, kv_spec, mask_spec = _specs(q, k, block_mask.shape[1], mesh)
-    kernel = functools.partial(ops.block_sparse_attention, **kwargs)
-    # check_vma=False: the Pallas call has no varying-across-mesh typing rule.
-    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, mask_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v, block_mask)
+        return ops.block_sparse_attention(q, k, v, block_mask, segment_ids=segment_ids, **kwargs)
+    if _sequence_axis(mesh) and segment_ids is not None:
+        # A method's document-aware selection reads the segment ids in the order it is given;
+        # under a context split that is the load-balanced one, so its tiles would be wrong.
+        raise NotImplementedError("mesh.context > 1 with block-sparse layers needs attention across "
+                                  "documents (data.cross_document_attention=true)")
+    return _per_shard(q, k, v, block_mask, segment_ids, mesh, **kwargs)
 
 
-def block_attention_scores(q, k, **kwargs):
-    """`sparsetrain.ops.block_attention_scores`, run per shard when a mesh is active."""
+def causal_attention(q, k, v, *, segment_ids=None, impl: str = "auto"):
+    """Dense causal attention (within documents when `segment_ids` are given) of q/k/v in the
+    load-balanced order of a context-split mesh: the block-sparse kernel over every causal tile,
+    which is exact and skips the tiles above the diagonal. Shapes as `ops.block_sparse_attention`."""
+    mesh = _active_mesh()
+    block_size = context_parallel.dense_block_size(q.shape[1], context_parallel.context_size())
+    tiles = context_parallel.causal_tiles(q.shape[1], k.shape[2], q.shape[0], block_size)
+    return _per_shard(q, k, v, tiles, segment_ids, mesh, block_size=block_size, impl=impl)
+
+
+def block_attention_scores(q, k, *, segment_ids=None, **kwargs):
+    """`sparsetrain.ops.block_attention_scores`, run per shard when a mesh is active; in natural
+    order under a context split (a metric: q and k are put back in natural order first)."""
     mesh = _active_mesh()
     if mesh is None:
-        return ops.block_attention_scores(q, k, **kwargs)
+        return ops.block_attention_scores(q, k, segment_ids=segment_ids, **kwargs)
+    q, k, segment_ids = map(context_parallel.to_natural, (q, k, segment_ids))
     q_spec, kv_spec, out_spec = _specs(q, k, q.shape[2], mesh)
-    kernel = functools.partial(ops.block_attention_scores, **kwargs)
-    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec), out_specs=out_spec, check_vma=False)(q, k)
+    kernel = lambda q, k, seg: ops.block_attention_scores(q, k, segment_ids=seg, **kwargs)
+    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, P(q_spec[0], None)), out_specs=out_spec,
+                         check_vma=False)(q, k, segment_ids)

@@ -1,7 +1,8 @@
 """Device mesh and the logical-axis rules that place parameters, optimizer state and batches on it.
 
 Mesh axes: "data" (pure data parallel: parameters replicated), "fsdp" (data parallel with parameters
-and optimizer state sharded, all-gathered per layer), "tensor" (heads/MLP width split). Axis types are
+and optimizer state sharded, all-gathered per layer), "context" (each sequence split along T,
+sparsetrain/attention/context_parallel.py), "tensor" (heads/MLP width split). Axis types are
 Auto so XLA's GSPMD propagates shardings through the step, as MaxText's `shard_mode: auto` does. The
 logical-axis rules themselves live in `sparsetrain.partitioning`.
 """
@@ -18,8 +19,9 @@ from sparsetrain.config import MeshConfig
 from sparsetrain.partitioning import LOGICAL_RULES, MESH_AXES, logical_to_spec
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    """Axis sizes in `MESH_AXES` order, the -1 axis filled in."""
+    sizes = [getattr(cfg, axis) for axis in MESH_AXES]
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % fixed:
@@ -27,7 +29,7 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
                              f"the {num_devices} devices")
         sizes[sizes.index(-1)] = num_devices // fixed
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {num_devices} "
+        raise ValueError(f"mesh: {'*'.join(MESH_AXES)} = {math.prod(sizes)} but there are {num_devices} "
                          "devices; set one axis to -1 or make the product match")
     return tuple(sizes)
 

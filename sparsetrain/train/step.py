@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsetrain.attention.context_parallel import to_load_balanced, to_natural
 from sparsetrain.attention.method import StepContext
 from sparsetrain.checkpoint.model_def import ModelDef, Params, flatten, path_str
 from sparsetrain.config import TrainerConfig
@@ -21,12 +22,15 @@ from sparsetrain.train.cross_entropy import head_token_losses
 
 def sequence_losses(params, batch, model: ModelDef, ctx: StepContext, z_loss: float, loss_chunk: int):
     """(per-token losses [B, T] float32, layer losses, metrics) of `batch` under `params`; the
-    output head runs `loss_chunk` tokens at a time (0: whole, materialising [B, T, V] logits)."""
+    output head runs `loss_chunk` tokens at a time (0: whole, materialising [B, T, V] logits).
+    Under a context-split mesh the model runs on the load-balanced order; the losses come back in
+    the batch's own order."""
+    batch = to_load_balanced(batch)
     hidden, losses, metrics = model.hidden_states(params, batch["inputs"], batch["positions"],
                                                   batch.get("segment_ids"), ctx)
     tokens = head_token_losses(functools.partial(model.logits, params), hidden, batch["targets"],
                                z_loss, loss_chunk)
-    return tokens, losses, metrics
+    return to_natural(tokens), losses, metrics
 
 
 def split_trainable(params: Params, trainable: frozenset[str]) -> tuple[dict, dict]:

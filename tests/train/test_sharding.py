@@ -46,7 +46,8 @@ def test_restore_onto_other_meshes(eight_device_results):
 
 
 def test_mesh_shape_resolves_and_rejects():
-    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=1), 8) == (4, 2, 1)
+    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=1), 8) == (4, 2, 1, 1)
+    assert mesh_shape(MeshConfig(data=2, context=2, tensor=2), 8) == (2, 1, 2, 2)
     with pytest.raises(ValueError, match="does not divide"):
         mesh_shape(MeshConfig(data=-1, fsdp=3), 8)
     with pytest.raises(ValueError, match="devices"):
