@@ -24,6 +24,7 @@ class Tuning:
     fwd_stages: int = 2
     bwd_warps: int = 4
     bwd_stages: int = 2
+    token_rows: int = 16  # token-level kernel: at least this many rows (heads x tokens) a tile
 
 
 def default_tuning(block: int, head_dim: int) -> Tuning:

@@ -36,12 +36,17 @@ from pallas_kernels.block_sparse.common import LN2, LOG2E, Dims
 from pallas_kernels.block_sparse.launch import current_tuning, dot_precision, pallas
 from pallas_kernels.block_sparse.selection import Selection, token_attention_dims
 
-MIN_ROWS = 16  # tensor-core MMA M-dimension
 MAX_HEAD_DIM = 256
+# dk/dv grid target: enough programs to fill an H100's 132 SMs several times over.
+DKV_PROGRAMS = 2048
+MAX_DKV_CHUNKS = 16
 
 
-def tokens_per_tile(group: int) -> int:
-    return max(1, MIN_ROWS // group)
+def tokens_per_tile(dims: Dims) -> int:
+    """P: consecutive tokens per tile, so that a tile has at least `Tuning.token_rows` rows (16 by
+    default, the tensor-core MMA M-dimension)."""
+    rows = current_tuning(dims.block, dims.head_dim).token_rows
+    return max(1, rows // dims.mask_group)
 
 
 def _pow2(n: int) -> int:
@@ -115,6 +120,7 @@ class _Config:
     interpret: bool
     segmented: bool
     p: int  # tokens per tile
+    dkv_chunks: int = 1  # programs sharing one key block's token groups in dk/dv
 
     @property
     def rows(self) -> int:
@@ -158,24 +164,33 @@ def _positions(g, cfg: _Config):
     return g * cfg.p + jnp.arange(cfg.rows) // cfg.dims.mask_group + cfg.dims.offset
 
 
-def _fwd_kernel(union_ref, ucnt_ref, lists_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref,
-                lse_ref, *, cfg: _Config, precision):
-    bs, r = cfg.dims.block, cfg.rows
-    q = q_ref[...].reshape(r, q_ref.shape[-1])
+def _group_logits(q_ref, lists_ref, qseg_ref, kseg_ref, k_ref, cfg: _Config, precision):
+    """This program's token group: q rows [R, D] and `logits(blk) -> (start, s)`, the masked
+    base-2 logits s [R, bs] of the rows against key block blk starting at key `start`."""
+    bs = cfg.dims.block
+    q = q_ref[...].reshape(cfg.rows, q_ref.shape[-1])
     pos = _positions(pl.program_id(0), cfg)
     lists = lists_ref[...]
     qid = _per_row(qseg_ref[...], cfg.dims.mask_group) if cfg.segmented else None
 
-    def step(t, carry):
-        blk = union_ref[t]
+    def logits(blk):
         start = pl.multiple_of(blk * bs, bs)
         s = pltr.dot(q, k_ref[pl.ds(start, bs), :], trans_b=True, precision=precision) * cfg.c
         kseg = kseg_ref[pl.ds(start, bs)] if cfg.segmented else None
-        s = jnp.where(_visible(blk, lists, pos, qid, kseg, cfg, transposed=False), s, -jnp.inf)
-        return flash.softmax_update(carry, s, v_ref[pl.ds(start, bs), :], may_be_empty=True,
+        return start, jnp.where(_visible(blk, lists, pos, qid, kseg, cfg, transposed=False), s, -jnp.inf)
+    return q, logits
+
+
+def _fwd_kernel(union_ref, ucnt_ref, lists_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref,
+                lse_ref, *, cfg: _Config, precision):
+    q, logits = _group_logits(q_ref, lists_ref, qseg_ref, kseg_ref, k_ref, cfg, precision)
+
+    def step(t, carry):
+        start, s = logits(union_ref[t])
+        return flash.softmax_update(carry, s, v_ref[pl.ds(start, cfg.dims.block), :], may_be_empty=True,
                                     precision=precision)
 
-    carry = lax.fori_loop(0, ucnt_ref[0], step, flash.softmax_init(r, q.shape[-1]))
+    carry = lax.fori_loop(0, ucnt_ref[0], step, flash.softmax_init(cfg.rows, q.shape[-1]))
     o, lse = flash.softmax_finish(*carry)
     lse_ref[...] = lse
     o_ref[...] = o.reshape(o_ref.shape).astype(o_ref.dtype)
@@ -183,22 +198,15 @@ def _fwd_kernel(union_ref, ucnt_ref, lists_ref, qseg_ref, kseg_ref, q_ref, k_ref
 
 def _dq_kernel(union_ref, ucnt_ref, lists_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref,
                lse_ref, delta_ref, dq_ref, *, cfg: _Config, precision):
-    bs, r = cfg.dims.block, cfg.rows
-    q = q_ref[...].reshape(r, q_ref.shape[-1])
-    do = do_ref[...].reshape(r, do_ref.shape[-1])
+    bs = cfg.dims.block
+    q, logits = _group_logits(q_ref, lists_ref, qseg_ref, kseg_ref, k_ref, cfg, precision)
+    do = do_ref[...].reshape(cfg.rows, do_ref.shape[-1])
     lse, delta = lse_ref[...], delta_ref[...]
-    pos = _positions(pl.program_id(0), cfg)
-    lists = lists_ref[...]
-    qid = _per_row(qseg_ref[...], cfg.dims.mask_group) if cfg.segmented else None
 
     def step(t, dq):
-        blk = union_ref[t]
-        start = pl.multiple_of(blk * bs, bs)
+        start, s = logits(union_ref[t])
         k = k_ref[pl.ds(start, bs), :]
         v = v_ref[pl.ds(start, bs), :]
-        s = pltr.dot(q, k, trans_b=True, precision=precision) * cfg.c
-        kseg = kseg_ref[pl.ds(start, bs)] if cfg.segmented else None
-        s = jnp.where(_visible(blk, lists, pos, qid, kseg, cfg, transposed=False), s, -jnp.inf)
         p = jnp.exp2(s - lse[:, None])
         dp = pltr.dot(do, v, trans_b=True, precision=precision)
         return dq + pltr.dot((p * (dp - delta[:, None])).astype(k.dtype), k, precision=precision)
@@ -211,7 +219,7 @@ def _dkv_kernel(groups_ref, off_ref, lists_ref, qseg_ref, kseg_ref, q_ref, k_ref
                 lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Config, precision):
     # Transposed tiles (keys x rows) so that every product is a plain or trans_b dot.
     p, r = cfg.p, cfg.rows
-    j = pl.program_id(0)
+    j, chunk = pl.program_id(0) // cfg.dkv_chunks, pl.program_id(0) % cfg.dkv_chunks
     k, v = k_ref[...], v_ref[...]
     dh = k.shape[-1]
     kseg = kseg_ref[...] if cfg.segmented else None
@@ -234,7 +242,10 @@ def _dkv_kernel(groups_ref, off_ref, lists_ref, qseg_ref, kseg_ref, q_ref, k_ref
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(off_ref[j], off_ref[j + 1], step, (zeros, zeros))
+    lo, hi = off_ref[j], off_ref[j + 1]
+    per_chunk = (hi - lo + cfg.dkv_chunks - 1) // cfg.dkv_chunks
+    first = lo + chunk * per_chunk
+    dk, dv = lax.fori_loop(first, jnp.minimum(hi, first + per_chunk), step, (zeros, zeros))
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -302,29 +313,34 @@ def _backward(q, k, v, do, lse, delta, lists: _Lists, cfg: _Config):
 
     groups, offsets = transposed_groups(lists.union, d.n_k)
     mp = lists.tokens.shape[-1]
-    kv_tile = pl.BlockSpec((None, bs, None, dh), lambda j, b, h: (b, j, _kv_head(h, d), 0))
-    q_all = pl.BlockSpec((None, t_p, None, gs, dh), lambda j, b, h: (b, 0, h, 0, 0))
-    row_all = pl.BlockSpec((None, None, t_p * gs), lambda j, b, h: (b, h, 0))
-    dkv_tile = pl.BlockSpec((None, bs, None, dh), lambda j, b, h: (b, j, h, 0))
-    # One selection head per kv head: written in k's dtype; else f32 summed over the heads below.
+    # With few (key block, selection head) programs (G = 16 puts every head of a kv head in one
+    # program), each key block's token groups are split over `chunks` programs whose partial
+    # dk/dv are summed below: the grid reaches DKV_PROGRAMS programs at most.
+    chunks = max(1, min(MAX_DKV_CHUNKS, DKV_PROGRAMS // (d.n_k * b * h)))
+    cfg = dataclasses.replace(cfg, dkv_chunks=chunks)
+    blk = lambda i: i // chunks  # noqa: E731  (grid index -> key block)
+    kv_tile = pl.BlockSpec((None, bs, None, dh), lambda i, b, h: (b, blk(i), _kv_head(h, d), 0))
+    q_all = pl.BlockSpec((None, t_p, None, gs, dh), lambda i, b, h: (b, 0, h, 0, 0))
+    row_all = pl.BlockSpec((None, None, t_p * gs), lambda i, b, h: (b, h, 0))
+    dkv_tile = pl.BlockSpec((None, None, bs, None, dh), lambda i, b, h: (b, i % chunks, blk(i), h, 0))
+    # One selection head per kv head and one chunk: written in k's dtype; else f32, summed below.
     heads_per_kv = d.mask_heads // d.kv_heads
-    dkv_dtype = k.dtype if heads_per_kv == 1 else jnp.float32
+    dkv_dtype = k.dtype if heads_per_kv == 1 and chunks == 1 else jnp.float32
     dk, dv = pallas(
         functools.partial(_dkv_kernel, cfg=cfg, precision=precision),
-        grid=(d.n_k, b, h),
-        in_specs=[pl.BlockSpec((None, None, groups.shape[-1]), lambda j, b, h: (b, h, 0)),
-                  pl.BlockSpec((None, None, d.n_k + 1), lambda j, b, h: (b, h, 0)),
-                  pl.BlockSpec((None, None, t_p, mp), lambda j, b, h: (b, h, 0, 0)),
-                  pl.BlockSpec((None, t_p), lambda j, b, h: (b, 0)),
-                  pl.BlockSpec((None, bs), lambda j, b, h: (b, j)),
+        grid=(d.n_k * chunks, b, h),
+        in_specs=[pl.BlockSpec((None, None, groups.shape[-1]), lambda i, b, h: (b, h, 0)),
+                  pl.BlockSpec((None, None, d.n_k + 1), lambda i, b, h: (b, h, 0)),
+                  pl.BlockSpec((None, None, t_p, mp), lambda i, b, h: (b, h, 0, 0)),
+                  pl.BlockSpec((None, t_p), lambda i, b, h: (b, 0)),
+                  pl.BlockSpec((None, bs), lambda i, b, h: (b, blk(i))),
                   q_all, kv_tile, kv_tile, q_all, row_all, row_all],
         out_specs=[dkv_tile, dkv_tile],
-        out_shape=[jax.ShapeDtypeStruct((b, s_p, h, dh), dkv_dtype)] * 2,
+        out_shape=[jax.ShapeDtypeStruct((b, chunks, s_p, h, dh), dkv_dtype)] * 2,
         warps=tune.bwd_warps, stages=tune.bwd_stages, interpret=cfg.interpret,
         name="token_sparse_dkv")(groups, offsets, lists.tokens, *lists.ids, q, k, v, do, lse, delta)
-    if heads_per_kv > 1:
-        dk = dk.reshape(b, s_p, d.kv_heads, heads_per_kv, dh).sum(3).astype(k.dtype)
-        dv = dv.reshape(b, s_p, d.kv_heads, heads_per_kv, dh).sum(3).astype(v.dtype)
+    dk, dv = (x.sum(1).reshape(b, s_p, d.kv_heads, heads_per_kv, dh).sum(3).astype(k.dtype)
+              for x in (dk, dv))
     return dq, dk, dv
 
 
@@ -417,7 +433,7 @@ def token_block_sparse_attention(q, k, v, selection: Selection, *, causal: bool,
     check_token_kernel(dims)
     seg = common.segment_ids_pair(segment_ids, dims)
     cfg = _Config(dims, bool(causal), common.default_scale(sm_scale, dims.head_dim), bool(interpret),
-                  segmented=seg is not None, p=tokens_per_tile(dims.mask_group))
+                  segmented=seg is not None, p=tokens_per_tile(dims))
     if seg is None:  # unread placeholders keep one kernel signature
         seg = common.SegmentIds(jnp.zeros((dims.batch, dims.seq_q), jnp.int32),
                                 jnp.zeros((dims.batch, dims.seq_kv), jnp.int32))

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,7 @@ from pallas_kernels.block_sparse.selection import Selection
 
 BLOCK_SIZES = (128, 256, 512)
 LANES = 128
+SUBLANES = 8
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
@@ -59,9 +61,10 @@ _NN = (((1,), (0,)), ((), ()))  # a @ b
 # Validation and static configuration.
 
 def check_no_segment_ids(segment_ids) -> None:
+    """The TPU block_attention_scores has no document masking yet."""
     if segment_ids is not None:
         raise NotImplementedError("segment_ids (document masking) is not implemented in the Mosaic TPU "
-                                  "kernels yet; use impl='xla' (the reference) for packed documents")
+                                  "block_attention_scores yet; use impl='xla' (the reference) there")
 
 
 def check_block_size(block_size) -> None:
@@ -94,6 +97,7 @@ class _Config:
     causal: bool
     scale: float
     interpret: object  # False or pltpu.InterpretParams (hashable)
+    segmented: bool = False  # segment ids given: two id refs follow each kernel's other inputs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,8 +116,11 @@ def _div(x, c: int):
 
 
 def _is_full(qb, kb, cfg: _Config):
-    """Scalar: every key of tile (qb, kb) is real and visible to every query row of it."""
+    """Scalar: every key of tile (qb, kb) is real and visible to every query row of it. With
+    segment ids every tile takes the masked branch (document-uniform tiles are not told apart)."""
     d, bs = cfg.dims, cfg.dims.block
+    if cfg.segmented:
+        return False
     full = (kb + 1) * bs <= d.seq_kv
     if cfg.causal:
         full = jnp.logical_and(full, (kb + 1) * bs - 1 <= qb * bs + d.offset)
@@ -125,6 +132,25 @@ def _visible(q_pos, k_pos, cfg: _Config):
     if cfg.causal:
         keep = jnp.logical_and(keep, k_pos <= q_pos + cfg.dims.offset)
     return keep
+
+
+def _doc_refs(refs, cfg: _Config):
+    """((row-side ids ref, column-side ids ref), the other refs): with segment ids the kernels take
+    the two id refs right after their other inputs."""
+    return (tuple(refs[:2]), refs[2:]) if cfg.segmented else ((None, None), refs)
+
+
+def _same_doc(col_ids_ref, row_ids_ref, width: int):
+    """bool (bs, width): the id of each tile row (a lane-replicated (bs, 128) block) equals the id
+    of each tile column (a sublane-replicated (8, width) block), splash attention's layout."""
+    return _lanes(col_ids_ref[...], width) == row_ids_ref[:1, :]
+
+
+def _masked(s, keep, docs, width: int):
+    """s with -inf outside `keep` and (segment ids) outside the row's document."""
+    if docs[0] is not None:
+        keep = jnp.logical_and(keep, _same_doc(*docs, width))
+    return jnp.where(keep, s, -jnp.inf)
 
 
 def _branches(run, full, body):
@@ -141,8 +167,8 @@ def _lanes(x, width: int):
 # ------------------------------------------------------------------------------------------------
 # Kernels. Refs: 1-D SMEM lists, then the VMEM tiles of the BlockSpecs, then scratch.
 
-def _fwd_kernel(data_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
-                cfg: _Config):
+def _fwd_kernel(data_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
+    docs, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _doc_refs(refs, cfg)
     d, bs = cfg.dims, cfg.dims.block
     b, h, qi, t = (pl.program_id(a) for a in range(4))
     row = (b * d.mask_heads + _div(h, d.mask_group)) * d.n_q + qi
@@ -160,7 +186,7 @@ def _fwd_kernel(data_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_
         if masked:
             q_pos = qi * bs + lax.broadcasted_iota(jnp.int32, (bs, bs), 0)
             k_pos = kb * bs + lax.broadcasted_iota(jnp.int32, (bs, bs), 1)
-            s = jnp.where(_visible(q_pos, k_pos, cfg), s, -jnp.inf)
+            s = _masked(s, _visible(q_pos, k_pos, cfg), docs, bs)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))  # (bs, 128)
         # A row that has seen only hidden keys keeps m = -inf: subtract 0 so exp gives 0, not NaN.
@@ -184,8 +210,8 @@ def _fwd_kernel(data_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_
         lse_ref[...] = lse.T[:1, :]  # a (1, bs) row
 
 
-def _dq_kernel(data_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
-               cfg: _Config):
+def _dq_kernel(data_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
+    docs, (dq_ref, dq_sc) = _doc_refs(refs, cfg)
     d, bs = cfg.dims, cfg.dims.block
     b, h, qi, t = (pl.program_id(a) for a in range(4))
     row = (b * d.mask_heads + _div(h, d.mask_group)) * d.n_q + qi
@@ -201,7 +227,7 @@ def _dq_kernel(data_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
         if masked:
             q_pos = qi * bs + lax.broadcasted_iota(jnp.int32, (bs, bs), 0)
             k_pos = kb * bs + lax.broadcasted_iota(jnp.int32, (bs, bs), 1)
-            s = jnp.where(_visible(q_pos, k_pos, cfg), s, -jnp.inf)
+            s = _masked(s, _visible(q_pos, k_pos, cfg), docs, bs)
         p = jnp.exp(s - lse_ref[0][:, None])
         dp = _dot(do, v, _NT, v.dtype)
         ds = p * (dp - delta_ref[0][:, None])
@@ -214,9 +240,9 @@ def _dq_kernel(data_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
         dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(data_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                dk_sc, dv_sc, *, cfg: _Config):
+def _dkv_kernel(data_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
     # Transposed tiles (keys x queries): the row statistics broadcast along sublanes.
+    docs, (dk_ref, dv_ref, dk_sc, dv_sc) = _doc_refs(refs, cfg)  # docs: (key ids, query ids)
     d, bs = cfg.dims, cfg.dims.block
     b, kvh, kj, g, t = (pl.program_id(a) for a in range(5))
     h = kvh * d.group + g
@@ -234,7 +260,7 @@ def _dkv_kernel(data_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_r
         if masked:
             k_pos = kj * bs + lax.broadcasted_iota(jnp.int32, (bs, bs), 0)
             q_pos = qb * bs + lax.broadcasted_iota(jnp.int32, (bs, bs), 1)
-            st = jnp.where(_visible(q_pos, k_pos, cfg), st, -jnp.inf)
+            st = _masked(st, _visible(q_pos, k_pos, cfg), docs, bs)
         pt = jnp.exp(st - lse_ref[...])
         dv_sc[...] += _dot(pt.astype(do.dtype), do, _NN, do.dtype)
         dpt = _dot(v, do, _NT, do.dtype)
@@ -277,7 +303,8 @@ def _call(kernel, cfg: _Config, *, grid, in_specs, out_specs, out_shape, scratch
 
 
 def _row_grid_specs(cfg: _Config, dh: int):
-    """BlockSpecs of the (b, h, i, t) grid: q-row tile, the listed K/V tile, row statistics."""
+    """BlockSpecs of the (b, h, i, t) grid: q-row tile, the listed K/V tile, row statistics, and
+    (segment ids) the q-row ids and the listed key block's ids."""
     d, bs = cfg.dims, cfg.dims.block
 
     def kv_map(b, h, i, t, data, cnt):
@@ -287,35 +314,62 @@ def _row_grid_specs(cfg: _Config, dh: int):
     q_tile = pl.BlockSpec((None, None, bs, dh), lambda b, h, i, t, *_: (b, h, i, 0))
     kv_tile = pl.BlockSpec((None, None, bs, dh), kv_map)
     row_vec = pl.BlockSpec((None, None, 1, bs), lambda b, h, i, t, *_: (b, h, 0, i))
-    return q_tile, kv_tile, row_vec
+    doc_specs = [pl.BlockSpec((None, bs, LANES), lambda b, h, i, t, *_: (b, i, 0)),
+                 pl.BlockSpec((None, SUBLANES, bs), lambda *idx: (idx[0], 0, kv_map(*idx)[2]))]
+    return q_tile, kv_tile, row_vec, doc_specs if cfg.segmented else []
 
 
-def _forward(q, k, v, lists, cfg: _Config):
+class _Docs(NamedTuple):
+    """Id arrays the kernels read (empty without segment ids): forward / dq tiles are (query rows,
+    key columns), transposed dk/dv tiles (key rows, query columns)."""
+
+    forward: tuple = ()
+    transposed: tuple = ()
+
+
+def _docs(seg: common.SegmentIds, cfg: _Config) -> _Docs:
+    if not cfg.segmented:
+        return _Docs()
+    d = cfg.dims
+    q_col, q_row = doc_layouts(seg.q, d.n_q * d.block)
+    kv_col, kv_row = doc_layouts(seg.kv, d.n_k * d.block)
+    return _Docs((q_col, kv_row), (kv_col, q_row))
+
+
+def doc_layouts(ids, seq: int):
+    """int [B, L] ids padded to `seq` (last id repeated) -> (lane-replicated [B, seq, 128] for ids
+    along tile rows, sublane-replicated [B, 8, seq] for ids along tile columns)."""
+    ids = jnp.pad(ids, ((0, 0), (0, seq - ids.shape[1])), mode="edge")
+    return (jnp.broadcast_to(ids[:, :, None], (*ids.shape, LANES)),
+            jnp.broadcast_to(ids[:, None, :], (ids.shape[0], SUBLANES, seq)))
+
+
+def _forward(q, k, v, lists, docs, cfg: _Config):
     d, bs = cfg.dims, cfg.dims.block
     b, n, t_p, dh = q.shape
-    q_tile, kv_tile, row_vec = _row_grid_specs(cfg, dh)
+    q_tile, kv_tile, row_vec, doc_specs = _row_grid_specs(cfg, dh)
     return _call(
         _fwd_kernel, cfg, grid=(b, n, d.n_q, d.n_k),
-        in_specs=[q_tile, kv_tile, kv_tile], out_specs=[q_tile, row_vec],
+        in_specs=[q_tile, kv_tile, kv_tile, *doc_specs], out_specs=[q_tile, row_vec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, n, 1, t_p), jnp.float32)],
         scratch=[pltpu.VMEM((bs, LANES), jnp.float32), pltpu.VMEM((bs, LANES), jnp.float32),
                  pltpu.VMEM((bs, dh), jnp.float32)],
         semantics=("parallel", "parallel", "parallel", "arbitrary"),
-        name="block_sparse_tpu_fwd")(*lists, q, k, v)
+        name="block_sparse_tpu_fwd")(*lists, q, k, v, *docs.forward)
 
 
-def _backward(q, k, v, do, lse, delta, mask, cfg: _Config):
+def _backward(q, k, v, do, lse, delta, mask, docs, cfg: _Config):
     d, bs = cfg.dims, cfg.dims.block
     b, n, t_p, dh = q.shape
-    q_tile, kv_tile, row_vec = _row_grid_specs(cfg, dh)
+    q_tile, kv_tile, row_vec, doc_specs = _row_grid_specs(cfg, dh)
     dq = _call(
         _dq_kernel, cfg, grid=(b, n, d.n_q, d.n_k),
-        in_specs=[q_tile, kv_tile, kv_tile, q_tile, row_vec, row_vec], out_specs=q_tile,
+        in_specs=[q_tile, kv_tile, kv_tile, q_tile, row_vec, row_vec, *doc_specs], out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch=[pltpu.VMEM((bs, dh), jnp.float32)],
         semantics=("parallel", "parallel", "parallel", "arbitrary"),
-        name="block_sparse_tpu_dq")(*slot_lists(mask), q, k, v, do, lse, delta)
+        name="block_sparse_tpu_dq")(*slot_lists(mask), q, k, v, do, lse, delta, *docs.forward)
 
     # Transposed lists: per key block, the query blocks that selected it.
     def q_map(b, kvh, j, g, t, data, cnt):
@@ -330,14 +384,18 @@ def _backward(q, k, v, do, lse, delta, mask, cfg: _Config):
     q_listed = pl.BlockSpec((None, None, bs, dh), q_map)
     row_listed = pl.BlockSpec((None, None, 1, bs), row_map)
     kv_own = pl.BlockSpec((None, None, bs, dh), lambda b, kvh, j, g, t, *_: (b, kvh, j, 0))
+    doc_specs = [pl.BlockSpec((None, bs, LANES), lambda b, kvh, j, g, t, *_: (b, j, 0)),
+                 pl.BlockSpec((None, SUBLANES, bs), lambda *idx: (idx[0], 0, q_map(*idx)[2]))]
     dk, dv = _call(
         _dkv_kernel, cfg, grid=(b, d.kv_heads, d.n_k, d.group, d.n_q),
-        in_specs=[q_listed, kv_own, kv_own, q_listed, row_listed, row_listed],
+        in_specs=[q_listed, kv_own, kv_own, q_listed, row_listed, row_listed,
+                  *(doc_specs if cfg.segmented else [])],
         out_specs=[kv_own, kv_own],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
         scratch=[pltpu.VMEM((bs, dh), jnp.float32), pltpu.VMEM((bs, dh), jnp.float32)],
         semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
-        name="block_sparse_tpu_dkv")(*slot_lists(jnp.swapaxes(mask, -1, -2)), q, k, v, do, lse, delta)
+        name="block_sparse_tpu_dkv")(*slot_lists(jnp.swapaxes(mask, -1, -2)), q, k, v, do, lse, delta,
+                                     *docs.transposed)
     return dq, dk, dv
 
 
@@ -353,35 +411,39 @@ def _unheads(x, seq: int, dh: int):
     return jnp.swapaxes(x, 1, 2)[:, :seq, :, :dh]
 
 
-def _restricted(block_mask, cfg: _Config):
+def _restricted(block_mask, seg, cfg: _Config):
+    """The selection without tiles that hold no visible pair (causally, or between documents)."""
     possible, _ = common.tile_classes(cfg.dims, cfg.causal)
-    return block_mask & possible
+    mask = block_mask & possible
+    if cfg.segmented:
+        mask = mask & common.segment_tile_classes(seg, cfg.dims)[0]
+    return mask
 
 
-def _fwd_impl(q, k, v, block_mask, cfg: _Config):
+def _fwd_impl(q, k, v, block_mask, seg, cfg: _Config):
     d = cfg.dims
     dh = padded_head_dim(d.head_dim)
-    lists = slot_lists(_restricted(block_mask, cfg))
+    lists = slot_lists(_restricted(block_mask, seg, cfg))
     kp, vp = (_heads(x, d.n_k * d.block, dh) for x in (k, v))
-    o, lse_int = _forward(_heads(q, d.n_q * d.block, dh), kp, vp, lists, cfg)
+    o, lse_int = _forward(_heads(q, d.n_q * d.block, dh), kp, vp, lists, _docs(seg, cfg), cfg)
     o = _unheads(o, d.seq_q, d.head_dim)
     lse = lse_int[:, :, 0, :d.seq_q]
     return o, jnp.where(lse == jnp.inf, -jnp.inf, lse), lse_int
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, block_mask, cfg: _Config):
-    o, lse, _ = _fwd_impl(q, k, v, block_mask, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, block_mask, seg, cfg: _Config):
+    o, lse, _ = _fwd_impl(q, k, v, block_mask, seg, cfg)
     return o, lse
 
 
-def _attention_fwd(q, k, v, block_mask, cfg: _Config):
-    o, lse, lse_int = _fwd_impl(q, k, v, block_mask, cfg)
-    return (o, lse), (q, k, v, block_mask, o, lse_int)
+def _attention_fwd(q, k, v, block_mask, seg, cfg: _Config):
+    o, lse, lse_int = _fwd_impl(q, k, v, block_mask, seg, cfg)
+    return (o, lse), (q, k, v, block_mask, seg, o, lse_int)
 
 
 def _attention_bwd(cfg: _Config, res, cotangents):
-    q, k, v, block_mask, o, lse_int = res
+    q, k, v, block_mask, seg, o, lse_int = res
     do, dlse = cotangents
     d = cfg.dims
     dh = padded_head_dim(d.head_dim)
@@ -391,9 +453,9 @@ def _attention_bwd(cfg: _Config, res, cotangents):
     delta = common.pad_axis(delta, 2, t_p)[:, :, None, :]
     dq, dk, dv = _backward(
         _heads(q, t_p, dh), _heads(k, s_p, dh), _heads(v, s_p, dh), _heads(do.astype(q.dtype), t_p, dh),
-        lse_int, delta, _restricted(block_mask, cfg), cfg)
+        lse_int, delta, _restricted(block_mask, seg, cfg), _docs(seg, cfg), cfg)
     return (_unheads(dq, d.seq_q, d.head_dim), _unheads(dk, d.seq_kv, d.head_dim),
-            _unheads(dv, d.seq_kv, d.head_dim), None)
+            _unheads(dv, d.seq_kv, d.head_dim), None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -411,22 +473,26 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
       block_size: bs, one of 128, 256, 512 on TPU (the default 64 of the shared signature is
         rejected with a ValueError: pass block_size explicitly).
       sm_scale: logit scale, default 1/sqrt(D).
-      segment_ids: must be None here (NotImplementedError otherwise): document masking is not in
-        the TPU kernels yet.
+      segment_ids: None, int [B, T] (S == T) or `common.SegmentIds`: tiles between documents are
+        dropped; with ids every other tile takes the masked branch, which compares the row and
+        column ids (lane- and sublane-replicated, as in splash attention).
       interpret: True runs the TPU interpreter on CPU (`pltpu.InterpretParams()`); an
         InterpretParams instance is used as given. False compiles for a TPU.
       return_lse: also return the natural-log LSE of each row's scaled logits, f32 [B, N, T]
         (-inf for rows with no visible key, whose output is 0).
     Returns o [B, T, N, D] in q's dtype (and the LSE). Differentiable in q, k, v (and through LSE).
     """
-    check_no_segment_ids(segment_ids)
     if isinstance(block_mask, Selection):
         if block_mask.granularity == "token":
             raise NotImplementedError("token-level selections are not implemented in the Mosaic TPU kernels; "
                                       "use impl='pallas' (GPU) or impl='xla'")
         block_mask = block_mask.to_mask()
     dims = attention_dims(q, k, v, block_mask, block_size)
+    seg = common.segment_ids_pair(segment_ids, dims)
     cfg = _Config(dims, bool(causal), common.default_scale(sm_scale, dims.head_dim),
-                  interpret_params(interpret))
-    o, lse = _attention(q, k, v, block_mask, cfg)
+                  interpret_params(interpret), segmented=seg is not None)
+    if seg is None:  # unread: the kernels take no id refs
+        seg = common.SegmentIds(jnp.zeros((dims.batch, dims.seq_q), jnp.int32),
+                                jnp.zeros((dims.batch, dims.seq_kv), jnp.int32))
+    o, lse = _attention(q, k, v, block_mask, seg, cfg)
     return (o, lse) if return_lse else o

@@ -103,7 +103,7 @@ def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, s
       block_size: bs, one of 128, 256, 512 on TPU (the tile of the max-pool).
       causal: end-aligned causal map; tiles with no visible pair are 0.
       sm_scale: logit scale, default 1/sqrt(D).
-      segment_ids: must be None (NotImplementedError otherwise, as in the TPU attention kernels).
+      segment_ids: must be None (NotImplementedError otherwise; the TPU attention kernels take them).
       interpret: True runs the TPU interpreter on CPU; an InterpretParams instance is used as given.
     Returns, per (query block i, key block j), max_{rows of i, keys of j} softmax probability,
     normalised so each row sums to 1 over j (rows with no visible key are all 0).
@@ -117,7 +117,7 @@ def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, s
     qp, kp = _heads(q, t_p, dh), _heads(k, d.n_k * bs, dh)
     possible, _ = common.tile_classes(d, cfg.causal)
     lists = slot_lists(jnp.broadcast_to(jnp.asarray(possible), (d.batch, 1, d.n_q, d.n_k)))
-    q_tile, kv_tile, row_vec = _row_grid_specs(cfg, dh)
+    q_tile, kv_tile, row_vec, _ = _row_grid_specs(cfg, dh)  # no segment ids here
     grid = (d.batch, d.q_heads, d.n_q, d.n_k)
 
     lse = _call(_lse_kernel, cfg, grid=grid, in_specs=[q_tile, kv_tile], out_specs=row_vec,

@@ -121,9 +121,9 @@ def test_slot_lists_repeat_the_last_block():
                                   [[1, 3, 3, 3], [0, 0, 0, 0], [0, 0, 0, 0]])
 
 
-@pytest.mark.parametrize("dtype, mask_heads, block, head_dim", [
-    ("float32", 2, 128, 128), ("bfloat16", 4, 256, 64)])
-def test_lowers_to_mosaic_tpu(dtype, mask_heads, block, head_dim):
+@pytest.mark.parametrize("dtype, mask_heads, block, head_dim, segmented", [
+    ("float32", 2, 128, 128, False), ("bfloat16", 4, 256, 64, False), ("bfloat16", 2, 128, 128, True)])
+def test_lowers_to_mosaic_tpu(dtype, mask_heads, block, head_dim, segmented):
     """Forward + backward lower for the TPU platform without a TPU: the Pallas -> Mosaic lowering
     accepts every op, block shape and index map (libtpu's own compile is not run here)."""
     dt = jnp.dtype(dtype)
@@ -131,12 +131,13 @@ def test_lowers_to_mosaic_tpu(dtype, mask_heads, block, head_dim):
     kv = jax.ShapeDtypeStruct((1, 300, 2, head_dim), dt)
     n = -(-300 // block)
     mask = jax.ShapeDtypeStruct((1, mask_heads, n, n), jnp.bool_)
+    ids = jax.ShapeDtypeStruct((1, 300), jnp.int32) if segmented else None
 
-    def loss(q, k, v, m):
-        o, lse = tpu.block_sparse_attention(q, k, v, m, block_size=block, return_lse=True)
+    def loss(q, k, v, m, ids):
+        o, lse = tpu.block_sparse_attention(q, k, v, m, block_size=block, segment_ids=ids, return_lse=True)
         return o.astype(jnp.float32).sum() + lse.sum()
 
-    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, mask).lower(
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, mask, ids).lower(
         lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 3  # fwd, dq, dk/dv
 

@@ -10,6 +10,7 @@ import pytest
 
 from pallas_kernels.block_sparse import kernel, reference, scores
 from pallas_kernels.block_sparse_tpu import kernel as tpu
+from pallas_kernels.block_sparse_tpu import scores as tpu_scores
 from sparsetrain import ops
 from tests.ops.helpers import GPU_ONLY, seeded_rng
 from tests.ops.test_block_sparse_attention import Case, check_against_reference, make_inputs, naive_attention
@@ -122,8 +123,21 @@ def test_bad_segment_ids_raise_value_error(ids, match):
         ops.block_sparse_attention(q, k, k, mask, block_size=16, segment_ids=ids(1, 64, k.shape[1]))
 
 
-def test_tpu_kernel_names_missing_segment_support():
+def test_tpu_kernel_matches_reference(request):
+    """The Mosaic TPU kernels (TPU interpreter) with segment ids: outputs, LSE and gradients."""
+    rng = seeded_rng(request)
+    c = Case(300, block=128, q_heads=4, kv_heads=2, lse=True)
+    q, k, v, mask = make_inputs(rng, c)
+    seg, same_doc = segment_inputs(rng, c, "packed")
+    kw = dict(causal=c.causal, block_size=c.block, return_lse=True, segment_ids=seg)
+    check_against_reference(
+        c, rng, q, k, v,
+        lambda *a: tpu.block_sparse_attention(*a, mask, interpret=True, **kw),
+        lambda *a: reference.block_sparse_attention(*a, mask, **kw),
+        lambda *a: naive_attention(*a, mask, c, c.head_dim ** -0.5, same_doc))
+
+
+def test_tpu_scores_name_missing_segment_support():
     q = jnp.zeros((1, 128, 1, 128), jnp.float32)
-    mask = jnp.ones((1, 1, 1, 1), bool)
     with pytest.raises(NotImplementedError, match="segment_ids"):
-        tpu.block_sparse_attention(q, q, q, mask, block_size=128, segment_ids=jnp.zeros((1, 128), jnp.int32))
+        tpu_scores.block_attention_scores(q, q, block_size=128, segment_ids=jnp.zeros((1, 128), jnp.int32))
