@@ -6,7 +6,8 @@
 
 Each batch size runs seven train steps of the 125M config (or `--config`) on synthetic tokens in its
 own process (median time of the last five), so every peak is that batch's alone and an
-out-of-memory error ends only that process.
+out-of-memory error ends only that process. From the two largest batches that fit it derives the
+memory rule of thumb: bytes per token per layer (peak growth per added token, over the layers).
 Batch sizes run in the given order and stop at the first that does not fit. Prints one line per
 batch size and a JSON summary.
 """
@@ -55,7 +56,7 @@ def measure(config: str, seq: int, batch: int, remat: str, loss_chunk: int, cont
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
-    return {"batch": batch, "peak_gib": peak / GIB, "xla_temp_gib": plan.temp_size_in_bytes / GIB,
+    return {"batch": batch, "num_layers": cfg.model.num_layers, "peak_gib": peak / GIB, "xla_temp_gib": plan.temp_size_in_bytes / GIB,
             "step_ms": 1e3 * statistics.median(times[2:]), "loss": float(metrics["loss"])}
 
 
@@ -88,6 +89,15 @@ def main() -> None:
               f"{run['step_ms']:.1f} ms/step, loss {run['loss']:.3f}", flush=True)
         summary["runs"].append(run)
         summary["largest_batch"] = batch
+    fits = [run for run in summary["runs"] if "error" not in run]
+    if len(fits) >= 2:
+        # The memory rule of thumb: peak growth per added token per layer between the two largest
+        # batches that fit (weights and optimizer state cancel out; so does the loss's with loss_chunk > 0).
+        small, large = fits[-2:]
+        tokens = (large["batch"] - small["batch"]) * args.seq * large["num_layers"]
+        summary["bytes_per_token_per_layer"] = (large["peak_gib"] - small["peak_gib"]) * GIB / tokens
+        print(f"{summary['bytes_per_token_per_layer']:.0f} bytes per token per layer (peak growth, "
+              f"batch {small['batch']} -> {large['batch']})")
     print(json.dumps(summary))
     if args.json:
         with open(args.json, "w") as f:
