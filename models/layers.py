@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.rope import apply_rope
-from sparsetrain.attention.context_parallel import context_size
+from sparsetrain.attention.context_parallel import context_size, to_natural
 from sparsetrain.attention.dense import DenseAttention
 from sparsetrain.attention.method import AttentionInputs, StepContext
 from sparsetrain.attention.sharded import causal_attention
@@ -74,9 +74,10 @@ class Attention(nnx.Module):
             # Tokens are in the load-balanced order of a context split: causal by true order.
             out = causal_attention(q, k, v, segment_ids=segment_ids)
         else:
+            # A selection reads segment ids in natural order (they stay so under a context split).
             out = self.attend(AttentionInputs(q=q, k=k, v=v, q_nope=q_nope, k_nope=k_nope, x=x,
-                                              positions=positions, segment_ids=segment_ids, ctx=ctx,
-                                              rope=rope))  # [B, T, N, H]
+                                              positions=positions, segment_ids=to_natural(segment_ids),
+                                              ctx=ctx, rope=rope))  # [B, T, N, H]
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
 
 

@@ -13,7 +13,8 @@ slicing a chunk's prefix of keys, the keys are rolled so that the prefix ends ex
 chunk ends: the kernel's end-aligned causal mask then equals the natural one, and the key blocks
 rolled in from the future are excluded by the (rolled) block mask, which is causal. The block mask
 is given in natural order, so `local`'s fixed pattern (selection for local queries over global key
-blocks) holds unchanged; dense layers pass every causal tile. The gather's transpose is a
+blocks) holds unchanged, and so are the segment ids a selection reads; dense layers pass every
+causal tile. The gather's transpose is a
 reduce-scatter, so gradients flow back to the K/V shards.
 
 Axis legend: B batch, T sequence, N query heads, K kv heads, H head dim, bs block size.
@@ -51,18 +52,17 @@ def load_balanced_order(seq_len: int, num_devices: int) -> np.ndarray:
     return np.concatenate([np.concatenate([chunks[d], chunks[-1 - d]]) for d in range(num_devices)])
 
 
-def to_load_balanced(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The batch's [B, T] arrays in the load-balanced order of the current mesh (unchanged
-    without a context split)."""
+def to_load_balanced(x: jax.Array | None) -> jax.Array | None:
+    """A [B, T, ...] array in the load-balanced order of the current mesh (unchanged without a
+    context split; None stays None)."""
     n = context_size()
-    if n == 1:
-        return batch
-    order = load_balanced_order(batch["inputs"].shape[1], n)
-    return {name: jnp.take(x, order, axis=1) for name, x in batch.items()}
+    if n == 1 or x is None:
+        return x
+    return jnp.take(x, load_balanced_order(x.shape[1], n), axis=1)
 
 
 def to_natural(x: jax.Array | None) -> jax.Array | None:
-    """A [B, T, ...] array in the load-balanced order back in natural order (None stays None)."""
+    """The inverse of `to_load_balanced`."""
     n = context_size()
     if n == 1 or x is None:
         return x

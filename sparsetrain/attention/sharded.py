@@ -63,15 +63,11 @@ def _per_shard(q, k, v, block_mask, segment_ids, mesh, **kwargs):
 def block_sparse_attention(q, k, v, block_mask, *, segment_ids=None, **kwargs):
     """`sparsetrain.ops.block_sparse_attention` (same arguments and result), run per shard when a
     mesh is active and directly otherwise. With a context split, q/k/v are in the load-balanced
-    order and `block_mask` in natural order (a selection made for the natural sequence)."""
+    order, `block_mask` and `segment_ids` in natural order (what the selection saw)."""
     mesh = _active_mesh()
     if mesh is None:
         return ops.block_sparse_attention(q, k, v, block_mask, segment_ids=segment_ids, **kwargs)
-    if _sequence_axis(mesh) and segment_ids is not None:
-        # A method's document-aware selection reads the segment ids in the order it is given;
-        # under a context split that is the load-balanced one, so its tiles would be wrong.
-        raise NotImplementedError("mesh.context > 1 with block-sparse layers needs attention across "
-                                  "documents (data.cross_document_attention=true)")
+    segment_ids = context_parallel.to_load_balanced(segment_ids)
     return _per_shard(q, k, v, block_mask, segment_ids, mesh, **kwargs)
 
 
@@ -87,11 +83,12 @@ def causal_attention(q, k, v, *, segment_ids=None, impl: str = "auto"):
 
 def block_attention_scores(q, k, *, segment_ids=None, **kwargs):
     """`sparsetrain.ops.block_attention_scores`, run per shard when a mesh is active; in natural
-    order under a context split (a metric: q and k are put back in natural order first)."""
+    order under a context split (a metric: q and k are put back in natural order first; segment
+    ids come in natural order, as for `block_sparse_attention`)."""
     mesh = _active_mesh()
     if mesh is None:
         return ops.block_attention_scores(q, k, segment_ids=segment_ids, **kwargs)
-    q, k, segment_ids = map(context_parallel.to_natural, (q, k, segment_ids))
+    q, k = map(context_parallel.to_natural, (q, k))
     q_spec, kv_spec, out_spec = _specs(q, k, q.shape[2], mesh)
     kernel = lambda q, k, seg: ops.block_attention_scores(q, k, segment_ids=seg, **kwargs)
     return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, P(q_spec[0], None)), out_specs=out_spec,

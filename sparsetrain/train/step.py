@@ -25,7 +25,7 @@ def sequence_losses(params, batch, model: ModelDef, ctx: StepContext, z_loss: fl
     output head runs `loss_chunk` tokens at a time (0: whole, materialising [B, T, V] logits).
     Under a context-split mesh the model runs on the load-balanced order; the losses come back in
     the batch's own order."""
-    batch = to_load_balanced(batch)
+    batch = jax.tree.map(to_load_balanced, batch)
     hidden, losses, metrics = model.hidden_states(params, batch["inputs"], batch["positions"],
                                                   batch.get("segment_ids"), ctx)
     tokens = head_token_losses(functools.partial(model.logits, params), hidden, batch["targets"],
