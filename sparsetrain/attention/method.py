@@ -146,20 +146,36 @@ class SparseMethod(nnx.Module):
         raise NotImplementedError
 
     def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
-        return block_sparse_attention(inp.q, inp.k, inp.v, sel.to_mask(), causal=True,
+        # Token selections go to the token-level kernel as lists; tile ones as their mask.
+        rows = sel if sel.granularity == "token" else sel.to_mask()
+        return block_sparse_attention(inp.q, inp.k, inp.v, rows, causal=True,
                                       block_size=self.options.block_size, impl=self.options.impl)
 
     def losses(self, inp: AttentionInputs, sel: ops.Selection, out: jax.Array) -> dict:
         return {}
 
     def metrics(self, inp: AttentionInputs, sel: ops.Selection, out: jax.Array) -> dict:
-        """Measured density always; recall at evaluation, or in training when asked."""
+        """Measured density always; recall at evaluation, or in training when asked. Recall of a
+        tile selection is its share of the block-pooled map (`block_scores`); of a token selection,
+        the share of each token's attention probability inside its blocks (`attention_mass`)."""
         seq_q, seq_kv, bs = inp.q.shape[1], inp.k.shape[1], self.options.block_size
         mask = sel.to_mask()
-        values = {"density": ops.selection_density(mask, seq_q, seq_kv, bs)}
+        values = {"density": ops.selection_density(mask, seq_q, seq_kv, bs, sel.granularity)}
         if self.wants_scores(inp):
-            values["recall"] = ops.selection_recall(mask, self.block_scores(inp))
+            values["recall"] = (self.attention_mass(inp, sel) if sel.granularity == "token"
+                                else ops.selection_recall(mask, self.block_scores(inp)))
         return values
+
+    def attention_mass(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
+        """Mean over tokens and heads of exp(lse over the selected keys - lse over all causal keys):
+        the dense softmax probability a token's selection holds (no gradient)."""
+        q, k, v = jax.lax.stop_gradient((inp.q, inp.k, inp.v))
+        kw = dict(causal=True, block_size=self.options.block_size, impl=self.options.impl, return_lse=True)
+        causal = ops.causal_block_mask(q.shape[1], k.shape[1], self.options.block_size)
+        everything = jnp.broadcast_to(causal, (q.shape[0], k.shape[2], *causal.shape))
+        _, lse_selected = block_sparse_attention(q, k, v, dataclasses.replace(sel, extras={}), **kw)
+        _, lse_all = block_sparse_attention(q, k, v, everything, **kw)
+        return jnp.mean(jnp.exp(lse_selected - lse_all))
 
     def wants_scores(self, inp: AttentionInputs) -> bool:
         """Recall is measured at evaluation, or in training when the options ask for it."""

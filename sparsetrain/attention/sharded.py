@@ -13,6 +13,7 @@ shard gathers the keys it needs (sparsetrain/attention/context_parallel.py); den
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -47,9 +48,23 @@ def _specs(q, k, heads_dim: int, mesh, seq: str | None = None):
 
 
 def _per_shard(q, k, v, block_mask, segment_ids, mesh, **kwargs):
-    """The kernel under shard_map; with a context split, `context_parallel.shard_attention`."""
+    """The kernel under shard_map; with a context split, `context_parallel.shard_attention`.
+    block_mask: a bool tile mask or a `Selection` (tile selections run as their mask)."""
     seq = _sequence_axis(mesh)
-    q_spec, kv_spec, mask_spec = _specs(q, k, block_mask.shape[1], mesh, seq)
+    token = isinstance(block_mask, ops.Selection) and block_mask.granularity == "token"
+    if isinstance(block_mask, ops.Selection) and not token:
+        block_mask = block_mask.to_mask()
+    if token and seq is not None:
+        raise NotImplementedError("mesh.context > 1 with token-level selections (InfLLM-V2, MoBA, NSA) is not "
+                                  "supported yet; use granularity='tile' or mesh.context=1")
+    heads = block_mask.indices.shape[1] if token else block_mask.shape[1]
+    q_spec, kv_spec, mask_spec = _specs(q, k, heads, mesh, seq)
+    if token:   # rows split like the mask's batch and heads; extras are the method's, not the kernel's
+        block_mask = dataclasses.replace(block_mask, extras={})
+        mask_spec = dataclasses.replace(block_mask, indices=mask_spec, counts=P(*mask_spec[:3]))
+    out_spec = q_spec
+    if kwargs.get("return_lse"):   # lse [B, N, T]: batch, heads, sequence
+        out_spec = (q_spec, P(q_spec[0], q_spec[2], q_spec[1]))
     if seq is None:
         kernel = lambda q, k, v, mask, seg: ops.block_sparse_attention(q, k, v, mask, segment_ids=seg, **kwargs)
     else:
@@ -57,7 +72,7 @@ def _per_shard(q, k, v, block_mask, segment_ids, mesh, **kwargs):
     # check_vma=False: the Pallas call has no varying-across-mesh typing rule. Segment ids [B, T]
     # split like q's batch and sequence (None is an empty operand).
     return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, P(q_spec[0], seq)),
-                         out_specs=q_spec, check_vma=False)(q, k, v, block_mask, segment_ids)
+                         out_specs=out_spec, check_vma=False)(q, k, v, block_mask, segment_ids)
 
 
 def block_sparse_attention(q, k, v, block_mask, *, segment_ids=None, **kwargs):

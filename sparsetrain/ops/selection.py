@@ -122,10 +122,22 @@ def tile_weights(seq_q: int, seq_kv: int, block_size: int) -> np.ndarray:
     return pairs / float(block_size * block_size)
 
 
-def selection_density(mask, seq_q: int, seq_kv: int, block_size: int):
+def token_weights(seq_q: int, seq_kv: int, block_size: int) -> np.ndarray:
+    """float [T, nK]: the share of each key block that causality leaves visible to each query token
+    (end-aligned), the per-token counterpart of `tile_weights`."""
+    n_k = -(-seq_kv // block_size)
+    position = np.arange(seq_q)[:, None] + seq_kv - seq_q
+    start = np.arange(n_k)[None, :] * block_size
+    visible = np.clip(np.minimum(position + 1, seq_kv) - start, 0, block_size)
+    return visible / float(block_size)
+
+
+def selection_density(mask, seq_q: int, seq_kv: int, block_size: int, granularity: str = "tile"):
     """Measured density: the share of the causal attention work a selection computes, float32 scalar
-    averaged over leading axes. Tiles count by their visible pairs, so a diagonal tile counts half."""
-    weights = jnp.asarray(tile_weights(seq_q, seq_kv, block_size), jnp.float32)
+    averaged over leading axes. mask [..., rows, nK]: rows are query tiles (granularity "tile") or
+    query tokens ("token"). Blocks count by their visible pairs, so a diagonal tile counts half."""
+    weights = (tile_weights if granularity == "tile" else token_weights)(seq_q, seq_kv, block_size)
+    weights = jnp.asarray(weights, jnp.float32)
     kept = jnp.sum(jnp.asarray(mask, jnp.float32) * weights, axis=(-2, -1))
     return jnp.mean(kept / jnp.sum(weights))
 

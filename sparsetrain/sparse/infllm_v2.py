@@ -23,17 +23,20 @@ after. The reference switches the whole prefill by kv length (kv_len < dense_len
 position agrees with it on short inputs and in cached decoding, and makes the output at a position
 independent of how much follows it (the exported model decodes exactly with a KV cache).
 
-Deviation (measured by tests/sparse/test_infllm_v2.py, quoted in docs/sparse_methods.md): the paper
-selects per query token; until the token-level kernel lands, our kernel selects per query tile of
-`block_size` tokens. Tile i is scored with the sum of the per-token block scores of the tokens of
-tile i-1 ("lagged": a token's selection never reads a later token, so selection is causal per token
-and cached decoding is exact); its own diagonal block and the local window are forced, as upstream.
+Granularity: `granularity="token"` (default) selects per query token, as the paper, through the
+token-level kernel (one list of key blocks per token and KV head). `granularity="tile"` selects per
+query tile of `block_size` tokens for the tile kernel: tile i is scored with the sum of the per-token
+block scores of the tokens of tile i-1 ("lagged": no token's selection reads a later token, so it
+stays causal per token and cached decoding is exact), its own diagonal block and the local window
+forced. What the tile form loses is measured by tests/sparse/test_infllm_v2.py and quoted in
+docs/sparse_methods.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +60,7 @@ class InfllmV2Options(BlockSparseOptions):
     initial_blocks: int = 1      # attention sinks (MiniCPM4: init_blocks=1)
     local_blocks: int = 32       # local window in blocks, the diagonal included (MiniCPM4: 2048 tokens)
     dense_len: int = 8192        # queries at positions < dense_len attend densely; a multiple of block_size
+    granularity: Literal["token", "tile"] = "token"   # a selection per query token (the paper) or per tile
     score_chunk: int = 1024      # queries per step of the XLA scoring pass (memory chunk x T/stride per head)
 
     conformance_variants = {
@@ -66,10 +70,13 @@ class InfllmV2Options(BlockSparseOptions):
                    "coarse_stride": 8, "topk": 3, "local_blocks": 1, "score_chunk": 32},
         "switch": {"dense_len": 48, "kernel_size": 8, "kernel_stride": 4, "coarse_size": 16,
                    "coarse_stride": 8, "topk": 3, "local_blocks": 1, "score_chunk": 64},
+        "tile": {"dense_len": 48, "kernel_size": 8, "kernel_stride": 4, "coarse_size": 16,
+                 "coarse_stride": 8, "topk": 3, "local_blocks": 1, "granularity": "tile"},
     }
     export = MethodExport(torch_impl="infllm_v2",
                           fields=("block_size", "local_blocks", "initial_blocks", "kernel_size",
-                                  "kernel_stride", "coarse_size", "coarse_stride", "topk", "dense_len"))
+                                  "kernel_stride", "coarse_size", "coarse_stride", "topk", "dense_len",
+                                  "granularity"))
 
     def validate(self) -> None:
         super().validate()
@@ -84,7 +91,9 @@ class InfllmV2Options(BlockSparseOptions):
                      f"(a window overlaps at most one block before its own)")
         self.require(self.coarse_size % self.coarse_stride == 0, "coarse_size",
                      f"must be a multiple of coarse_stride={self.coarse_stride}")
-        self.require(self.topk >= 1, "topk", "must be >= 1")
+        self.require(self.topk >= self.initial_blocks + self.local_blocks, "topk",
+                     f"must be >= initial_blocks + local_blocks = {self.initial_blocks + self.local_blocks} "
+                     f"(the forced blocks count inside it)")
         self.require(self.dense_len >= 0 and self.dense_len % self.block_size == 0, "dense_len",
                      f"must be >= 0 and a multiple of block_size={self.block_size} (tiles switch whole)")
         self.require(self.score_chunk > 0 and self.score_chunk % self.block_size == 0, "score_chunk",
@@ -101,7 +110,7 @@ class InfllmV2Options(BlockSparseOptions):
         if seq_len <= self.dense_len:
             return 1.0
         n = -(-seq_len // self.block_size)
-        mask = select_blocks(jnp.zeros((n, n)), seq_len, self)
+        mask = select_blocks(jnp.zeros((n, n)), seq_len, dataclasses.replace(self, granularity="tile"))
         return float(ops.selection_density(mask, seq_len, seq_len, self.block_size))
 
 
@@ -122,30 +131,34 @@ def window_means(k: jax.Array, size: int, stride: int) -> jax.Array:
     return total / size
 
 
-def tile_scores(q: jax.Array, k: jax.Array, o: InfllmV2Options, scale: float) -> jax.Array:
-    """f32 [B, K, nQ, nK]: per query tile, the summed per-token block scores of the previous tile's
-    tokens (tile 0 gets zeros). The per-token scores come from `ops.compressed_scores` (a fused
-    kernel on GPU; the chunked reference elsewhere)."""
-    b, t = q.shape[:2]
-    n_blocks = -(-t // o.block_size)
-    scores = token_block_scores(
+def token_scores(q: jax.Array, k: jax.Array, o: InfllmV2Options, scale: float) -> jax.Array:
+    """f32 [B, K, T, nK]: every token's score of every key block, from `ops.compressed_scores` (a
+    fused kernel on GPU, the chunked reference elsewhere)."""
+    return token_block_scores(
         q, window_means(k, o.kernel_size, o.kernel_stride), window_means(k, o.coarse_size, o.coarse_stride),
         block_size=o.block_size, kernel_size=o.kernel_size, kernel_stride=o.kernel_stride,
         coarse_size=o.coarse_size, coarse_stride=o.coarse_stride, sm_scale=scale, query_chunk=o.score_chunk,
-        impl=o.impl)                                                          # [B, K, T, nK]
-    scores = jnp.pad(scores, ((0, 0), (0, 0), (0, n_blocks * o.block_size - t), (0, 0)))
-    per_tile = scores.reshape(b, scores.shape[1], n_blocks, o.block_size, n_blocks).sum(3)
+        impl=o.impl)
+
+
+def lagged_tile_scores(scores: jax.Array, block_size: int) -> jax.Array:
+    """[B, K, T, nK] -> [B, K, nQ, nK]: tile i gets the summed scores of tile i-1's tokens (tile 0 zeros)."""
+    b, kv, t, n_blocks = scores.shape
+    scores = jnp.pad(scores, ((0, 0), (0, 0), (0, n_blocks * block_size - t), (0, 0)))
+    per_tile = scores.reshape(b, kv, n_blocks, block_size, n_blocks).sum(3)
     return lag_blocks(per_tile.swapaxes(1, 2)).swapaxes(1, 2)
 
 
 def select_blocks(scores: jax.Array, seq_len: int, o: InfllmV2Options) -> jax.Array:
-    """bool [..., nQ, nK]: the forced blocks plus the best-scoring others, `topk` in all; tiles
-    whose positions are all below `dense_len` keep every causal tile."""
-    valid = ops.causal_block_mask(seq_len, seq_len, o.block_size)
+    """bool [..., rows, nK], rows the query tiles or tokens of `o.granularity`: per row, the forced
+    blocks plus the best-scoring others, `topk` in all (ties to the lower block); rows whose
+    positions all lie below `dense_len` keep every block up to their own."""
+    n_k = -(-seq_len // o.block_size)
+    last = (jnp.arange(n_k) + 1) * o.block_size - 1 if o.granularity == "tile" else jnp.arange(seq_len)
+    valid = jnp.arange(n_k)[None, :] <= (last // o.block_size)[:, None]
     mask = ops.topk_block_mask(scores, o.topk, force_first=o.initial_blocks, force_local=o.local_blocks,
                                valid=valid)
-    dense_rows = ((jnp.arange(valid.shape[0]) + 1) * o.block_size <= o.dense_len)[:, None]
-    return mask | (dense_rows & valid)
+    return mask | ((last < o.dense_len)[:, None] & valid)
 
 
 class InfllmV2Attention(SparseMethod):
@@ -161,8 +174,12 @@ class InfllmV2Attention(SparseMethod):
             causal = ops.causal_block_mask(seq, seq, o.block_size)
             return ops.Selection.from_mask(jnp.broadcast_to(causal, (b, self.num_kv_heads, *causal.shape)))
         q, k = jax.lax.stop_gradient((inp.q, inp.k))    # top-k selection: no gradient, as upstream
-        scores = tile_scores(q, k, o, 1.0 / math.sqrt(self.head_dim))
-        return ops.Selection.from_mask(select_blocks(scores, seq, o), scores=scores)
+        scores = token_scores(q, k, o, 1.0 / math.sqrt(self.head_dim))
+        if o.granularity == "tile":
+            return ops.Selection.from_mask(select_blocks(lagged_tile_scores(scores, o.block_size), seq, o))
+        # Dense rows (positions below dense_len) hold every earlier block; sparse rows topk.
+        width = min(-(-seq // o.block_size), max(o.topk, o.dense_len // o.block_size))
+        return ops.Selection.from_mask(select_blocks(scores, seq, o), width, granularity="token")
 
     def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
         if self.dense_regime(inp):

@@ -16,7 +16,7 @@ import pytest
 from sparsetrain.attention.spec import DenseOptions, method_options
 from sparsetrain.checkpoint.model_def import ModelDef
 from sparsetrain.configbase import ConfigError
-from sparsetrain.sparse.infllm_v2 import select_blocks, tile_scores
+from sparsetrain.sparse.infllm_v2 import lagged_tile_scores, select_blocks, token_scores
 from tests.sparse.helpers import TINY, inputs, layer, qkv, tokens
 from tests.sparse.planted import planted
 
@@ -92,51 +92,63 @@ def reference_select(scores, rows_at, topk, initial, local, n_k, dense_below=Non
 
 @pytest.mark.parametrize("seq,kernel,coarse,chunk", [
     (128, (8, 4), (16, 8), 32), (100, (8, 4), (32, 16), 32), (75, (12, 4), (16, 8), 64), (64, (16, 16), (32, 16), 16)])
-def test_tile_scores_match_the_per_token_definition(seq, kernel, coarse, chunk):
+def test_token_and_tile_scores_match_the_per_token_definition(seq, kernel, coarse, chunk):
     o = options(kernel_size=kernel[0], kernel_stride=kernel[1], coarse_size=coarse[0], coarse_stride=coarse[1],
                 score_chunk=chunk)
     q, k, _ = qkv(seq, seed=3)
-    got = tile_scores(q, k, o, 1 / math.sqrt(q.shape[-1]))
-    want = lagged_tiles(reference_token_scores(q, k, o), o.block_size)
+    got = token_scores(q, k, o, 1 / math.sqrt(q.shape[-1]))
+    want = reference_token_scores(q, k, o)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lagged_tile_scores(got, o.block_size)), lagged_tiles(want, o.block_size),
+                               rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("granularity", ["token", "tile"])
 @pytest.mark.parametrize("seq,dense_len", [(128, 0), (100, 32)])
-def test_selection_forces_sinks_and_window_and_breaks_ties_low(seq, dense_len):
-    o = options(topk=4, local_blocks=2, initial_blocks=1, dense_len=dense_len)
+def test_selection_forces_sinks_and_window_and_breaks_ties_low(seq, dense_len, granularity):
+    o = options(topk=4, local_blocks=2, initial_blocks=1, dense_len=dense_len, granularity=granularity)
     n = -(-seq // 16)
+    rows_at = np.arange(n) if granularity == "tile" else np.arange(seq) // 16
     rng = np.random.default_rng(0)
-    scores = rng.integers(0, 3, (2, 2, n, n)).astype(np.float32)        # many ties
+    scores = rng.integers(0, 3, (2, 2, len(rows_at), n)).astype(np.float32)        # many ties
     got = np.asarray(select_blocks(jnp.asarray(scores), seq, o))
-    want = reference_select(scores, np.arange(n), 4, 1, 2, n, dense_below=dense_len // 16)
+    want = reference_select(scores, rows_at, 4, 1, 2, n, dense_below=dense_len // 16)
     np.testing.assert_array_equal(got, want)
-    assert (got.sum(-1)[..., dense_len // 16:] == np.minimum(4, np.arange(dense_len // 16, n) + 1)).all()
+    sparse_rows = rows_at >= dense_len // 16
+    assert (got.sum(-1)[..., sparse_rows] == np.minimum(4, rows_at[sparse_rows] + 1)).all()
 
 
-def reference_output(q, k, v, tile_mask, bs):
-    """float64 attention of each token over its tile's selected blocks (shared per KV head), causal."""
+def reference_output(q, k, v, mask, bs, granularity):
+    """float64 attention of each token over the blocks selected for it (its tile's, or its own),
+    shared per KV head, causal."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, t, n, h = q.shape
     group = n // k.shape[2]
     k, v = (np.repeat(x, group, axis=2) for x in (k, v))
     pos = np.arange(t)
-    allowed = np.repeat(tile_mask, group, axis=1)[:, :, pos // bs][..., pos // bs] & (pos[None, :] <= pos[:, None])
+    rows = pos // bs if granularity == "tile" else pos
+    allowed = np.repeat(mask, group, axis=1)[:, :, rows][..., pos // bs] & (pos[None, :] <= pos[:, None])
     s = np.where(allowed, np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(h), -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     return np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), v)
 
 
+@pytest.mark.parametrize("granularity", ["token", "tile"])
 @pytest.mark.parametrize("seq,dense_len", [(128, 0), (100, 48)])
-def test_layer_attends_to_the_selected_blocks(seq, dense_len):
-    o = options(dense_len=dense_len)
+def test_layer_attends_to_the_selected_blocks(seq, dense_len, granularity):
+    o = options(dense_len=dense_len, granularity=granularity)
     q, k, v = qkv(seq, seed=5)
     inp = inputs(q, k, v)
     got = layer(o)(inp)
     n = -(-seq // 16)
-    scores = lagged_tiles(reference_token_scores(inp.q, inp.k, o), 16)
-    mask = reference_select(scores, np.arange(n), o.topk, o.initial_blocks, o.local_blocks, n,
+    scores = reference_token_scores(inp.q, inp.k, o)
+    rows_at = np.arange(seq) // 16
+    if granularity == "tile":
+        scores, rows_at = lagged_tiles(scores, 16), np.arange(n)
+    mask = reference_select(scores, rows_at, o.topk, o.initial_blocks, o.local_blocks, n,
                             dense_below=dense_len // 16)
-    np.testing.assert_allclose(np.asarray(got), reference_output(inp.q, inp.k, v, mask, 16), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(got), reference_output(inp.q, inp.k, v, mask, 16, granularity),
+                               atol=2e-5)
 
 
 def models(rule, seq_cap=512):
@@ -170,7 +182,8 @@ def test_above_dense_len_the_first_positions_stay_dense_and_the_rest_goes_sparse
 
 
 def test_options_validate():
-    for fields, name in [({"kernel_size": 10}, "kernel_size"), ({"kernel_stride": 6, "kernel_size": 12}, "kernel_stride"),
+    for fields, name in [({"kernel_size": 10}, "kernel_size"), ({"topk": 2, "initial_blocks": 1, "local_blocks": 2}, "topk"),
+                         ({"granularity": "row"}, "granularity"), ({"kernel_size": 24}, "kernel_size"), ({"kernel_stride": 6, "kernel_size": 12}, "kernel_stride"),
                          ({"coarse_size": 20}, "coarse_size"), ({"topk": 0}, "topk"),
                          ({"dense_len": 40}, "dense_len"), ({"dense_len": -16}, "dense_len"),
                          ({"score_chunk": 24}, "score_chunk"), ({"kernel_stride": 0}, "kernel_stride")]:
@@ -188,13 +201,13 @@ def test_measured_deviation_of_tile_selection_from_per_token_selection(segment):
     tile selection also holds, and, per query head with a planted relevant block, the share whose
     selection holds one (per-token too)."""
     seq, bs, topk, key_block = 2048, 16, 8, 32
-    o = options(topk=topk, local_blocks=2, initial_blocks=1, coarse_size=32, coarse_stride=16)
+    o = options(topk=topk, local_blocks=2, initial_blocks=1, coarse_size=32, coarse_stride=16, granularity="tile")
     q, k, relevant = planted(seq, key_block, segment=segment)
     token = reference_token_scores(q, k, o)                              # [B, K, T, nK]
     n_k, pos = seq // bs, np.arange(seq)
     exact = reference_select(token, pos // bs, topk, 1, 2, n_k)          # [B, K, T, nK]
-    tiles = np.asarray(tile_scores(jnp.asarray(q), jnp.asarray(k), o, 1 / math.sqrt(q.shape[-1])))
-    tiled = np.asarray(select_blocks(jnp.asarray(tiles), seq, o))[:, :, pos // bs]
+    tiles = lagged_tile_scores(token_scores(jnp.asarray(q), jnp.asarray(k), o, 1 / math.sqrt(q.shape[-1])), bs)
+    tiled = np.asarray(select_blocks(tiles, seq, o))[:, :, pos // bs]
     j = np.arange(n_k)
     forced = (j < 1) | (j > (pos // bs)[:, None] - 2)
     has_choice = pos // bs + 1 > topk

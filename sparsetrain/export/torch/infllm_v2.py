@@ -1,15 +1,15 @@
-"""sparsetrain `method="infllm_v2"` in PyTorch: InfLLM-V2 block selection, per query tile, shared
-per KV head, dense below `dense_len`.
+"""sparsetrain `method="infllm_v2"` in PyTorch: InfLLM-V2 block selection per query token (or per
+query tile), shared per KV head, dense below `dense_len`.
 
 The same math as sparsetrain/sparse/infllm_v2.py (read its docstring for the method and its
-deviation from the paper), written directly from the definitions: fine and coarse compressed keys
-are the means of the post-RoPE keys over complete windows; a token's score of a fine window is the
-sum over its GQA group of exp(q . k1 * scaling - lse), with lse the log-sum-exp over the coarse
-windows it has seen; a key block scores the max over the fine windows overlapping it; tile i is
-scored with the sum over the tokens of tile i-1; per tile, `initial_blocks` and the `local_blocks`
-ending at the diagonal are forced and the best others fill `topk` blocks in all (ties to the lower
-index). Query positions below `dense_len` attend densely, so a cache of at most `dense_len` keys
-runs plain dense attention.
+granularities), written directly from the definitions: fine and coarse compressed keys are the means
+of the post-RoPE keys over complete windows; a token's score of a fine window is the sum over its
+GQA group of exp(q . k1 * scaling - lse), with lse the log-sum-exp over the coarse windows it has
+seen; a key block scores the max over the fine windows overlapping it (with granularity "tile",
+tile i is scored with the sum over the tokens of tile i-1); per row, `initial_blocks` and the
+`local_blocks` ending at the diagonal are forced and the best others fill `topk` blocks in all (ties
+to the lower index). Query positions below `dense_len` attend densely, so a cache of at most
+`dense_len` keys runs plain dense attention.
 
 Decoding with a KV cache: the keys come from the cache; scoring needs the post-RoPE queries of
 earlier tokens, which the layer keeps for the sequence being decoded (a forward whose first position
@@ -38,6 +38,7 @@ class InfllmV2Attention(nn.Module):
         for name in ("block_size", "local_blocks", "initial_blocks", "kernel_size", "kernel_stride",
                      "coarse_size", "coarse_stride", "topk", "dense_len"):
             setattr(self, name, int(spec[name]))
+        self.granularity = spec["granularity"]
         self.group = config.num_attention_heads // config.num_key_value_heads
         self.history = SequenceHistory()   # post-RoPE queries [B, N, S, H] of this sequence
 
@@ -66,23 +67,26 @@ class InfllmV2Attention(nn.Module):
         return torch.where(overlap, p[..., None, :], torch.zeros_like(p[..., None, :])).amax(-1)
 
     def selection(self, q_all, k_all, scaling):
-        """bool [B, K, nQ, nK]: each query tile's key blocks."""
+        """bool [B, K, rows, nK]: each row's key blocks; rows are the query tokens, or the tiles
+        (scored with the previous tile's tokens) with granularity "tile"."""
         bs = self.block_size
         scores = self.token_scores(q_all, k_all, scaling)
         s, n_k = scores.shape[2], scores.shape[3]
-        pad = n_k * bs - s
-        tiles = lag_blocks(torch.nn.functional.pad(scores, (0, 0, 0, pad)).view(*scores.shape[:2], n_k, bs, n_k).sum(3))
-        i = torch.arange(n_k, device=tiles.device)[:, None]
-        j = torch.arange(n_k, device=tiles.device)[None, :]
+        last = torch.arange(s, device=scores.device)                        # each row's last position
+        if self.granularity == "tile":
+            pad = n_k * bs - s
+            scores = lag_blocks(torch.nn.functional.pad(scores, (0, 0, 0, pad)).view(*scores.shape[:2], n_k, bs, n_k).sum(3))
+            last = (torch.arange(n_k, device=scores.device) + 1) * bs - 1
+        i = (last // bs)[:, None]
+        j = torch.arange(n_k, device=scores.device)[None, :]
         valid = j <= i
         forced = valid & ((j < self.initial_blocks) | (j > i - self.local_blocks))
-        rest = torch.where(valid & ~forced, tiles, -torch.inf)
+        rest = torch.where(valid & ~forced, scores, -torch.inf)
         order = ranked(rest)
         room = self.topk - forced.sum(-1, keepdim=True)
         take = (j < room) & (torch.gather(rest, -1, order) > -torch.inf)
         picked = torch.zeros_like(valid.expand_as(rest)).scatter(-1, order, take)
-        dense_rows = (i + 1) * bs <= self.dense_len
-        return forced | picked | (dense_rows & valid)
+        return forced | picked | ((last < self.dense_len)[:, None] & valid)
 
     def forward(self, q, k, v, *, q_raw, k_raw, attention_mask, positions, scaling):
         del q_raw, k_raw
@@ -92,7 +96,8 @@ class InfllmV2Attention(nn.Module):
         k_pos = key_positions(positions, seq).expand(q.shape[0], -1)        # [B, S]
         allowed = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
         if seq > self.dense_len:
-            kept = token_mask(self.selection(q_all, k, scaling), q_pos, k_pos, self.block_size, self.block_size)
+            rows = self.block_size if self.granularity == "tile" else 1
+            kept = token_mask(self.selection(q_all, k, scaling), q_pos, k_pos, rows, self.block_size)
             allowed = allowed & kept.repeat_interleave(self.group, 1)
         return softmax_attention(q, k, v, with_padding(allowed, attention_mask, seq), scaling)
 
