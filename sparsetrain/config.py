@@ -153,19 +153,26 @@ class OptimizerConfig(Config):
             self.require(ok, "lr_multipliers", f"entry {item!r} must be 'regex=float'")
 
 
+# The data fields a phase may change: a length curriculum (e.g. 2k -> 8k -> 16k tokens).
+PHASE_DATA_FIELDS = ("data.seq_len", "data.batch_size")
+
+
 @dataclasses.dataclass(frozen=True)
 class PhaseConfig(Config):
-    """From `start_step` on, the run's model uses these `model.*` overrides (on top of the earlier
-    phases'), e.g. ("model.attention.0.mode=sparse",) to end a Seer distillation. The parameters must
-    stay the same; a resumed run is in the phase its step says."""
+    """From `start_step` on, the run uses these overrides (on top of the earlier phases'): `model.*`
+    ones that change how layers attend, e.g. ("model.attention.0.mode=sparse",) to end a Seer
+    distillation, and `data.seq_len` / `data.batch_size` for a length curriculum. Model changes that
+    should happen when the curriculum reaches a length go in the phase that sets that length. The
+    parameters must stay the same; a resumed run is in the phase its step says."""
 
     start_step: int = 1           # first step of the phase
-    overrides: tuple[str, ...] = ()   # model.* overrides, e.g. model.attention.0.mode=sparse
+    overrides: tuple[str, ...] = ()   # model.*, data.seq_len, data.batch_size overrides (key=value)
 
     def validate(self) -> None:
         self.require(self.start_step > 0, "start_step", "must be > 0 (phase 0 is the run's own config)")
-        self.require(bool(self.overrides) and all(o.startswith("model.") for o in self.overrides),
-                     "overrides", "give one or more model.* overrides (key=value)")
+        allowed = lambda o: o.startswith("model.") or o.split("=", 1)[0] in PHASE_DATA_FIELDS  # noqa: E731
+        self.require(bool(self.overrides) and all(allowed(o) for o in self.overrides), "overrides",
+                     f"give one or more model.* or {'/'.join(PHASE_DATA_FIELDS)} overrides (key=value)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +191,8 @@ class TrainerConfig(Config):
     nonfinite: Literal["skip", "stop"] = "skip"   # a NaN/inf step: skip its update, or stop
     max_nonfinite_in_row: int = 10   # stop after this many non-finite steps in a row
     progress_bar: bool = True     # tqdm bar with loss, tokens/s and sparse metrics
-    # Phase schedule: model changes at given steps (e.g. dense -> sparse, seer distill -> sparse).
+    # Phase schedule: model changes at given steps (e.g. dense -> sparse, seer distill -> sparse),
+    # and a length curriculum (data.seq_len / data.batch_size per phase).
     phases: tuple[PhaseConfig, ...] = ()
 
     def validate(self) -> None:

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +69,17 @@ def state_shardings(optimizer_state, params_shardings, abstract_params, mesh) ->
     return {"params": params_shardings, "opt_state": opt, "step": replicated(mesh)}
 
 
-def phase_models(cfg: RunConfig, abstract_params) -> list[tuple[int, ModelDef]]:
-    """[(start step, model)] of the run's phases: phase 0 is the run's own model, each later one
-    adds its overrides to the previous one's. A phase may change how layers attend, not the
-    parameters. (Built here, outside any mesh: NNX would shard abstract parameters under one.)"""
-    phases, current = [(0, ModelDef.create(cfg.model))], cfg
+class Phase(NamedTuple):
+    start: int          # first step (phase_at's convention)
+    cfg: RunConfig      # the run config with this phase's overrides (and all earlier ones)
+    model: ModelDef
+
+
+def run_phases(cfg: RunConfig, abstract_params) -> list[Phase]:
+    """The run's phases: phase 0 is the run's own config, each later one adds its overrides to the
+    previous one's. A phase may change how layers attend and the data's length and batch, not the
+    parameters. (Models are built here, outside any mesh: NNX would shard abstract parameters under one.)"""
+    phases, current = [Phase(0, cfg, ModelDef.create(cfg.model))], cfg
     for i, phase in enumerate(cfg.trainer.phases, start=1):
         try:
             current = apply_overrides(current, list(phase.overrides))
@@ -82,8 +89,8 @@ def phase_models(cfg: RunConfig, abstract_params) -> list[tuple[int, ModelDef]]:
         shapes = {k: v.shape for k, v in flatten(model.abstract_params()).items()}
         if shapes != {k: v.shape for k, v in flatten(abstract_params).items()}:
             raise ConfigError(f"trainer.phases.{i - 1}: its overrides change the model's parameters; "
-                              f"a phase may only change how layers attend")
-        phases.append((phase.start_step, model))
+                              f"a phase may only change how layers attend and the data's length")
+        phases.append(Phase(phase.start_step, current, model))
     return phases
 
 
@@ -97,18 +104,21 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         if cfg.checkpoint.init_from:   # a wrong path fails now, not after the model compiles
             locate_checkpoint(cfg.checkpoint.init_from)
-        self.data = build_data(cfg.data, process_index=jax.process_index(),
-                               process_count=jax.process_count())
+        self.model = ModelDef.create(cfg.model)
+        abstract_params = self.model.abstract_params()
+        self.phases = run_phases(cfg, abstract_params)
+        self._data: dict = {}   # DataConfig -> Data, one per length of a curriculum
+        self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.checkpoint)
+        # The iterator to restore is the one of the phase that ran the last saved step.
+        last = self.checkpointer.latest_step() or 0
+        self.data = self.data_for(self.phase_at(max(last - 1, 0)))
         if cfg.model.vocab_size < self.data.tokenizer.vocab_size:
             raise InputError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                              f"vocabulary ({self.data.tokenizer.vocab_size})")
         self.mesh = make_mesh(cfg.mesh, devices)
-        self.model = ModelDef.create(cfg.model)
-        abstract_params = self.model.abstract_params()
         p_shard = param_shardings(self.model.logical_axes(), abstract_params, self.mesh)
         self.schedule = learning_rate_schedule(cfg.optimizer, cfg.trainer.steps)
-        self.phases = phase_models(cfg, abstract_params)
-        frozen = [frozen_paths(cfg.optimizer, model.cfg, abstract_params) for _, model in self.phases]
+        frozen = [frozen_paths(cfg.optimizer, phase.model.cfg, abstract_params) for phase in self.phases]
         # Optimizer state for every parameter some phase trains; each phase's step updates only
         # its own trainable ones.
         self.optimizer = make_optimizer(cfg.optimizer, abstract_params, cfg.trainer.steps,
@@ -118,18 +128,25 @@ class Trainer:
         self.shardings = state_shardings(self.abstract_state["opt_state"], p_shard, abstract_params,
                                          self.mesh)
         self._compiled: dict[int, tuple] = {}
-        self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.checkpoint)
         self.train_iter = self.data.train_iter()
         self.state = self._resume_or_init()
 
     def phase_at(self, step: int) -> int:
         """The phase of the step that starts after `step` completed steps."""
-        return max(i for i, (start, _) in enumerate(self.phases) if step >= start)
+        return max(i for i, phase in enumerate(self.phases) if step >= phase.start)
+
+    def data_for(self, phase: int):
+        """The data pipeline of a phase's length and batch (built once per distinct data config)."""
+        data_cfg = self.phases[phase].cfg.data
+        if data_cfg not in self._data:
+            self._data[data_cfg] = build_data(data_cfg, process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+        return self._data[data_cfg]
 
     def steps_for(self, phase: int):
         """(train_step, eval_step) of a phase, compiled on first use."""
         if phase not in self._compiled:
-            model = self.phases[phase][1]
+            model = self.phases[phase].model
             batch_shard = batch_sharding(self.mesh)
             train_step = jax.jit(make_train_step(model, self.optimizer, self.cfg.trainer, self.schedule,
                                                  self.trainable[phase], phase),
@@ -233,7 +250,6 @@ class Trainer:
         handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
                     for s in (signal.SIGTERM, signal.SIGINT)}
         step = int(self.state["step"])
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         phase = None
         bar = tqdm(total=tcfg.steps, initial=step, disable=not (self.is_main and tcfg.progress_bar),
                    dynamic_ncols=True)
@@ -243,9 +259,14 @@ class Trainer:
                 while step < tcfg.steps and stop["signal"] is None:
                     if self.phase_at(step) != phase:
                         phase, compile_step = self.phase_at(step), step + 1
-                        model_cfg = self.phases[phase][1].cfg
-                        throughput = Throughput(tokens_per_step,
-                                                flops_per_token(model_cfg, cfg.data.seq_len) * tokens_per_step)
+                        run_cfg = self.phases[phase].cfg
+                        if self.data_for(phase) is not self.data:
+                            # A new length starts its own pass over the corpus (windows differ by length).
+                            self.data = self.data_for(phase)
+                            self.train_iter = self.data.train_iter()
+                        tokens_per_step = run_cfg.data.batch_size * run_cfg.data.seq_len
+                        throughput = Throughput(tokens_per_step, tokens_per_step *
+                                                flops_per_token(run_cfg.model, run_cfg.data.seq_len))
                         if cfg.trainer.phases:
                             self.log(f"step {step}: phase {phase} "
                                      f"({', '.join(cfg.trainer.phases[phase - 1].overrides) if phase else 'the run config'})")
