@@ -174,9 +174,9 @@ class TrainerConfig(Config):
     grad_accum: int = 1           # microbatches per step; batch_size must divide evenly
     seed: int = 0                 # parameter init and per-step rng seed
     z_loss: float = 0.0           # weight of logsumexp^2 (keeps logits from drifting)
-    # Tokens per chunk of the output head and its loss: memory for logits becomes loss_chunk x vocab
-    # instead of batch x seq_len x vocab, for one extra head matmul in the backward pass. 0 = whole
-    # batch at once; otherwise must divide the tokens of a microbatch (batch_size/grad_accum x seq_len).
+    # Tokens per chunk of the output head and its loss (0 = all at once; divides microbatch tokens).
+    # Logit memory becomes loss_chunk x vocab instead of batch x seq_len x vocab, for one extra head
+    # matmul in the backward pass; microbatch tokens = data.batch_size / grad_accum x data.seq_len.
     loss_chunk: int = 0
     log_every: int = 10           # steps between metric lines
     eval_every: int = 100         # steps between validation passes
@@ -202,8 +202,8 @@ class MeshConfig(Config):
     # Device mesh axis sizes; exactly one may be -1 ("all remaining devices").
     data: int = -1                # pure data parallel (parameters replicated)
     fsdp: int = 1                 # data parallel with sharded parameters/optimizer state
-    # Context parallel: each sequence split along T over this many devices (load-balanced causal
-    # layout, K/V all-gathered for attention); dense and local layers only.
+    # Devices each sequence is split over along T (context parallel; dense and local layers only).
+    # Load-balanced causal layout, K/V all-gathered for attention (attention/context_parallel.py).
     context: int = 1
     tensor: int = 1               # heads / MLP width split
 
