@@ -109,6 +109,9 @@ class DataConfig(Config):
     max_documents: int = 0       # 0 = all
     seed: int = 0                # shuffling and split seed
     shuffle: bool = True         # shuffle documents each epoch
+    # True: packed documents also attend to the earlier documents of their window (GPT-style);
+    # False: each token attends within its own document and positions restart per document.
+    cross_document_attention: bool = False
 
     def validate(self) -> None:
         self.require(self.seq_len > 0, "seq_len", "must be > 0")
