@@ -26,7 +26,8 @@ LOCAL = ("model.attention.0.method=local", "model.attention.0.block_size=16",
 # The documents case also runs the chunked loss (4 chunks of 128 tokens over the permuted batch).
 CASES = {"dense": (), "local": LOCAL, "dense_documents": ("trainer.loss_chunk=128",),
          "local_documents": LOCAL}
-MESHES = {"context4_data2": MeshConfig(data=2, context=4), "context2_data2_fsdp2": MeshConfig(data=2, fsdp=2, context=2)}
+MESHES = {"context4_data2": MeshConfig(data=2, context=4),
+          "context2_data2_fsdp2": MeshConfig(data=2, fsdp=2, context=2)}
 
 
 def batch(documents: bool) -> dict:
