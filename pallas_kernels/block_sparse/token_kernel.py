@@ -3,15 +3,18 @@
 Each query token has its own sorted list of key blocks, shared by the `Gs = N // H` query heads
 of its selection head (H = K: one list per GQA group; H = N: one per query head). A tile's rows
 are those Gs heads at P consecutive tokens, `R = P * Gs` rows, row r = (token r // Gs, head
-r % Gs). P = max(1, 16 // Gs), so the MMA M-dimension is at least 16 even for small groups; the
-P tokens loop over the union of their lists and each row masks the blocks its own token did not
-select (the per-row mask, compared against the token's list in registers).
+r % Gs). P = max(1, token_rows // Gs) with `Tuning.token_rows` = 16 by default, so the MMA
+M-dimension is at least 16 even for small groups; the P tokens loop over the union of their lists
+and each row masks the blocks its own token did not select (the per-row mask, compared against
+the token's list in registers).
 
   forward, dq  grid (nG, B, H), nG = ceil(T / P) token groups: loop over the group's union list.
-  dk/dv        grid (nK, B, H): one key block, loop over the token groups whose union holds it.
-               That transposed map is a CSR (per key block an offset into one flat array of
-               token groups), built with one sort of (block, group) keys; no atomics, and dk/dv are
-               written once per (key block, selection head), in k's dtype when H = K.
+  dk/dv        grid (nK * C, B, H): one key block, loop over (a C-th of) the token groups whose
+               union holds it. That transposed map is a CSR (per key block an offset into one flat
+               array of token groups), built with one sort of (block, group) keys; no atomics.
+               C > 1 only when nK * B * H programs would leave the GPU idle (G = 16, K = 1): the
+               C partial dk/dv are then summed in f32 in XLA. Otherwise dk/dv are written once
+               per (key block, selection head), in k's dtype when H = K.
 
 Every step applies the elementwise mask (membership, causality per token, ragged keys, document
 ids): with token-level lists the tiles have no static full/masked classes.
