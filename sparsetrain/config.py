@@ -256,6 +256,11 @@ class RunConfig(Config):
                 self.require(spec.method in ("dense", "local") and not getattr(spec, "ssa", False), "mesh",
                              f"context={self.mesh.context} supports dense and local attention layers (without "
                              f"ssa); the rule for layers {spec.layers!r} is {spec.method!r}")
+            # Two chunks per device, each whole kernel tiles (16 for dense layers, else the block size).
+            tile = max(getattr(spec, "block_size", 16) for spec in self.model.attention)
+            self.require(self.data.seq_len % (2 * self.mesh.context * tile) == 0, "data",
+                         f"seq_len={self.data.seq_len} must be a multiple of 2 x mesh.context x {tile} "
+                         f"= {2 * self.mesh.context * tile} (two chunks per device, whole kernel tiles)")
         micro_tokens = self.data.batch_size // self.trainer.grad_accum * self.data.seq_len
         self.require(micro_tokens % max(self.trainer.loss_chunk, 1) == 0, "trainer",
                      f"loss_chunk={self.trainer.loss_chunk} must divide the {micro_tokens} tokens of a "

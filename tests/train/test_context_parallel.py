@@ -33,6 +33,11 @@ def test_context_axis_refuses_methods_that_select_from_content(tmp_path):
         small_config(tmp_path, "mesh.context=2", "model.attention.0.method=moba")
 
 
+def test_context_axis_needs_whole_tiles_per_chunk(tmp_path):
+    with pytest.raises(ConfigError, match="seq_len=64 must be a multiple of 2 x mesh.context x 16 = 128"):
+        small_config(tmp_path, "mesh.context=4")
+
+
 def test_trains_from_the_cli(tmp_path):
     # local layers: evaluation also measures their recall (block scores back in natural order).
     run_script("train.py", "--config", "tiny", *SMALL, f"run_dir={tmp_path}", "name=cp", "mesh.context=2",
