@@ -56,7 +56,8 @@ def measure(config: str, seq: int, batch: int, remat: str, loss_chunk: int, cont
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
-    return {"batch": batch, "num_layers": cfg.model.num_layers, "peak_gib": peak / GIB, "xla_temp_gib": plan.temp_size_in_bytes / GIB,
+    return {"batch": batch, "num_layers": cfg.model.num_layers, "peak_gib": peak / GIB,
+            "xla_temp_gib": plan.temp_size_in_bytes / GIB,
             "step_ms": 1e3 * statistics.median(times[2:]), "loss": float(metrics["loss"])}
 
 

@@ -109,6 +109,9 @@ class DataConfig(Config):
     max_documents: int = 0       # 0 = all
     seed: int = 0                # shuffling and split seed
     shuffle: bool = True         # shuffle documents each epoch
+    # True: packed documents also attend to the earlier documents of their window (GPT-style);
+    # False: each token attends within its own document and positions restart per document.
+    cross_document_attention: bool = False
 
     def validate(self) -> None:
         self.require(self.seq_len > 0, "seq_len", "must be > 0")
@@ -181,9 +184,9 @@ class TrainerConfig(Config):
     grad_accum: int = 1           # microbatches per step; batch_size must divide evenly
     seed: int = 0                 # parameter init and per-step rng seed
     z_loss: float = 0.0           # weight of logsumexp^2 (keeps logits from drifting)
-    # Tokens per chunk of the output head and its loss: memory for logits becomes loss_chunk x vocab
-    # instead of batch x seq_len x vocab, for one extra head matmul in the backward pass. 0 = whole
-    # batch at once; otherwise must divide the tokens of a microbatch (batch_size/grad_accum x seq_len).
+    # Tokens per chunk of the output head and its loss (0 = all at once; divides microbatch tokens).
+    # Logit memory becomes loss_chunk x vocab instead of batch x seq_len x vocab, for one extra head
+    # matmul in the backward pass; microbatch tokens = data.batch_size / grad_accum x data.seq_len.
     loss_chunk: int = 0
     log_every: int = 10           # steps between metric lines
     eval_every: int = 100         # steps between validation passes
@@ -210,8 +213,8 @@ class MeshConfig(Config):
     # Device mesh axis sizes; exactly one may be -1 ("all remaining devices").
     data: int = -1                # pure data parallel (parameters replicated)
     fsdp: int = 1                 # data parallel with sharded parameters/optimizer state
-    # Context parallel: each sequence split along T over this many devices (load-balanced causal
-    # layout, K/V all-gathered for attention); dense and local layers only.
+    # Devices each sequence is split over along T (context parallel; dense and local layers only).
+    # Load-balanced causal layout, K/V all-gathered for attention (attention/context_parallel.py).
     context: int = 1
     tensor: int = 1               # heads / MLP width split
 
@@ -261,6 +264,11 @@ class RunConfig(Config):
                 self.require(spec.method in ("dense", "local") and not getattr(spec, "ssa", False), "mesh",
                              f"context={self.mesh.context} supports dense and local attention layers (without "
                              f"ssa); the rule for layers {spec.layers!r} is {spec.method!r}")
+            # Two chunks per device, each whole kernel tiles (16 for dense layers, else the block size).
+            tile = max(getattr(spec, "block_size", 16) for spec in self.model.attention)
+            self.require(self.data.seq_len % (2 * self.mesh.context * tile) == 0, "data",
+                         f"seq_len={self.data.seq_len} must be a multiple of 2 x mesh.context x {tile} "
+                         f"= {2 * self.mesh.context * tile} (two chunks per device, whole kernel tiles)")
         micro_tokens = self.data.batch_size // self.trainer.grad_accum * self.data.seq_len
         self.require(micro_tokens % max(self.trainer.loss_chunk, 1) == 0, "trainer",
                      f"loss_chunk={self.trainer.loss_chunk} must divide the {micro_tokens} tokens of a "

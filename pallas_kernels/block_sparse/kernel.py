@@ -11,6 +11,10 @@ memory and loops over it with a dynamic trip count:
            transposed lists, built with a cumsum + scatter). GQA: dk/dv are written per query head
            and summed over the group outside, so K/V are never repeated in memory.
 
+A token-level `Selection` (one list per query token) is handed to `token_kernel`; a tile-level
+one becomes a block mask. Segment ids add tile classes: tiles between documents are dropped,
+tiles inside one document keep their causal class, the others compare ids in the masked loop.
+
 Each list is ordered so that the tiles needing an elementwise mask (the causal diagonal and the
 ragged last key block) form a prefix or suffix: the kernels run two loops, and only the short one
 pays for `where`. Ragged lengths are zero-padded to a whole block, non power-of-two head dims to

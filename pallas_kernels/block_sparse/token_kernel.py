@@ -3,15 +3,18 @@
 Each query token has its own sorted list of key blocks, shared by the `Gs = N // H` query heads
 of its selection head (H = K: one list per GQA group; H = N: one per query head). A tile's rows
 are those Gs heads at P consecutive tokens, `R = P * Gs` rows, row r = (token r // Gs, head
-r % Gs). P = max(1, 16 // Gs), so the MMA M-dimension is at least 16 even for small groups; the
-P tokens loop over the union of their lists and each row masks the blocks its own token did not
-select (the per-row mask, compared against the token's list in registers).
+r % Gs). P = max(1, token_rows // Gs) with `Tuning.token_rows` = 16 by default, so the MMA
+M-dimension is at least 16 even for small groups; the P tokens loop over the union of their lists
+and each row masks the blocks its own token did not select (the per-row mask, compared against
+the token's list in registers).
 
   forward, dq  grid (nG, B, H), nG = ceil(T / P) token groups: loop over the group's union list.
-  dk/dv        grid (nK, B, H): one key block, loop over the token groups whose union holds it.
-               That transposed map is a CSR (per key block an offset into one flat array of
-               token groups), built with one sort of (block, group) keys; no atomics, and dk/dv are
-               written once per (key block, selection head), in k's dtype when H = K.
+  dk/dv        grid (nK * C, B, H): one key block, loop over (a C-th of) the token groups whose
+               union holds it. That transposed map is a CSR (per key block an offset into one flat
+               array of token groups), built with one sort of (block, group) keys; no atomics.
+               C > 1 only when nK * B * H programs would leave the GPU idle (G = 16, K = 1): the
+               C partial dk/dv are then summed in f32 in XLA. Otherwise dk/dv are written once
+               per (key block, selection head), in k's dtype when H = K.
 
 Every step applies the elementwise mask (membership, causality per token, ragged keys, document
 ids): with token-level lists the tiles have no static full/masked classes.
@@ -219,7 +222,8 @@ def _dkv_kernel(groups_ref, off_ref, lists_ref, qseg_ref, kseg_ref, q_ref, k_ref
                 lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Config, precision):
     # Transposed tiles (keys x rows) so that every product is a plain or trans_b dot.
     p, r = cfg.p, cfg.rows
-    j, chunk = pl.program_id(0) // cfg.dkv_chunks, pl.program_id(0) % cfg.dkv_chunks
+    # lax.div / lax.rem: the operands are never negative, so no floor-division sign fix-up.
+    j, chunk = lax.div(pl.program_id(0), cfg.dkv_chunks), lax.rem(pl.program_id(0), cfg.dkv_chunks)
     k, v = k_ref[...], v_ref[...]
     dh = k.shape[-1]
     kseg = kseg_ref[...] if cfg.segmented else None
@@ -243,7 +247,7 @@ def _dkv_kernel(groups_ref, off_ref, lists_ref, qseg_ref, kseg_ref, q_ref, k_ref
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     lo, hi = off_ref[j], off_ref[j + 1]
-    per_chunk = (hi - lo + cfg.dkv_chunks - 1) // cfg.dkv_chunks
+    per_chunk = lax.div(hi - lo + cfg.dkv_chunks - 1, cfg.dkv_chunks)
     first = lo + chunk * per_chunk
     dk, dv = lax.fori_loop(first, jnp.minimum(hi, first + per_chunk), step, (zeros, zeros))
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
@@ -318,11 +322,11 @@ def _backward(q, k, v, do, lse, delta, lists: _Lists, cfg: _Config):
     # dk/dv are summed below: the grid reaches DKV_PROGRAMS programs at most.
     chunks = max(1, min(MAX_DKV_CHUNKS, DKV_PROGRAMS // (d.n_k * b * h)))
     cfg = dataclasses.replace(cfg, dkv_chunks=chunks)
-    blk = lambda i: i // chunks  # noqa: E731  (grid index -> key block)
+    blk = lambda i: lax.div(i, chunks)  # noqa: E731  (grid index -> key block)
     kv_tile = pl.BlockSpec((None, bs, None, dh), lambda i, b, h: (b, blk(i), _kv_head(h, d), 0))
     q_all = pl.BlockSpec((None, t_p, None, gs, dh), lambda i, b, h: (b, 0, h, 0, 0))
     row_all = pl.BlockSpec((None, None, t_p * gs), lambda i, b, h: (b, h, 0))
-    dkv_tile = pl.BlockSpec((None, None, bs, None, dh), lambda i, b, h: (b, i % chunks, blk(i), h, 0))
+    dkv_tile = pl.BlockSpec((None, None, bs, None, dh), lambda i, b, h: (b, lax.rem(i, chunks), blk(i), h, 0))
     # One selection head per kv head and one chunk: written in k's dtype; else f32, summed below.
     heads_per_kv = d.mask_heads // d.kv_heads
     dkv_dtype = k.dtype if heads_per_kv == 1 and chunks == 1 else jnp.float32

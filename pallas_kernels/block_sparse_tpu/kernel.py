@@ -29,6 +29,10 @@ is zero-padded to a multiple of 128 (zero columns change no dot product; padded 
 Row statistics follow splash attention: m and l are (block, 128) lane-replicated scratch, and the
 LSE / delta residuals are [B, N, 1, T] rows (read as a column in dq, as a row in dk/dv).
 
+Segment ids: tiles between documents are dropped from the lists; with ids every remaining tile
+takes the masked branch, which also compares row ids (lane-replicated (bs, 128) blocks) with
+column ids (sublane-replicated (8, bs) blocks), as splash attention lays them out.
+
 `interpret=True` runs the TPU interpreter (`pltpu.InterpretParams()`, CPU); an InterpretParams
 instance is passed through. The grid is as long as a dense one (nK slots per row); skipped slots
 cost a grid step but neither DMA nor MXU work.

@@ -100,8 +100,8 @@ def shard_attention(q, k, v, block_mask, segment_ids, *, block_size: int, causal
     c = q.shape[1] // 2
     seq_len = 2 * n * c
     if c % block_size:
-        raise ValueError(f"mesh.context={n}: chunks of {c} tokens are not a multiple of block_size={block_size}; "
-                         f"make data.seq_len a multiple of {2 * n * block_size}")
+        raise ValueError(f"mesh.context={n}: chunks of {c} tokens are not a multiple of "
+                         f"block_size={block_size}; make data.seq_len a multiple of {2 * n * block_size}")
     natural = np.argsort(load_balanced_order(seq_len, n))
     gather = lambda x: jnp.take(jax.lax.all_gather(x, AXIS, axis=1, tiled=True), natural, axis=1)
     k_all, v_all = gather(k), gather(v)                                   # [B, T, K, H]
@@ -114,7 +114,8 @@ def shard_attention(q, k, v, block_mask, segment_ids, *, block_size: int, causal
         roll = lambda x: jnp.roll(x, shift, axis=1)
         tiles = jax.lax.dynamic_slice_in_dim(block_mask, chunk * (c // block_size), c // block_size, axis=2)
         tiles = jnp.roll(tiles, shift // block_size, axis=3)             # [B, ., c/bs, nK]
-        # The blocks rolled in from after the chunk: a causal mask already excludes them.
+        # The blocks rolled in from after the chunk: a causal selection already excludes them;
+        # this keeps the result exact for any other mask too.
         tiles &= jnp.arange(tiles.shape[3]) >= shift // block_size
         segments = None if seg_all is None else ops.SegmentIds(q=segment_ids[:, rows], kv=roll(seg_all))
         outs.append(ops.block_sparse_attention(q[:, rows], roll(k_all), roll(v_all), tiles, causal=True,

@@ -50,7 +50,10 @@ class AttentionInputs:
     k_nope: jax.Array       # [B, T, K, H] before RoPE
     x: jax.Array            # [B, T, D] the layer's normalised input
     positions: jax.Array    # [B, T] int32
-    segment_ids: jax.Array | None   # [B, T] document ids of packed sequences, 0 = padding
+    # [B, T] document ids of packed sequences (0 = padding), or None when attention crosses
+    # documents. Every method attends within documents and keeps its selection, gates and block
+    # scores inside them (sparsetrain/attention/documents.py).
+    segment_ids: jax.Array | None
     ctx: StepContext
     rope: Callable[[jax.Array, jax.Array], jax.Array]   # the model's RoPE: (x [B, T', M, d], positions [B, T'])
 
@@ -130,7 +133,7 @@ class SparseMethod(nnx.Module):
         of which one continues."""
         if inp.ctx.rng is None:
             raise ValueError("ssa=True needs the step's rng (StepContext.rng) in training")
-        full = dense_causal_attention(inp.q, inp.k, inp.v)
+        full = dense_causal_attention(inp.q, inp.k, inp.v, segment_ids=inp.segment_ids)
         use_full = use_full_output(inp.ctx.rng)
         losses["ssa"] = self.options.ssa_weight * alignment_loss(full, sparse)
         metrics["ssa_full_output"] = use_full.astype(jnp.float32)
@@ -148,8 +151,9 @@ class SparseMethod(nnx.Module):
     def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
         # Token selections go to the token-level kernel as lists; tile ones as their mask.
         rows = sel if sel.granularity == "token" else sel.to_mask()
-        return block_sparse_attention(inp.q, inp.k, inp.v, rows, causal=True,
-                                      block_size=self.options.block_size, impl=self.options.impl)
+        return block_sparse_attention(inp.q, inp.k, inp.v, rows, segment_ids=inp.segment_ids,
+                                      causal=True, block_size=self.options.block_size,
+                                      impl=self.options.impl)
 
     def losses(self, inp: AttentionInputs, sel: ops.Selection, out: jax.Array) -> dict:
         return {}
@@ -170,7 +174,8 @@ class SparseMethod(nnx.Module):
         """Mean over tokens and heads of exp(lse over the selected keys - lse over all causal keys):
         the dense softmax probability a token's selection holds (no gradient)."""
         q, k, v = jax.lax.stop_gradient((inp.q, inp.k, inp.v))
-        kw = dict(causal=True, block_size=self.options.block_size, impl=self.options.impl, return_lse=True)
+        kw = dict(causal=True, block_size=self.options.block_size, impl=self.options.impl, return_lse=True,
+                  segment_ids=inp.segment_ids)
         causal = ops.causal_block_mask(q.shape[1], k.shape[1], self.options.block_size)
         everything = jnp.broadcast_to(causal, (q.shape[0], k.shape[2], *causal.shape))
         _, lse_selected = block_sparse_attention(q, k, v, dataclasses.replace(sel, extras={}), **kw)
@@ -183,5 +188,5 @@ class SparseMethod(nnx.Module):
 
     def block_scores(self, inp: AttentionInputs) -> jax.Array:
         """SeerAttention's block ground truth of this layer, f32 [B, N, nQ, nK] (no gradient)."""
-        return block_attention_scores(inp.q, inp.k, block_size=self.options.block_size, causal=True,
-                                      impl=self.options.impl)
+        return block_attention_scores(inp.q, inp.k, segment_ids=inp.segment_ids,
+                                      block_size=self.options.block_size, causal=True, impl=self.options.impl)

@@ -8,8 +8,18 @@ Batch layout (per process, B = batch_size // process_count, L = seq_len):
   inputs      int32   [B, L]  token ids
   targets     int32   [B, L]  inputs shifted left by one
   loss_mask   float32 [B, L]  1 where the target is trained on (see `PackedWindows`)
-  segment_ids int32   [B, L]  1-based document index within the window; 0 for padding
-  positions   int32   [B, L]  0..L-1 in every row
+  segment_ids int32   [B, L]  1-based document index within the window; 0 for padding. Only
+                              when documents are masked (data.cross_document_attention=False, the
+                              default): the model then attends only within equal ids.
+  positions   int32   [B, L]  masked documents: each document's tokens count from 0 at its first
+                              token in the window (a document continued from the previous window
+                              restarts too; padding counts as one more document); with
+                              cross-document attention: 0..L-1 in every row
+
+With masked documents, restarting positions makes a packed row compute what each document would
+alone (RoPE is relative, so attention itself does not change; the Seer gates' block positions and
+float rounding at large positions do), and matches the position ids the exported model is given for
+packed inputs (docs/export.md).
 """
 
 from __future__ import annotations
@@ -68,10 +78,12 @@ class PackedWindows:
     so validation can fill its last batch without counting any window twice.
     """
 
-    def __init__(self, stream: TokenStream, seq_len: int, pad_id: int, num_windows: int | None = None):
+    def __init__(self, stream: TokenStream, seq_len: int, pad_id: int, num_windows: int | None = None,
+                 *, cross_document_attention: bool = False):
         self.stream = stream
         self.seq_len = seq_len
         self.pad_id = pad_id
+        self.cross_document_attention = cross_document_attention
         self.num_filled = math.ceil(len(stream.tokens) / (seq_len + 1))
         self.num_windows = self.num_filled if num_windows is None else num_windows
 
@@ -95,13 +107,17 @@ class PackedWindows:
         # that prediction is masked. Predicting eos itself, at the end of a document, is trained.
         loss_mask = np.zeros(self.seq_len, dtype=np.float32)
         loss_mask[:max(len(real) - 1, 0)] = doc[1:] == doc[:-1]
-        return {
-            "inputs": window[:-1],
-            "targets": window[1:],
-            "loss_mask": loss_mask,
-            "segment_ids": segment_ids[:-1],
-            "positions": np.arange(self.seq_len, dtype=np.int32),
-        }
+        example = {"inputs": window[:-1], "targets": window[1:], "loss_mask": loss_mask}
+        if self.cross_document_attention:
+            return {**example, "positions": np.arange(self.seq_len, dtype=np.int32)}
+        return {**example, "segment_ids": segment_ids[:-1], "positions": document_positions(segment_ids[:-1])}
+
+
+def document_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """int32 [L]: each token's offset from the first token of its run of equal segment ids."""
+    index = np.arange(len(segment_ids))
+    starts = np.flatnonzero(np.diff(segment_ids, prepend=-1))      # first token of every run
+    return (index - starts[np.searchsorted(starts, index, side="right") - 1]).astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,14 +146,19 @@ class Data:
         self.batch_size = cfg.batch_size // process_count  # per process
         self.process_index = process_index
         self.process_count = process_count
-        self._train_windows = PackedWindows(train, cfg.seq_len, tokenizer.pad_id)
+        self.cross_document_attention = cfg.cross_document_attention
+        self._train_windows = self._windows(train)
         self._val = val
         self.stats = DataStats(
             num_train_documents=train.num_documents, num_val_documents=val.num_documents,
             num_train_tokens=len(train.tokens), num_val_tokens=len(val.tokens),
             num_train_windows=len(self._train_windows),
-            num_val_windows=len(PackedWindows(val, cfg.seq_len, tokenizer.pad_id)))
+            num_val_windows=len(self._windows(val)))
         self.train_dataset = self._train_dataset(cfg.seed if cfg.shuffle else None)
+
+    def _windows(self, stream: TokenStream, num_windows: int | None = None) -> PackedWindows:
+        return PackedWindows(stream, self.seq_len, self.tokenizer.pad_id, num_windows,
+                             cross_document_attention=self.cross_document_attention)
 
     def _train_dataset(self, shuffle_seed: int | None) -> grain.IterDataset:
         ds = grain.MapDataset.source(self._train_windows)
@@ -160,8 +181,7 @@ class Data:
         """
         global_batch = self.batch_size * self.process_count
         count = min(num_batches, math.ceil(self.stats.num_val_windows / global_batch))
-        windows = PackedWindows(self._val, self.seq_len, self.tokenizer.pad_id,
-                                num_windows=count * global_batch)
+        windows = self._windows(self._val, num_windows=count * global_batch)
         ds = grain.MapDataset.source(windows)[self.process_index::self.process_count]
         ds = ds.batch(self.batch_size)
         return (ds[i] for i in range(len(ds)))

@@ -26,6 +26,11 @@ head ([B, N, nQ, nK]). `dense_last_fraction` f: query tiles from floor((1 - f) *
 causal tile (f is relative to the length of the forward pass; while decoding with a KV cache each new
 token is the last of its sequence, so it attends densely, as MoBA's own decoding does). The base
 options' forced tiles (`local_blocks` ending at the diagonal, `initial_blocks` sinks) are kept too.
+
+Packed documents (segment ids): every rule above applies per document, as if each were alone
+(routing blocks outside the tile's document are never chosen, `dense_last_fraction` counts the
+document's tiles, forced tiles stop at its first tile); `gate_scores` says how a block straddling
+two documents is pooled. Exact per document when documents start on routing-block boundaries.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsetrain import ops
+from sparsetrain.attention.documents import block_document_tokens, document_spans, document_tiles
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
 from sparsetrain.attention.spec import MethodExport
 from sparsetrain.sparse.pooling import lag_blocks, pool_blocks
@@ -94,13 +101,22 @@ class MobaOptions(BlockSparseOptions):
 # The gate and the selection, as plain functions (tests/sparse/test_moba.py checks them against
 # per-token references of the paper's math).
 
-def gate_scores(q: jax.Array, k: jax.Array, *, block_size: int, moba_block: int, query_pool: str) -> jax.Array:
+def gate_scores(q: jax.Array, k: jax.Array, *, block_size: int, moba_block: int, query_pool: str,
+                segment_ids: jax.Array | None = None) -> jax.Array:
     """float32 [B, N, nQ, nR]: the gate of each query tile (of `block_size` tokens) and routing block
-    (of `moba_block`), <pooled q, mean K of the block>. q [B, T, N, H], k [B, T, K, H] post-RoPE."""
-    q_pool = pool_blocks(q, block_size)                                    # [B, nQ, N, H]
-    if query_pool == "lagged":
-        q_pool = lag_blocks(q_pool)                                        # tile i reads tile i-1
-    k_mean = pool_blocks(k, moba_block)                                    # [B, nR, K, H]
+    (of `moba_block`), <pooled q, mean K of the block>. q [B, T, N, H], k [B, T, K, H] post-RoPE.
+
+    With segment ids, a block straddling documents is pooled over the one document it can share
+    with the other side: the mean key over its last document (the one later tiles may share), a
+    tile's query over its first (the one that reads earlier blocks; lagged: the previous tile's
+    last, which continues into the tile or is never scored against)."""
+    if query_pool == "lagged":                                             # tile i reads tile i-1
+        q_pool = lag_blocks(pool_blocks(q, block_size, tokens=block_document_tokens(segment_ids, block_size,
+                                                                                    "last")))
+    else:
+        q_pool = pool_blocks(q, block_size, tokens=block_document_tokens(segment_ids, block_size, "first"))
+    k_last = block_document_tokens(segment_ids, moba_block, "last")
+    k_mean = pool_blocks(k, moba_block, tokens=k_last)                     # [B, nR, K, H]
     k_mean = jnp.repeat(k_mean, q.shape[2] // k.shape[2], axis=2)          # [B, nR, N, H]
     return jnp.einsum("BQNH,BRNH->BNQR", q_pool, k_mean, precision=jax.lax.Precision.HIGHEST)
 
@@ -111,25 +127,45 @@ def current_blocks(seq_len: int, block_size: int, moba_block: int) -> jax.Array:
     return (jnp.arange(n_q) * block_size // moba_block)[:, None] == jnp.arange(n_r)[None, :]
 
 
-def select_routing(scores: jax.Array, topk: int, seq_len: int, block_size: int, moba_block: int) -> jax.Array:
+def select_routing(scores: jax.Array, topk: int, seq_len: int, block_size: int, moba_block: int,
+                   segment_ids: jax.Array | None = None) -> jax.Array:
     """bool [..., nQ, nR]: per query tile, its current routing block and the `topk - 1` best strictly
-    earlier ones (ties to the lower index; blocks after the current one are never chosen)."""
+    earlier ones (ties to the lower index; blocks after the current one are never chosen). With
+    segment ids [B, T], routing blocks holding none of the tile's documents are never chosen."""
     current = current_blocks(seq_len, block_size, moba_block)
     valid = jnp.cumsum(current[:, ::-1], axis=1)[:, ::-1] > 0             # j <= current block
+    valid = valid & document_tiles(segment_ids, block_size, moba_block)
     return ops.topk_block_mask(scores, topk, force_first=0, force_local=1, valid=valid)
 
 
-def tile_mask(routing: jax.Array, seq_len: int, options: MobaOptions) -> jax.Array:
+def tile_mask(routing: jax.Array, seq_len: int, options: MobaOptions,
+              segment_ids: jax.Array | None = None) -> jax.Array:
     """bool [..., nQ, nK]: routing blocks [..., nQ, nR] as key tiles, causal, plus the dense last
-    query tiles and the forced ones (`local_blocks`, `initial_blocks`)."""
+    query tiles and the forced ones (`local_blocks`, `initial_blocks`). With segment ids [B, T],
+    every kept tile holds a pair of one document, and the forced and dense tiles count within the
+    query tile's document, as they would for the document alone."""
     o = options
-    causal = ops.causal_block_mask(seq_len, seq_len, o.block_size)
-    block_of_tile = jnp.arange(causal.shape[1]) * o.block_size // o.moba_block
+    causal = ops.causal_block_mask(seq_len, seq_len, o.block_size) & document_tiles(segment_ids, o.block_size)
+    block_of_tile = jnp.arange(causal.shape[-1]) * o.block_size // o.moba_block
     mask = jnp.take(routing, block_of_tile, axis=-1) & causal
-    first_dense = math.floor((1.0 - o.dense_last_fraction) * causal.shape[0])
-    dense_rows = (jnp.arange(causal.shape[0]) >= first_dense)[:, None]
     forced = ops.forced_block_mask(causal, force_first=o.initial_blocks, force_local=o.local_blocks)
-    return mask | (dense_rows & causal) | forced
+    return mask | (dense_rows(seq_len, o, segment_ids) & causal) | forced
+
+
+def dense_rows(seq_len: int, options: MobaOptions, segment_ids: jax.Array | None = None) -> jax.Array:
+    """bool [nQ, 1], or [B, 1, nQ, 1] with segment ids: the query tiles that attend densely, those
+    from floor((1 - dense_last_fraction) * n) on, n the tiles of the sequence or of the tile's
+    (first) document."""
+    bs = options.block_size
+    n_q = -(-seq_len // bs)
+    # Python's float floor for every possible count, so packed rows round as a document alone does.
+    first_dense = np.array([math.floor((1.0 - options.dense_last_fraction) * n) for n in range(n_q + 1)])
+    if segment_ids is None:
+        return (np.arange(n_q) >= first_dense[n_q])[:, None]
+    offset, length = document_spans(segment_ids)
+    tile_starts = jnp.arange(0, seq_len, bs)
+    index, count = offset[:, tile_starts] // bs, -(-length[:, tile_starts] // bs)   # [B, nQ]
+    return (index >= jnp.asarray(first_dense)[count])[:, None, :, None]
 
 
 class MobaAttention(SparseMethod):
@@ -139,6 +175,8 @@ class MobaAttention(SparseMethod):
         o = self.options
         seq = inp.q.shape[1]
         q, k = jax.lax.stop_gradient((inp.q, inp.k))    # top-k routing: no gradient, as in the paper
-        scores = gate_scores(q, k, block_size=o.block_size, moba_block=o.moba_block, query_pool=o.query_pool)
-        routing = select_routing(scores, o.topk, seq, o.block_size, o.moba_block)
-        return ops.Selection.from_mask(tile_mask(routing, seq, o), scores=scores)
+        scores = gate_scores(q, k, block_size=o.block_size, moba_block=o.moba_block, query_pool=o.query_pool,
+                             segment_ids=inp.segment_ids)
+        routing = select_routing(scores, o.topk, seq, o.block_size, o.moba_block, inp.segment_ids)
+        mask = tile_mask(routing, seq, o, inp.segment_ids)
+        return ops.Selection.from_mask(mask, scores=scores)

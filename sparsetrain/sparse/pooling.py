@@ -10,19 +10,25 @@ import jax
 import jax.numpy as jnp
 
 
-def pool_blocks(x: jax.Array, block_size: int, kinds: tuple[str, ...] = ("avg",)) -> jax.Array:
+def pool_blocks(x: jax.Array, block_size: int, kinds: tuple[str, ...] = ("avg",),
+                tokens: jax.Array | None = None) -> jax.Array:
     """[B, T, M, H] -> [B, nB, M, len(kinds) * H]: per block of `block_size` tokens (the last one
     possibly partial, pooled over its real tokens), the poolings in `kinds` ("avg", "max", "min")
-    concatenated on the feature axis. float32."""
+    concatenated on the feature axis. float32.
+
+    tokens: bool [B, T], the tokens that count (default all); every block must keep at least one.
+    Packed documents pool each block over one of its documents (sparsetrain/attention/documents.py).
+    """
     b, t, m, h = x.shape
     n = -(-t // block_size)
     x = x.astype(jnp.float32)
-    real = (jnp.arange(n * block_size) < t).reshape(1, n, block_size, 1, 1)
+    keep = jnp.ones((1, t), bool) if tokens is None else tokens
+    keep = jnp.pad(keep, ((0, 0), (0, n * block_size - t))).reshape(keep.shape[0], n, block_size, 1, 1)
     x = jnp.pad(x, ((0, 0), (0, n * block_size - t), (0, 0), (0, 0))).reshape(b, n, block_size, m, h)
-    count = jnp.minimum(block_size, t - jnp.arange(n) * block_size).reshape(1, n, 1, 1)
-    pooled = {"avg": lambda: jnp.where(real, x, 0.0).sum(2) / count,
-              "max": lambda: jnp.where(real, x, -jnp.inf).max(2),
-              "min": lambda: jnp.where(real, x, jnp.inf).min(2)}
+    count = keep.sum(2)
+    pooled = {"avg": lambda: jnp.where(keep, x, 0.0).sum(2) / count,
+              "max": lambda: jnp.where(keep, x, -jnp.inf).max(2),
+              "min": lambda: jnp.where(keep, x, jnp.inf).min(2)}
     return jnp.concatenate([pooled[kind]() for kind in kinds], axis=-1)
 
 

@@ -49,6 +49,7 @@ from flax import nnx
 
 from sparsetrain import ops
 from sparsetrain.attention.dense import dense_causal_attention
+from sparsetrain.attention.documents import block_document_tokens, document_tiles, last_document_starts
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
 from sparsetrain.attention.spec import MethodExport
 from sparsetrain.sparse.pooling import lag_blocks, pool_blocks
@@ -130,25 +131,33 @@ def candidate_blocks(n_q: int, n_k: int, query_pool: str) -> jax.Array:
     return j < i if query_pool == "lagged" else j <= i
 
 
-def gate_logits(q_nope, k_nope, positions, w_q, w_k, *, block_size: int, query_pool: str, rope):
+def gate_logits(q_nope, k_nope, positions, w_q, w_k, *, block_size: int, query_pool: str, rope,
+                segment_ids=None):
     """Gate logits f32 [B, N, nQ, nK], -inf outside the candidate blocks.
 
     q_nope [B, T, N, H], k_nope [B, T, K, H] (before RoPE); positions [B, T]; w_q [N, H, E],
     w_k [N, 3H, E]; rope(x [B, n, N, E], positions [B, n]) the model's rotary embedding.
+    segment_ids [B, T] of packed documents: key blocks holding none of the query block's documents
+    are no candidates, and a block straddling documents is summarised over the one document it can
+    share with the other side (keys: its last document, placed where that document's positions put
+    the block; queries: its first, or for lagged pooling the previous block's last).
     """
     n, k = q_nope.shape[2], k_nope.shape[2]
-    q_pool = pool_blocks(q_nope, block_size, ("avg",))                    # [B, nQ, N, H]
     if query_pool == "lagged":
         # Block i reads block i-1's queries; block 0 has no candidates, so its zeros are unused.
-        q_pool = lag_blocks(q_pool)
-    k_pool = pool_blocks(k_nope, block_size, ("max", "min", "avg"))       # [B, nK, K, 3H]
+        q_pool = lag_blocks(pool_blocks(q_nope, block_size, ("avg",),
+                                        block_document_tokens(segment_ids, block_size, "last")))
+    else:
+        q_pool = pool_blocks(q_nope, block_size, ("avg",),
+                             block_document_tokens(segment_ids, block_size, "first"))
+    k_pool = pool_blocks(k_nope, block_size, ("max", "min", "avg"),
+                         block_document_tokens(segment_ids, block_size, "last"))  # [B, nK, K, 3H]
     k_pool = jnp.repeat(k_pool, n // k, axis=2)                            # [B, nK, N, 3H]
-    starts = positions[:, ::block_size]                                    # each block's first position
-    q_hat = rope(jnp.einsum("BQNH,NHE->BQNE", q_pool, w_q), starts)
-    k_hat = rope(jnp.einsum("BKNF,NFE->BKNE", k_pool, w_k), starts)
+    q_hat = rope(jnp.einsum("BQNH,NHE->BQNE", q_pool, w_q), positions[:, ::block_size])
+    k_hat = rope(jnp.einsum("BKNF,NFE->BKNE", k_pool, w_k), last_document_starts(positions, block_size))
     logits = jnp.einsum("BQNE,BKNE->BNQK", q_hat, k_hat) / math.sqrt(w_q.shape[-1])
     valid = candidate_blocks(logits.shape[2], logits.shape[3], query_pool)
-    return jnp.where(valid, logits, -jnp.inf)
+    return jnp.where(valid & document_tiles(segment_ids, block_size), logits, -jnp.inf)
 
 
 def kl_target(scores: jax.Array, query_pool: str) -> jax.Array:
@@ -180,10 +189,12 @@ def kl_loss(logits: jax.Array, target: jax.Array, skip_fraction: float) -> jax.A
     return jnp.sum(jnp.where(rows, row_kl, 0.0)) / jnp.maximum(rows.sum(), 1)
 
 
-def select_blocks(logits: jax.Array, options: SeerOptions, seq_len: int) -> jax.Array:
-    """bool [..., nQ, nK]: the kept key blocks of each query-block row (causal self-attention)."""
+def select_blocks(logits: jax.Array, options: SeerOptions, seq_len: int, documents=True) -> jax.Array:
+    """bool [..., nQ, nK]: the kept key blocks of each query-block row (causal self-attention).
+    documents: `document_tiles` [B, 1, nQ, nK] of packed rows; forced blocks and density budgets
+    then count within the query block's document."""
     o = options
-    valid = ops.causal_block_mask(seq_len, seq_len, o.block_size)
+    valid = ops.causal_block_mask(seq_len, seq_len, o.block_size) & documents
     forced = dict(force_first=o.initial_blocks, force_local=o.local_blocks, valid=valid)
     probs = jax.nn.softmax(jnp.where(jnp.isfinite(logits), logits, -1e30), axis=-1)
     probs = jnp.where(jnp.isfinite(logits), probs, 0.0)
@@ -215,7 +226,8 @@ class SeerAttention(SparseMethod):
         # The gate learns to predict the frozen layer: no gradient into q/k from the KL.
         q_nope, k_nope = jax.lax.stop_gradient((inp.q_nope, inp.k_nope))
         logits = gate_logits(q_nope, k_nope, inp.positions, self.q_gate[...], self.k_gate[...],
-                             block_size=o.block_size, query_pool=o.query_pool, rope=inp.rope)
+                             block_size=o.block_size, query_pool=o.query_pool, rope=inp.rope,
+                             segment_ids=inp.segment_ids)
         extras = {}
         if (self.reporting and (o.mode == "distill" or o.sparse_kl)) or self.wants_scores(inp):
             extras["scores"] = self.block_scores(inp)
@@ -225,12 +237,12 @@ class SeerAttention(SparseMethod):
             logits, shared = share_over_groups(logits, extras.get("target", logits), group)
             if "target" in extras:
                 extras["target"] = shared
-        mask = select_blocks(logits, o, inp.q.shape[1])
+        mask = select_blocks(logits, o, inp.q.shape[1], document_tiles(inp.segment_ids, o.block_size))
         return ops.Selection.from_mask(mask, logits=logits, **extras)
 
     def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
         if self.options.mode == "distill":
-            return dense_causal_attention(inp.q, inp.k, inp.v)
+            return dense_causal_attention(inp.q, inp.k, inp.v, segment_ids=inp.segment_ids)
         return super().attend(inp, sel)
 
     def losses(self, inp, sel, out) -> dict:

@@ -1,8 +1,9 @@
 """The pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
 
 State is a dict {"params", "opt_state", "step"}; a batch is the data pipeline's dict of [B, T] arrays
-(inputs, targets, loss_mask, segment_ids, positions). Both are jitted once by the loop with explicit
-shardings; nothing here knows about meshes.
+(inputs, targets, loss_mask, positions, and segment_ids unless data.cross_document_attention: without
+them attention crosses documents). Both are jitted once by the loop with explicit shardings; nothing
+here knows about meshes.
 """
 
 from __future__ import annotations

@@ -38,17 +38,26 @@ def test_masks_and_segments_at_document_boundaries_and_padding():
     assert last["segment_ids"].tolist() == [1, 1, 2, 2]     # renumbered from 1 in every window
     assert last["loss_mask"].tolist() == [1, 0, 1, 0]       # crossing, then a padding target
 
+    assert first["positions"].tolist() == [0, 1, 2, 3]
+    assert last["positions"].tolist() == [0, 1, 0, 1]      # restart with every document
     for example in (first, last):
-        assert example["positions"].tolist() == [0, 1, 2, 3]
         assert {k: v.dtype for k, v in example.items()} == {
             "inputs": np.int32, "targets": np.int32, "loss_mask": np.float32,
             "segment_ids": np.int32, "positions": np.int32}
+
+
+def test_cross_document_attention_drops_segment_ids_and_counts_positions_through():
+    stream = TokenStream.concat([np.array(d, dtype=np.int32) for d in ([1, 2, 3], [4, 5], [6])], EOS, 258)
+    last = PackedWindows(stream, 4, PAD, cross_document_attention=True)[1]
+    assert "segment_ids" not in last and last["positions"].tolist() == [0, 1, 2, 3]
+    assert last["loss_mask"].tolist() == [1, 0, 1, 0]
 
 
 def test_padding_inputs_have_segment_zero():
     packed = windows([[1, 2]], seq_len=6)   # stream 1 2 E, window [1 2 E P P P P]
     example = packed[0]
     assert example["segment_ids"].tolist() == [1, 1, 1, 0, 0, 0]
+    assert example["positions"].tolist() == [0, 1, 2, 0, 1, 2]   # padding counts as one more document
     assert example["loss_mask"].tolist() == [1, 1, 0, 0, 0, 0]
 
 

@@ -67,6 +67,13 @@ def test_batch_layout(corpus):
     assert data.tokenizer.vocab_size == 258
 
 
+def test_cross_document_attention_reaches_train_and_validation_batches(corpus):
+    data = build_data(config(corpus[0], cross_document_attention=True))
+    for batch in (next(data.train_iter()), next(data.val_batches(1))):
+        assert "segment_ids" not in batch
+        assert (batch["positions"] == np.arange(SEQ_LEN)).all()
+
+
 def test_unshuffled_epoch_is_the_lossless_train_stream(corpus):
     path, texts = corpus
     data = build_data(config(path, shuffle=False, batch_size=1))

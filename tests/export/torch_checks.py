@@ -1,6 +1,7 @@
 """Checks that run in the PyTorch-only environment (.venv-torch: torch + transformers, no JAX).
 
     python torch_checks.py parity DIR            # DIR: an export plus jax_outputs.npz beside it
+    python torch_checks.py packed DIR            # DIR: an export plus jax_packed.npz beside it
     python torch_checks.py sparse_refusals DIR   # DIR: an export with sparse layers
     python torch_checks.py tokenizer DIR TEXT_FILE
     python torch_checks.py bf16 DIR REFERENCE_NPZ
@@ -97,6 +98,17 @@ def parity(directory: str) -> dict:
         "hidden_scale": [float(np.abs(b).max()) for b in jax_hidden],
         "cached_decode_max_abs_diff": cached_decode_diff(model, tokens),
     }
+
+
+def packed(directory: str) -> dict:
+    """jax_packed.npz beside the export: tokens and position ids [B, T] of packed rows (restarting per
+    document) and the JAX logits with segment ids; the model runs them as transformers packs rows."""
+    model, _ = load(Path(directory))
+    ref = np.load(Path(directory) / "jax_packed.npz")
+    logits = model(torch.from_numpy(ref["tokens"]).long(), position_ids=torch.from_numpy(ref["positions"]).long(),
+                   use_cache=False).logits
+    return {"logits_max_abs_diff": max_abs(logits.numpy(), ref["logits"]),
+            "logits_scale": float(np.abs(ref["logits"]).max())}
 
 
 def _error(fn) -> str:
@@ -210,6 +222,6 @@ RESULT_MARKER = "torch_checks result: "   # on its own line; transformers' promp
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    result = {"parity": parity, "sparse_refusals": sparse_refusals, "tokenizer": tokenizer, "bf16": bf16,
+    result = {"parity": parity, "packed": packed, "sparse_refusals": sparse_refusals, "tokenizer": tokenizer, "bf16": bf16,
               "make_llama": make_llama, "rope_frequencies": rope_frequencies}[command](*args)
     print(f"\n{RESULT_MARKER}{json.dumps(result)}")

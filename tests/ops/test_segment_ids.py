@@ -79,9 +79,11 @@ class TestSegmentsCompiled(_SegmentTests):
     pytestmark = GPU_ONLY
 
 
+@pytest.mark.parametrize("granularity", ["tile", "token"])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_packed_batch_equals_documents_alone(impl, request):
-    """Outputs and gradients of each packed document equal those of the document run alone."""
+def test_packed_batch_equals_documents_alone(impl, granularity, request):
+    """Outputs and gradients of each packed document equal those of the document run alone
+    (every causal block selected, per query tile or per query token)."""
     rng = seeded_rng(request)
     lengths, bs, d = (40, 70, 50), 16, 32
     total = sum(lengths)
@@ -92,7 +94,8 @@ def test_packed_batch_equals_documents_alone(impl, request):
 
     def attend(q, k, v, seg):
         n = -(-q.shape[1] // bs)
-        every_block = jnp.ones((1, 2, n, n), bool)
+        rows = n if granularity == "tile" else q.shape[1]
+        every_block = ops.Selection.from_mask(jnp.ones((1, 2, rows, n), bool), granularity=granularity)
         return ops.block_sparse_attention(q, k, v, every_block, block_size=bs, segment_ids=seg, impl=impl)
 
     packed, pull = jax.vjp(lambda *a: attend(*a, ids), q, k, v)

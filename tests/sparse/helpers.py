@@ -14,6 +14,7 @@ from models.rope import apply_rope
 from sparsetrain.attention.method import AttentionInputs, StepContext
 from sparsetrain.attention.spec import DenseOptions
 from sparsetrain.config import ModelConfig, RopeConfig
+from sparsetrain.data.pipeline import document_positions
 
 TINY = ModelConfig(vocab_size=320, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
                    mlp_dim=128, max_seq_len=512, dtype="float32")
@@ -27,13 +28,16 @@ def qkv(seq, heads=4, kv_heads=2, head_dim=16, seed=0, batch=2):
     return q, k, v
 
 
-def inputs(q_nope, k_nope, v, *, train=False, theta=10000.0) -> AttentionInputs:
-    """AttentionInputs as the model builds them (RoPE at positions 0..T-1)."""
+def inputs(q_nope, k_nope, v, *, train=False, theta=10000.0, segment_ids=None, rng=None) -> AttentionInputs:
+    """AttentionInputs as the model builds them: RoPE at positions 0..T-1, or with segment ids
+    [B, T] at positions restarting per document (as the data pipeline makes them)."""
     positions = jnp.broadcast_to(jnp.arange(q_nope.shape[1], dtype=jnp.int32), q_nope.shape[:2])
+    if segment_ids is not None:
+        positions = jnp.asarray(np.stack([document_positions(row) for row in np.asarray(segment_ids)]))
     rope = functools.partial(apply_rope, cfg=RopeConfig(theta=theta))
     return AttentionInputs(q=rope(q_nope, positions), k=rope(k_nope, positions), v=v, q_nope=q_nope,
                            k_nope=k_nope, x=jnp.zeros((*q_nope.shape[:2], 8)), positions=positions,
-                           segment_ids=None, ctx=StepContext(train=train), rope=rope)
+                           segment_ids=segment_ids, ctx=StepContext(train=train, rng=rng), rope=rope)
 
 
 def layer(options, heads=4, kv_heads=2, head_dim=16, seed=0):

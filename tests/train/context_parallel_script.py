@@ -24,9 +24,11 @@ SEQ = 128   # 2 x context=4 chunks of 16 tokens: one block of the smallest tile
 LOCAL = ("model.attention.0.method=local", "model.attention.0.block_size=16",
          "model.attention.0.local_blocks=2", "model.attention.0.initial_blocks=1")
 # The documents case also runs the chunked loss (4 chunks of 128 tokens over the permuted batch).
+# local_pallas runs the Triton kernel (interpreted) that GPUs run, on the rolled keys and masks.
 CASES = {"dense": (), "local": LOCAL, "dense_documents": ("trainer.loss_chunk=128",),
-         "local_documents": LOCAL}
-MESHES = {"context4_data2": MeshConfig(data=2, context=4), "context2_data2_fsdp2": MeshConfig(data=2, fsdp=2, context=2)}
+         "local_documents": LOCAL, "local_pallas_documents": (*LOCAL, "model.attention.0.impl=pallas")}
+MESHES = {"context4_data2": MeshConfig(data=2, context=4),
+          "context2_data2_fsdp2": MeshConfig(data=2, fsdp=2, context=2)}
 
 
 def batch(documents: bool) -> dict:

@@ -21,6 +21,11 @@ with q [B, N, T, H] and k, v [B, K, S, H] after RoPE (k, v include cached keys),
 same before RoPE (current tokens only), attention_mask transformers' 4-D mask or None, positions
 the query positions [B or 1, T]. GQA groups are contiguous (`repeat_kv`). Classes with parameters
 must initialise them themselves (transformers' `_init_weights` does not know them).
+
+Packed sequences (several documents in one row, as sparsetrain trains by default) follow
+transformers' own convention: position ids that restart at each document, use_cache=False and no
+attention_mask. transformers then masks dense layers within documents, and each sparse layer runs
+its method on each document alone (`attention_common.attend_per_document`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 from transformers.utils import cached_file
 
+from .attention_common import attend_per_document
 from .sparse_methods import ATTENTION_METHODS
 
 SPARSE_FILE = "sparse_attention.safetensors"
@@ -71,8 +77,11 @@ class SparseLlamaAttention(LlamaAttention):
         q, k = apply_rotary_pos_emb(q_raw, k_raw, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        out = self.attend(q, k, v, q_raw=q_raw, k_raw=k_raw, attention_mask=attention_mask,
-                          positions=kwargs["position_ids"], scaling=self.scaling)
+            out = self.attend(q, k, v, q_raw=q_raw, k_raw=k_raw, attention_mask=attention_mask,
+                              positions=kwargs["position_ids"], scaling=self.scaling)
+        else:   # no cache: packed rows (position ids restarting per document) attend per document
+            out = attend_per_document(self.attend, q, k, v, q_raw=q_raw, k_raw=k_raw, attention_mask=attention_mask,
+                                      positions=kwargs["position_ids"], scaling=self.scaling)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
 
