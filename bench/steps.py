@@ -32,7 +32,9 @@ from sparsetrain.train.step import make_train_step
 
 
 def train_step_and_state(cfg, batch: int, seq: int):
-    """(jitted train step of `cfg` donating its state, initial state, synthetic batch [batch, seq])."""
+    """(jitted train step of `cfg` donating its state, initial state, synthetic batch [batch, seq]).
+    One document per row and no segment ids, as with data.cross_document_attention=true: dense
+    layers then run cuDNN's causal kernel, the baseline sparse methods are measured against."""
     model = ModelDef.create(cfg.model)
     params = jax.jit(model.init, static_argnums=0)(0)
     frozen = frozen_paths(cfg.optimizer, cfg.model, params)
@@ -41,7 +43,6 @@ def train_step_and_state(cfg, batch: int, seq: int):
                                    frozenset(flatten(params)) - frozen), donate_argnums=0)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 256)
     data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((batch, seq)),
-            "segment_ids": jnp.ones((batch, seq), jnp.int32),
             "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))}
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
     return step, state, data

@@ -3,12 +3,15 @@
 Axis letters: B batch, T queries (at positions 0..T-1), N query heads, K kv heads, G = N // K,
 D head dim, nW fine windows, nW2 coarse windows, nK = ceil(T / block) key blocks. A window c of
 `size` tokens at `stride` covers tokens [c*stride, c*stride + size) and is visible to token t once
-it has ended: c*stride + size - 1 <= t.
+it has ended: c*stride + size - 1 <= t, and (with `doc_start`, for packed documents) starts in the
+token's document: c*stride >= doc_start[t].
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Windows:
         return self.size // self.stride
 
 
-def check(q, fine, coarse, w: Windows) -> None:
+def check(q, fine, coarse, w: Windows, doc_start=None) -> None:
     """ValueError naming the argument for inputs the scores are not defined on."""
     if q.ndim != 4 or fine.ndim != 4 or coarse.ndim != 4:
         raise ValueError(f"q, fine and coarse must be [batch, seq, heads, head_dim]; got q{q.shape}, "
@@ -42,6 +45,8 @@ def check(q, fine, coarse, w: Windows) -> None:
     if w.size % w.stride or w.block % w.stride or w.coarse_size % w.coarse_stride:
         raise ValueError(f"kernel_stride must divide kernel_size and block_size, coarse_stride must "
                          f"divide coarse_size; got {w}")
+    if doc_start is not None and (doc_start.shape != q.shape[:2] or doc_start.dtype != jnp.int32):
+        raise ValueError(f"doc_start must be int32 [batch, seq] = {q.shape[:2]}; got {doc_start.dtype}{doc_start.shape}")
     if w.per_window - 1 > w.per_block:
         raise ValueError(f"kernel_size={w.size} may overlap at most one block before its own: "
                          f"need kernel_size <= block_size + kernel_stride")

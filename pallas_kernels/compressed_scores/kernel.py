@@ -33,10 +33,11 @@ FINE_STEP = 64      # fine windows per pass-2 step (at least; a whole number of 
 
 
 def _kernel(*refs, group: int, w: Windows, blocks_per_step: int, n_coarse: int, scale: float, precision):
-    q_refs, (fine_ref, coarse_ref, out_ref) = refs[:group], refs[group:]
+    q_refs, (doc_ref, fine_ref, coarse_ref, out_ref) = refs[:group], refs[group:]
     bq, r, u = w.block, w.per_block, w.per_window
     i = pl.program_id(0)
     rows = i * bq + jnp.arange(bq)
+    first = doc_ref[...][:, None]     # each token's document start: earlier windows are not its own
     qs = [q_ref[...] for q_ref in q_refs]
 
     def logits(q, keys):   # base 2
@@ -45,7 +46,8 @@ def _kernel(*refs, group: int, w: Windows, blocks_per_step: int, n_coarse: int, 
     def lse_step(t, carry):
         start = pl.multiple_of(t * COARSE_STEP, COARSE_STEP)
         keys = coarse_ref[pl.ds(start, COARSE_STEP), :]
-        seen = (start + jnp.arange(COARSE_STEP))[None, :] * w.coarse_stride + w.coarse_size - 1 <= rows[:, None]
+        window_start = (start + jnp.arange(COARSE_STEP))[None, :] * w.coarse_stride
+        seen = (window_start + w.coarse_size - 1 <= rows[:, None]) & (window_start >= first)
         out = []
         for q, (m, l) in zip(qs, carry):
             s = jnp.where(seen, logits(q, keys), -jnp.inf)
@@ -67,7 +69,8 @@ def _kernel(*refs, group: int, w: Windows, blocks_per_step: int, n_coarse: int, 
     def score_step(t, carry):
         start = pl.multiple_of(t * width, width)
         keys = fine_ref[pl.ds(start, width), :]
-        seen = (start + cols)[None, :] * w.stride + w.size - 1 <= rows[:, None]
+        window_start = (start + cols)[None, :] * w.stride
+        seen = (window_start + w.size - 1 <= rows[:, None]) & (window_start >= first)
         p = sum(jnp.exp2(logits(q, keys) - lse[:, None]) for q, lse in zip(qs, lses))
         p = jnp.where(seen, p, 0.0)
         for m in range(blocks_per_step):
@@ -82,20 +85,22 @@ def _kernel(*refs, group: int, w: Windows, blocks_per_step: int, n_coarse: int, 
 
 
 def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_stride, coarse_size,
-                       coarse_stride, sm_scale=None, query_chunk=512, interpret=False):
+                       coarse_stride, doc_start=None, sm_scale=None, query_chunk=512, interpret=False):
     """Per query token and KV head, each key block's InfLLM-V2 score: f32 [B, K, T, nK].
 
     q: [B, T, N, D] post-RoPE queries at positions 0..T-1; fine: [B, nW, K, D] the means of the
     post-RoPE keys over the complete windows of `kernel_size` at `kernel_stride`; coarse: [B, nW2,
     K, D] the same over `coarse_size` at `coarse_stride`. Token t's score of fine window c is the sum
     over its GQA group of exp(q . fine_c * scale - lse), lse the log-sum-exp of its logits over the
-    coarse windows it has seen (0 everywhere if none); windows count once ended by t; a block scores
-    the max over the windows overlapping it. Not differentiable (a selection). `query_chunk` is the
+    coarse windows it has seen (0 everywhere if none); windows count once ended by t and, with
+    doc_start (int32 [B, T], the first token of each token's document in packed rows), only when
+    they start inside its document; a block scores the max over the windows overlapping it (0 for
+    blocks after the token's). Not differentiable (a selection). `query_chunk` is the
     reference's memory bound (the kernel tiles queries by block); `interpret`: Pallas interpreter.
     """
     del query_chunk
     w = Windows(block_size, kernel_size, kernel_stride, coarse_size, coarse_stride)
-    check(q, fine, coarse, w)
+    check(q, fine, coarse, w, doc_start)
     b, t, n, d = q.shape
     kv, group = fine.shape[2], n // fine.shape[2]
     n_k = -(-t // block_size)
@@ -106,6 +111,8 @@ def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_strid
     fine_p = pad_axis(pad_axis(fine.astype(q.dtype), 1, n_steps * blocks_per_step * w.per_block), 3, dh)
     n_coarse = coarse.shape[1]
     coarse_p = pad_axis(pad_axis(coarse.astype(q.dtype), 1, max(1, -(-n_coarse // COARSE_STEP)) * COARSE_STEP), 3, dh)
+    doc_start = jnp.zeros((b, t), jnp.int32) if doc_start is None else doc_start
+    doc_p = pad_axis(doc_start, 1, n_k * block_size)
     q_specs = [pl.BlockSpec((None, block_size, None, dh), lambda i, bb, h, g=g: (bb, i, h * group + g, 0))
                for g in range(group)]
     key_spec = lambda x: pl.BlockSpec((None, x.shape[1], None, dh), lambda i, bb, h: (bb, 0, h, 0))  # noqa: E731
@@ -113,11 +120,12 @@ def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_strid
     kernel = functools.partial(_kernel, group=group, w=w, blocks_per_step=blocks_per_step, n_coarse=n_coarse,
                                scale=1.0 / math.sqrt(d) if sm_scale is None else sm_scale,
                                precision=dot_precision(q.dtype))
-    out = pallas(kernel, grid=(n_k, b, kv), in_specs=[*q_specs, key_spec(fine_p), key_spec(coarse_p)],
+    doc_spec = pl.BlockSpec((None, block_size), lambda i, bb, h: (bb, i))
+    out = pallas(kernel, grid=(n_k, b, kv), in_specs=[*q_specs, doc_spec, key_spec(fine_p), key_spec(coarse_p)],
                  out_specs=pl.BlockSpec((None, None, rows, block_size), lambda i, bb, h: (bb, h, 0, i)),
                  out_shape=jax.ShapeDtypeStruct((b, kv, rows, n_k * block_size), jnp.float32),
                  warps=4, stages=2, interpret=interpret, name="infllm_v2_block_scores")(
-        *[qp] * group, fine_p, coarse_p)
+        *[qp] * group, doc_p, fine_p, coarse_p)
     out = out[:, :, :n_k, :t].swapaxes(2, 3)
     # Blocks after a token's own: unwritten by the kernel, and 0 by definition (no seen window overlaps).
     own = jnp.arange(n_k)[None, :] * block_size <= jnp.arange(t)[:, None]

@@ -36,26 +36,33 @@ def pool_to_blocks(window_scores: jax.Array, n_blocks: int, w: Windows) -> jax.A
     return covering.reshape(*covering.shape[:-1], n_blocks, r).max(-1)
 
 
-def _chunk_scores(q, positions, fine, coarse, n_blocks: int, w: Windows, scale: float):
-    """f32 [B, K, C, nK] for the queries q [B, C, N, D] at `positions` [C]."""
+def _seen(positions, doc_start, n_windows: int, size: int, stride: int):
+    """bool [B, 1, 1, C, nW]: windows ended by each token and starting in its document."""
+    inside = jnp.arange(n_windows)[None, None, :] * stride >= doc_start[:, :, None]
+    return (visible_windows(positions, n_windows, size, stride)[None] & inside)[:, None, None]
+
+
+def _chunk_scores(q, positions, doc_start, fine, coarse, n_blocks: int, w: Windows, scale: float):
+    """f32 [B, K, C, nK] for the queries q [B, C, N, D] at `positions` [C], whose documents start
+    at doc_start [B, C]."""
     b, c, n, d = q.shape
     kh = fine.shape[2]
     qg = q.reshape(b, c, kh, n // kh, d)
     dot = lambda keys: jnp.einsum("bckgd,bwkd->bkgcw", qg, keys, preferred_element_type=jnp.float32) * scale
-    coarse_seen = visible_windows(positions, coarse.shape[1], w.coarse_size, w.coarse_stride)
+    coarse_seen = _seen(positions, doc_start, coarse.shape[1], w.coarse_size, w.coarse_stride)
     lse = jax.nn.logsumexp(jnp.where(coarse_seen, dot(coarse), -jnp.inf), axis=-1)     # [B, K, G, C]
     has_lse = jnp.isfinite(lse)[..., None]
-    fine_seen = visible_windows(positions, fine.shape[1], w.size, w.stride)
+    fine_seen = _seen(positions, doc_start, fine.shape[1], w.size, w.stride)
     p = jnp.exp(dot(fine) - jnp.where(has_lse, lse[..., None], 0.0))
     return pool_to_blocks(jnp.where(fine_seen & has_lse, p, 0.0).sum(2), n_blocks, w)
 
 
 def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_stride, coarse_size,
-                       coarse_stride, sm_scale=None, query_chunk=512, interpret=False):
+                       coarse_stride, doc_start=None, sm_scale=None, query_chunk=512, interpret=False):
     """Reference of `kernel.token_block_scores` (same arguments, shapes and semantics)."""
     del interpret
     w = Windows(block_size, kernel_size, kernel_stride, coarse_size, coarse_stride)
-    check(q, fine, coarse, w)
+    check(q, fine, coarse, w, doc_start)
     b, t, n, d = q.shape
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     n_blocks = -(-t // block_size)
@@ -63,7 +70,10 @@ def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_strid
     n_chunks = -(-t // chunk)
     q = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - t), (0, 0), (0, 0)))
     q_chunks = q.reshape(b, n_chunks, chunk, n, d).swapaxes(0, 1)
+    doc_start = jnp.zeros((b, t), jnp.int32) if doc_start is None else doc_start
+    doc_chunks = jnp.pad(doc_start, ((0, 0), (0, n_chunks * chunk - t))).reshape(b, n_chunks, chunk).swapaxes(0, 1)
     fine, coarse = fine.astype(q.dtype), coarse.astype(q.dtype)
-    one = lambda args: _chunk_scores(args[0], args[1] + jnp.arange(chunk), fine, coarse, n_blocks, w, scale)
-    out = jax.lax.map(one, (q_chunks, jnp.arange(n_chunks) * chunk))   # [nC, B, K, C, nK]
+    one = lambda args: _chunk_scores(args[0], args[1] + jnp.arange(chunk), args[2], fine, coarse, n_blocks, w,
+                                     scale)
+    out = jax.lax.map(one, (q_chunks, jnp.arange(n_chunks) * chunk, doc_chunks))   # [nC, B, K, C, nK]
     return out.transpose(1, 2, 0, 3, 4).reshape(b, fine.shape[2], n_chunks * chunk, n_blocks)[:, :, :t]

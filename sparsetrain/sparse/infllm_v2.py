@@ -13,7 +13,9 @@ overlap it (the reference's max-pool, window block/stride + 1, stride block/stri
 defaults). Per row, `initial_blocks` and the `local_blocks` ending at the diagonal are forced, and the
 best others fill a budget of `topk` blocks in all; selection gets no gradient (as upstream).
 Tokens before the first complete coarse window have no LSE and score 0 (their blocks are all in the
-forced local window at the defaults).
+forced local window at the defaults). With packed documents (segment ids), only windows starting
+inside a token's document count, only blocks holding its document are candidates, and `dense_len`
+compares positions inside the document.
 
 Dense-sparse switch: a query at position p < `dense_len` (key length <= dense_len) attends densely. A
 sequence of at most `dense_len` tokens therefore runs the dense layer itself, bit for bit (the
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 
 from sparsetrain import ops
 from sparsetrain.attention.dense import dense_causal_attention
+from sparsetrain.attention.documents import document_spans, document_tiles
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
 from sparsetrain.attention.spec import MethodExport
 from sparsetrain.ops.compressed_scores import token_block_scores
@@ -131,14 +134,20 @@ def window_means(k: jax.Array, size: int, stride: int) -> jax.Array:
     return total / size
 
 
-def token_scores(q: jax.Array, k: jax.Array, o: InfllmV2Options, scale: float) -> jax.Array:
+def token_scores(q: jax.Array, k: jax.Array, o: InfllmV2Options, scale: float,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
     """f32 [B, K, T, nK]: every token's score of every key block, from `ops.compressed_scores` (a
-    fused kernel on GPU, the chunked reference elsewhere)."""
+    fused kernel on GPU, the chunked reference elsewhere); with packed documents, only the windows
+    inside a token's document count."""
+    doc_start = None
+    if segment_ids is not None:
+        offset, _ = document_spans(segment_ids)
+        doc_start = jnp.arange(q.shape[1], dtype=jnp.int32) - offset
     return token_block_scores(
         q, window_means(k, o.kernel_size, o.kernel_stride), window_means(k, o.coarse_size, o.coarse_stride),
         block_size=o.block_size, kernel_size=o.kernel_size, kernel_stride=o.kernel_stride,
-        coarse_size=o.coarse_size, coarse_stride=o.coarse_stride, sm_scale=scale, query_chunk=o.score_chunk,
-        impl=o.impl)
+        coarse_size=o.coarse_size, coarse_stride=o.coarse_stride, doc_start=doc_start, sm_scale=scale,
+        query_chunk=o.score_chunk, impl=o.impl)
 
 
 def lagged_tile_scores(scores: jax.Array, block_size: int) -> jax.Array:
@@ -149,16 +158,30 @@ def lagged_tile_scores(scores: jax.Array, block_size: int) -> jax.Array:
     return lag_blocks(per_tile.swapaxes(1, 2)).swapaxes(1, 2)
 
 
-def select_blocks(scores: jax.Array, seq_len: int, o: InfllmV2Options) -> jax.Array:
-    """bool [..., rows, nK], rows the query tiles or tokens of `o.granularity`: per row, the forced
-    blocks plus the best-scoring others, `topk` in all (ties to the lower block); rows whose
-    positions all lie below `dense_len` keep every block up to their own."""
-    n_k = -(-seq_len // o.block_size)
-    last = (jnp.arange(n_k) + 1) * o.block_size - 1 if o.granularity == "tile" else jnp.arange(seq_len)
-    valid = jnp.arange(n_k)[None, :] <= (last // o.block_size)[:, None]
+def select_blocks(scores: jax.Array, seq_len: int, o: InfllmV2Options, positions: jax.Array | None = None,
+                  segment_ids: jax.Array | None = None) -> jax.Array:
+    """bool [B or 1, ..., rows, nK], rows the query tiles or tokens of `o.granularity`: per row, the
+    forced blocks plus the best-scoring others, `topk` in all (ties to the lower block); rows whose
+    positions all lie below `dense_len` keep every block up to their own. positions [B, T] restart
+    per packed document (default 0..T-1); with segment_ids, blocks holding none of a row's document
+    are never candidates, so sinks and window count within the document."""
+    bs, n_k = o.block_size, -(-seq_len // o.block_size)
+    positions = jnp.arange(seq_len)[None] if positions is None else positions
+    j = jnp.arange(n_k)
+    if o.granularity == "tile":
+        valid = (j[None, :] <= jnp.arange(n_k)[:, None]) & document_tiles(segment_ids, bs)
+        padded = jnp.pad(positions, ((0, 0), (0, n_k * bs - seq_len)), mode="edge")
+        row_position = padded.reshape(positions.shape[0], n_k, bs).max(-1)          # a tile's last
+    else:
+        row_block = jnp.arange(seq_len)[:, None] // bs
+        valid = j[None, :] <= row_block
+        if segment_ids is not None:   # blocks from the one holding the document's first token on
+            offset, _ = document_spans(segment_ids)
+            valid = valid & (j >= (jnp.arange(seq_len) - offset)[..., None] // bs)[:, None]
+        row_position = positions
     mask = ops.topk_block_mask(scores, o.topk, force_first=o.initial_blocks, force_local=o.local_blocks,
                                valid=valid)
-    return mask | ((last < o.dense_len)[:, None] & valid)
+    return mask | ((row_position < o.dense_len)[:, None, :, None] & valid)
 
 
 class InfllmV2Attention(SparseMethod):
@@ -174,14 +197,18 @@ class InfllmV2Attention(SparseMethod):
             causal = ops.causal_block_mask(seq, seq, o.block_size)
             return ops.Selection.from_mask(jnp.broadcast_to(causal, (b, self.num_kv_heads, *causal.shape)))
         q, k = jax.lax.stop_gradient((inp.q, inp.k))    # top-k selection: no gradient, as upstream
-        scores = token_scores(q, k, o, 1.0 / math.sqrt(self.head_dim))
+        scores = token_scores(q, k, o, 1.0 / math.sqrt(self.head_dim), inp.segment_ids)
+        rows = dict(positions=inp.positions, segment_ids=inp.segment_ids)
         if o.granularity == "tile":
-            return ops.Selection.from_mask(select_blocks(lagged_tile_scores(scores, o.block_size), seq, o))
-        # Dense rows (positions below dense_len) hold every earlier block; sparse rows topk.
-        width = min(-(-seq // o.block_size), max(o.topk, o.dense_len // o.block_size))
-        return ops.Selection.from_mask(select_blocks(scores, seq, o), width, granularity="token")
+            mask = select_blocks(lagged_tile_scores(scores, o.block_size), seq, o, **rows)
+            return ops.Selection.from_mask(jnp.broadcast_to(mask, scores.shape[:2] + mask.shape[2:]))
+        # Dense rows (positions below dense_len) hold every block of theirs; sparse rows topk.
+        width = min(-(-seq // o.block_size), max(o.topk, o.dense_len // o.block_size + 1))
+        mask = jnp.broadcast_to(select_blocks(scores, seq, o, **rows), scores.shape)
+        return ops.Selection.from_mask(mask, width, granularity="token")
 
     def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
         if self.dense_regime(inp):
-            return dense_causal_attention(inp.q, inp.k, inp.v)   # the dense layer itself, bit for bit
+            # The dense layer itself, bit for bit.
+            return dense_causal_attention(inp.q, inp.k, inp.v, segment_ids=inp.segment_ids)
         return super().attend(inp, sel)

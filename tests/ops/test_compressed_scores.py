@@ -28,15 +28,18 @@ class Case:
     kv_heads: int = 2
     head_dim: int = 16
     dtype: str = "float32"
+    documents: bool = False   # packed rows: random document starts
 
     def __str__(self):
-        return f"T{self.seq}-bs{self.block}-w{'_'.join(map(str, self.windows))}-h{self.heads}_{self.kv_heads}-d{self.head_dim}-{self.dtype}"
+        return (f"T{self.seq}-bs{self.block}-w{'_'.join(map(str, self.windows))}-h{self.heads}_{self.kv_heads}"
+                f"-d{self.head_dim}-{self.dtype}{'-docs' if self.documents else ''}")
 
 
 CASES = [Case(100), Case(128, windows=(8, 4, 32, 16)), Case(75, windows=(12, 4, 16, 8), heads=4, kv_heads=4),
          Case(200, block=32, windows=(16, 8, 32, 16), heads=4, kv_heads=1), Case(130, block=64, windows=(32, 16, 128, 64), heads=6, kv_heads=2),
          Case(300, block=128, windows=(32, 16, 128, 64), heads=2, kv_heads=2, head_dim=64),
-         Case(257, block=64, windows=(32, 16, 128, 64), heads=12, kv_heads=4, head_dim=64, dtype="bfloat16")]
+         Case(257, block=64, windows=(32, 16, 128, 64), heads=12, kv_heads=4, head_dim=64, dtype="bfloat16"),
+         Case(150, documents=True), Case(200, block=32, windows=(16, 8, 32, 16), heads=8, kv_heads=2, documents=True)]
 
 
 def inputs(rng, c: Case):
@@ -45,6 +48,12 @@ def inputs(rng, c: Case):
     size, stride, coarse, coarse_stride = c.windows
     kw = dict(block_size=c.block, kernel_size=size, kernel_stride=stride, coarse_size=coarse,
               coarse_stride=coarse_stride)
+    if c.documents:   # each row: documents starting at a few random tokens
+        starts = np.zeros((2, c.seq), np.int32)
+        for row in starts:
+            for first in sorted(rng.choice(np.arange(1, c.seq), 3, replace=False)):
+                row[first:] = first
+        kw["doc_start"] = jnp.asarray(starts)
     return q, window_means(k, size, stride), window_means(k, coarse, coarse_stride), kw
 
 
@@ -114,6 +123,23 @@ def test_reference_matches_the_definition(c: Case, request):
                                            block_size=c.block, kernel_size=size, kernel_stride=stride,
                                            coarse_size=coarse_size, coarse_stride=coarse_stride, query_chunk=32)
     np.testing.assert_allclose(np.asarray(got), definition(q, k, c), rtol=1e-5, atol=1e-7)
+
+
+def test_a_document_scores_as_if_alone(request):
+    """Packed at a block boundary, the second document's tokens score its blocks as it does alone."""
+    rng = seeded_rng(request)
+    c = Case(96)
+    q, _, _, kw = inputs(rng, c)
+    k = jnp.asarray(rng.normal(size=(2, c.seq, c.kv_heads, c.head_dim)), jnp.float32)
+    size, stride, coarse_size, coarse_stride = c.windows
+    means = lambda keys: (window_means(keys, size, stride), window_means(keys, coarse_size, coarse_stride))  # noqa: E731
+    start = 48
+    doc_start = jnp.where(jnp.arange(c.seq) < start, 0, start).astype(jnp.int32)[None].repeat(2, 0)
+    with jax.default_matmul_precision("highest"):
+        packed = reference.token_block_scores(q, *means(k), doc_start=doc_start, **kw)
+        alone = reference.token_block_scores(q[:, start:], *means(k[:, start:]), **kw)
+    np.testing.assert_allclose(np.asarray(packed[:, :, start:, start // c.block:]), np.asarray(alone), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(packed[:, :, start:, :start // c.block]), 0.0)
 
 
 def test_kernel_and_reference_signatures_match():

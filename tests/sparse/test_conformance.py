@@ -120,8 +120,6 @@ def test_full_budget_equals_dense(method, variant, seq):
 DOCS = (128, 64)
 PACKED = 224
 BOUNDS = np.cumsum((0,) + DOCS)
-# Methods that do not mask documents yet (remove a name once its method reads segment_ids).
-DOCUMENTS_PENDING = {"infllm_v2"}
 
 
 def packed_segments() -> jax.Array:
@@ -132,17 +130,11 @@ def packed_segments() -> jax.Array:
     return jnp.asarray(seg)[None]
 
 
-def mark_if_pending(request, method: str) -> None:
-    if method in DOCUMENTS_PENDING:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{method} does not mask packed documents yet"))
-
-
 @pytest.mark.parametrize("method,variant", CASES, ids=IDS)
-def test_packed_documents_match_each_document_alone(request, method, variant):
+def test_packed_documents_match_each_document_alone(method, variant):
     """A layer in a training step (SSA's full output included) with segment ids and per-document
     positions (the pipeline's default): each document of a packed row gets the output, and the
     q/k/v gradients, it gets alone."""
-    mark_if_pending(request, method)
     options = rule(method, variant)
     attn = layer(options)
     q, k, v = qkv(PACKED, batch=1, seed=6)
@@ -164,10 +156,9 @@ def test_packed_documents_match_each_document_alone(request, method, variant):
 
 
 @pytest.mark.parametrize("method,variant", CASES, ids=IDS)
-def test_packed_documents_do_not_see_each_other(request, method, variant):
+def test_packed_documents_do_not_see_each_other(method, variant):
     """The model (layer 0 dense, gates, block scores and SSA included): changing one packed
     document's tokens leaves the other documents' logits as they were."""
-    mark_if_pending(request, method)
     cfg = tiny(rule(method, variant))
     params = with_method_params(cfg)
     seg = packed_segments()
