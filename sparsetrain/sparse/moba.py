@@ -11,21 +11,22 @@ The gate gets no gradient (top-k is not differentiable), as in the paper. `dense
 the paper's hybrid recipe: the last fraction of query positions attends densely; the layer-wise
 hybrid (the last layers dense) is a second rule with `method="dense"` (configs/moba_*.py).
 
-Deviation (measured by tests/sparse/test_moba.py and reported in docs/sparse_methods.md): the paper
-routes every query token on its own; our block-sparse kernel selects per query tile of
-`block_size` tokens, so the gate scores a tile with the mean query of a group of tokens (because
-the gate is linear in q, that is the mean of the tokens' scores):
+Granularity: `granularity="token"` (default) routes every query token with its own query, as the
+paper, and hands the token-level kernel one list of key tiles per token and query head.
+`granularity="tile"` routes per query tile of `block_size` tokens for the tile kernel, with the mean
+query of a group of tokens (the gate is linear in q: that is the mean of the tokens' scores); what
+that costs is measured by tests/sparse/test_moba.py and reported in docs/sparse_methods.md:
   * `query_pool="lagged"` (default): tile i uses the mean query of tile i-1 (the tokens strictly
     before the tile), so a token's selection never depends on later tokens: causal per token, and
     the exported model decodes exactly with a KV cache;
   * `query_pool="tile"`: tile i uses its own mean query, closer to per-token routing, but a token's
     selection depends on the later tokens of its tile (`causal_granularity` "block").
-The selected routing blocks become key-tile masks: query tile i keeps every key tile of its
-selected past routing blocks plus those of its current routing block up to the diagonal, per query
-head ([B, N, nQ, nK]). `dense_last_fraction` f: query tiles from floor((1 - f) * nQ) on keep every
-causal tile (f is relative to the length of the forward pass; while decoding with a KV cache each new
-token is the last of its sequence, so it attends densely, as MoBA's own decoding does). The base
-options' forced tiles (`local_blocks` ending at the diagonal, `initial_blocks` sinks) are kept too.
+The selected routing blocks become key tiles: a row (token or tile) keeps every key tile of its
+selected past routing blocks plus those of its current routing block up to its own, per query head.
+`dense_last_fraction` f: rows in query tiles from floor((1 - f) * nQ) on keep every causal tile (f
+is relative to the length of the forward pass; while decoding with a KV cache each new token is the
+last of its sequence, so it attends densely, as MoBA's own decoding does). The base options' forced
+tiles (`local_blocks` ending at the row's own tile, `initial_blocks` sinks) are kept too.
 
 Packed documents (segment ids): every rule above applies per document, as if each were alone
 (routing blocks outside the tile's document are never chosen, `dense_last_fraction` counts the
@@ -56,19 +57,22 @@ class MobaOptions(BlockSparseOptions):
     moba_block: int = 512               # routing block in tokens; a multiple of block_size (the tile)
     topk: int = 3                       # routing blocks per query, the current one included
     dense_last_fraction: float = 0.0    # the last fraction of query positions attends densely
-    query_pool: Literal["lagged", "tile"] = "lagged"   # the query a tile is routed with (see above)
+    granularity: Literal["token", "tile"] = "token"   # route each query token (the paper) or each tile
+    query_pool: Literal["lagged", "tile"] = "lagged"   # with granularity="tile": the query a tile is routed with
 
     conformance_variants = {
         # Several routing blocks at the suite's lengths; lagged pooling decodes exactly.
         "blocks32": {"moba_block": 32, "topk": 2},
         "hybrid": {"moba_block": 32, "topk": 3, "dense_last_fraction": 0.25},
+        "lagged_tiles": {"moba_block": 32, "topk": 2, "granularity": "tile"},
         # A tile's own queries cannot be known while decoding it; with the hybrid recipe the last
         # tiles (where the suite decodes) are dense, so cached decoding still matches.
-        "tile": {"moba_block": 32, "topk": 2, "query_pool": "tile", "dense_last_fraction": 0.1},
+        "tile": {"moba_block": 32, "topk": 2, "granularity": "tile", "query_pool": "tile",
+                 "dense_last_fraction": 0.1},
     }
     export = MethodExport(torch_impl="moba",
                           fields=("block_size", "local_blocks", "initial_blocks", "moba_block", "topk",
-                                  "dense_last_fraction", "query_pool"))
+                                  "dense_last_fraction", "granularity", "query_pool"))
 
     def validate(self) -> None:
         super().validate()
@@ -76,10 +80,12 @@ class MobaOptions(BlockSparseOptions):
                      f"must be a positive multiple of block_size={self.block_size} (the kernel tile)")
         self.require(self.topk >= 1, "topk", "must be >= 1 (the current routing block counts)")
         self.require(0.0 <= self.dense_last_fraction < 1.0, "dense_last_fraction", "must be in [0, 1)")
+        self.require(self.granularity == "tile" or self.query_pool == "lagged", "query_pool",
+                     "is the query a tile is routed with: set it only with granularity='tile'")
 
     @property
     def causal_granularity(self):
-        return "block" if self.query_pool == "tile" else "token"
+        return "block" if self.granularity == "tile" and self.query_pool == "tile" else "token"
 
     def full_budget(self) -> "MobaOptions":
         return dataclasses.replace(self, topk=1 << 20)
@@ -168,6 +174,47 @@ def dense_rows(seq_len: int, options: MobaOptions, segment_ids: jax.Array | None
     return (index >= jnp.asarray(first_dense)[count])[:, None, :, None]
 
 
+def token_gate_scores(q: jax.Array, k: jax.Array, *, moba_block: int,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+    """float32 [B, N, T, nR]: each query token's gate, <q_t, mean K of the block>, the mean over the
+    block's last document as in `gate_scores`."""
+    k_mean = pool_blocks(k, moba_block, tokens=block_document_tokens(segment_ids, moba_block, "last"))
+    k_mean = jnp.repeat(k_mean, q.shape[2] // k.shape[2], axis=2)          # [B, nR, N, H]
+    return jnp.einsum("BTNH,BRNH->BNTR", q.astype(jnp.float32), k_mean, precision=jax.lax.Precision.HIGHEST)
+
+
+def _document_first(segment_ids: jax.Array | None, seq_len: int, block: int):
+    """int [B, 1, T, 1]: the block (of `block` tokens) holding each token's document start; 0 when
+    documents are not masked."""
+    if segment_ids is None:
+        return 0
+    offset, _ = document_spans(segment_ids)
+    return ((jnp.arange(seq_len) - offset) // block)[:, None, :, None]
+
+
+def token_routing(scores: jax.Array, topk: int, seq_len: int, moba_block: int,
+                  segment_ids: jax.Array | None = None) -> jax.Array:
+    """bool [B, N, T, nR]: per token, its current routing block and the `topk - 1` best strictly
+    earlier ones of its document (ties to the lower index)."""
+    r = jnp.arange(scores.shape[-1])
+    valid = (r[None, :] <= (jnp.arange(seq_len) // moba_block)[:, None]) & (r >= _document_first(segment_ids, seq_len, moba_block))
+    return ops.topk_block_mask(scores, topk, force_first=0, force_local=1, valid=valid)
+
+
+def token_tile_mask(routing: jax.Array, seq_len: int, options: MobaOptions,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """bool [B, N, T, nK]: `tile_mask` for rows of tokens: the key tiles of each token's routing
+    blocks up to its own tile, its dense tiles if its tile is dense, and the forced ones."""
+    o = options
+    j, t = jnp.arange(-(-seq_len // o.block_size)), jnp.arange(seq_len)
+    causal = (j[None, :] <= (t // o.block_size)[:, None]) & (j >= _document_first(segment_ids, seq_len, o.block_size))
+    mask = jnp.take(routing, j * o.block_size // o.moba_block, axis=-1) & causal
+    forced = ops.forced_block_mask(causal, force_first=o.initial_blocks, force_local=o.local_blocks)
+    tile_rows = dense_rows(seq_len, o, segment_ids)                       # per query tile
+    token_rows = jnp.take(tile_rows, t // o.block_size, axis=-2)
+    return mask | (token_rows & causal) | forced
+
+
 class MobaAttention(SparseMethod):
     """Parameter-free routing to blocks by mean key, per query head."""
 
@@ -175,6 +222,15 @@ class MobaAttention(SparseMethod):
         o = self.options
         seq = inp.q.shape[1]
         q, k = jax.lax.stop_gradient((inp.q, inp.k))    # top-k routing: no gradient, as in the paper
+        if o.granularity == "token":
+            scores = token_gate_scores(q, k, moba_block=o.moba_block, segment_ids=inp.segment_ids)
+            routing = token_routing(scores, o.topk, seq, o.moba_block, inp.segment_ids)
+            mask = token_tile_mask(routing, seq, o, inp.segment_ids)
+            mask = jnp.broadcast_to(mask, scores.shape[:3] + mask.shape[-1:])
+            n_k = mask.shape[-1]
+            width = n_k if o.dense_last_fraction else min(n_k, o.topk * o.moba_block // o.block_size
+                                                          + o.initial_blocks + o.local_blocks)
+            return ops.Selection.from_mask(mask, width, granularity="token")
         scores = gate_scores(q, k, block_size=o.block_size, moba_block=o.moba_block, query_pool=o.query_pool,
                              segment_ids=inp.segment_ids)
         routing = select_routing(scores, o.topk, seq, o.block_size, o.moba_block, inp.segment_ids)

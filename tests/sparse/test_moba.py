@@ -74,14 +74,15 @@ def test_gate_scores_and_routing_match_the_paper_math(seq, moba_block, query_poo
     np.testing.assert_array_equal(np.asarray(routing), want_routing)
 
 
-def reference_output(q, k, v, routing, bs, moba_block, dense_from):
-    """float64 attention of each token over the keys of its tile's routing blocks (causal), the
-    tiles from `dense_from` on dense. q/k post-RoPE [B, T, N, H]."""
+def reference_output(q, k, v, routing, bs, moba_block, dense_from, rows=None):
+    """float64 attention of each token over the keys of its routing blocks (causal), the tiles from
+    `dense_from` on dense. q/k post-RoPE [B, T, N, H]; routing [B, N, rows, nR] per tile, or per
+    token with rows=1."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, t, n, h = q.shape
     k, v = (np.repeat(x, n // x.shape[2], axis=2) for x in (k, v))
     pos = np.arange(t)
-    allowed = routing[:, :, pos // bs][..., pos // moba_block]                # [B, N, T, T]
+    allowed = routing[:, :, pos // (rows or bs)][..., pos // moba_block]      # [B, N, T, T]
     allowed = (allowed | (pos // bs >= dense_from)[:, None]) & (pos[None, :] <= pos[:, None])
     s = np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(h)
     s = np.where(allowed, s, -np.inf)
@@ -95,12 +96,25 @@ def reference_output(q, k, v, routing, bs, moba_block, dense_from):
 def test_layer_attends_to_the_routed_blocks(seq, fraction, query_pool):
     q, k, v = qkv(seq, seed=5)
     inp = inputs(q, k, v)
-    options = method_options("moba", block_size=16, moba_block=32, topk=2, query_pool=query_pool,
-                             dense_last_fraction=fraction)
+    options = method_options("moba", block_size=16, moba_block=32, topk=2, granularity="tile",
+                             query_pool=query_pool, dense_last_fraction=fraction)
     got = layer(options)(inp)
     routing, _ = tile_routing(inp.q, inp.k, 16, 32, 2, query_pool)
     dense_from = math.floor((1 - fraction) * -(-seq // 16))
     want = reference_output(inp.q, inp.k, v, routing, 16, 32, dense_from)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+    assert not np.allclose(np.asarray(got), np.asarray(dense_causal_attention(inp.q, inp.k, v)), atol=1e-3)
+
+
+@pytest.mark.parametrize("seq,fraction", [(128, 0.0), (100, 0.25), (75, 0.0)])
+def test_per_token_routing_is_the_papers(seq, fraction):
+    """The default granularity: every token routed with its own query, as `token_routing` (float64)."""
+    q, k, v = qkv(seq, seed=7)
+    inp = inputs(q, k, v)
+    options = method_options("moba", block_size=16, moba_block=32, topk=2, dense_last_fraction=fraction)
+    got = layer(options)(inp)
+    dense_from = math.floor((1 - fraction) * -(-seq // 16))
+    want = reference_output(inp.q, inp.k, v, token_routing(inp.q, inp.k, 32, 2), 16, 32, dense_from, rows=1)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
     assert not np.allclose(np.asarray(got), np.asarray(dense_causal_attention(inp.q, inp.k, v)), atol=1e-3)
 
@@ -132,7 +146,8 @@ def test_options_validate():
     for fields, name in [({"moba_block": 24}, "moba_block"), ({"moba_block": 0}, "moba_block"),
                          ({"topk": 0}, "topk"), ({"dense_last_fraction": 1.0}, "dense_last_fraction"),
                          ({"dense_last_fraction": -0.1}, "dense_last_fraction"),
-                         ({"query_pool": "block"}, "query_pool")]:
+                         ({"query_pool": "block", "granularity": "tile"}, "query_pool"),
+                         ({"query_pool": "tile"}, "query_pool"), ({"granularity": "row"}, "granularity")]:
         with pytest.raises(ConfigError, match=name):
             method_options("moba", block_size=16, **fields)
     with pytest.raises(ConfigError, match="multiple of block_size=64"):
