@@ -108,10 +108,7 @@ class Trainer:
         abstract_params = self.model.abstract_params()
         self.phases = run_phases(cfg, abstract_params)
         self._data: dict = {}   # DataConfig -> Data, one per length of a curriculum
-        self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.checkpoint)
-        # The iterator to restore is the one of the phase that ran the last saved step.
-        last = self.checkpointer.latest_step() or 0
-        self.data = self.data_for(self.phase_at(max(last - 1, 0)))
+        self.data = self.data_for(0)   # bad data inputs fail here, before anything is written
         if cfg.model.vocab_size < self.data.tokenizer.vocab_size:
             raise InputError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                              f"vocabulary ({self.data.tokenizer.vocab_size})")
@@ -128,6 +125,9 @@ class Trainer:
         self.shardings = state_shardings(self.abstract_state["opt_state"], p_shard, abstract_params,
                                          self.mesh)
         self._compiled: dict[int, tuple] = {}
+        self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.checkpoint)
+        # The iterator to restore is the one of the phase that ran the last saved step.
+        self.data = self.data_for(self.phase_at(max((self.checkpointer.latest_step() or 0) - 1, 0)))
         self.train_iter = self.data.train_iter()
         self.state = self._resume_or_init()
 
