@@ -88,3 +88,9 @@ def document_spans(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
     end = jax.lax.cummin(jnp.where(ends, index, seq), axis=1, reverse=True)
     return index - start, end - start + 1
+
+
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """int32 [B, T]: the index in the row of the first token of each token's document."""
+    offset, _ = document_spans(segment_ids)
+    return jnp.arange(segment_ids.shape[1], dtype=jnp.int32) - offset

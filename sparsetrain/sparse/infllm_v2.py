@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from sparsetrain import ops
 from sparsetrain.attention.dense import dense_causal_attention
-from sparsetrain.attention.documents import document_spans, document_tiles
+from sparsetrain.attention.documents import document_starts, document_tiles
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
 from sparsetrain.attention.spec import MethodExport
 from sparsetrain.ops.compressed_scores import token_block_scores
@@ -139,10 +139,7 @@ def token_scores(q: jax.Array, k: jax.Array, o: InfllmV2Options, scale: float,
     """f32 [B, K, T, nK]: every token's score of every key block, from `ops.compressed_scores` (a
     fused kernel on GPU, the chunked reference elsewhere); with packed documents, only the windows
     inside a token's document count."""
-    doc_start = None
-    if segment_ids is not None:
-        offset, _ = document_spans(segment_ids)
-        doc_start = jnp.arange(q.shape[1], dtype=jnp.int32) - offset
+    doc_start = None if segment_ids is None else document_starts(segment_ids)
     return token_block_scores(
         q, window_means(k, o.kernel_size, o.kernel_stride), window_means(k, o.coarse_size, o.coarse_stride),
         block_size=o.block_size, kernel_size=o.kernel_size, kernel_stride=o.kernel_stride,
@@ -176,8 +173,7 @@ def select_blocks(scores: jax.Array, seq_len: int, o: InfllmV2Options, positions
         row_block = jnp.arange(seq_len)[:, None] // bs
         valid = j[None, :] <= row_block
         if segment_ids is not None:   # blocks from the one holding the document's first token on
-            offset, _ = document_spans(segment_ids)
-            valid = valid & (j >= (jnp.arange(seq_len) - offset)[..., None] // bs)[:, None]
+            valid = valid & (j >= document_starts(segment_ids)[..., None] // bs)[:, None]
         row_position = positions
     mask = ops.topk_block_mask(scores, o.topk, force_first=o.initial_blocks, force_local=o.local_blocks,
                                valid=valid)

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsetrain import ops
-from sparsetrain.attention.documents import block_document_tokens, document_spans, document_tiles
+from sparsetrain.attention.documents import (block_document_tokens, document_spans, document_starts,
+                                             document_tiles)
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
 from sparsetrain.attention.spec import MethodExport
 from sparsetrain.sparse.pooling import lag_blocks, pool_blocks
@@ -188,8 +189,7 @@ def _document_first(segment_ids: jax.Array | None, seq_len: int, block: int):
     documents are not masked."""
     if segment_ids is None:
         return 0
-    offset, _ = document_spans(segment_ids)
-    return ((jnp.arange(seq_len) - offset) // block)[:, None, :, None]
+    return (document_starts(segment_ids) // block)[:, None, :, None]
 
 
 def token_routing(scores: jax.Array, topk: int, seq_len: int, moba_block: int,
