@@ -6,7 +6,9 @@ tokens, batch 1).
         --case "infllm48=configs/infllm_v2_125m.py model.attention.0.topk=48"
 
 Each `--case "NAME=CONFIG [OVERRIDE ...]"` takes the attention rules of a config (its
-`model.attention`, after the command-line style overrides); the dense case always runs first. Prints one line per case and a JSON summary (ms, ratio to dense, measured
+`model.attention`, after the command-line style overrides) on the model of `--base` (default
+small_125m; NSA's cases need `--base configs/nsa_125m.py`, whose GQA groups the token kernel
+tiles); the dense case always runs first. Prints one line per case and a JSON summary (ms, ratio to dense, measured
 density, model TFLOP/s).
 """
 
@@ -75,9 +77,11 @@ def main() -> None:
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     parser.add_argument("--case", action="append", default=[],
                         help="'NAME=CONFIG [OVERRIDE ...]' (the config's attention rules)")
+    parser.add_argument("--base", default="small_125m",
+                        help="config whose model (all but its attention rules) every case runs, dense included")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    base = configs.load("small_125m")
+    base = configs.load(args.base)
     cases = {"dense": (DenseOptions(),)}
     for name, spec in (item.split("=", 1) for item in args.case):
         path, *overrides = spec.split()

@@ -58,7 +58,7 @@ class Attention(nnx.Module):
         self.v_proj = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
         self.o_proj = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
         # The attention method of this layer (its rule's `build`); its parameters live under attend/.
-        self.attend = spec.build(num_heads=n, num_kv_heads=k, head_dim=h, rngs=rngs)
+        self.attend = spec.build(num_heads=n, num_kv_heads=k, head_dim=h, model_dim=d, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                  ctx: StepContext) -> jax.Array:

@@ -90,10 +90,14 @@ class BlockSparseOptions(MethodOptions):
     # Option sets, besides the defaults, that the conformance suite (tests/sparse/) must also
     # cover: {name: field overrides}, e.g. each mode of a method.
     conformance_variants: ClassVar[dict[str, dict]] = {}
+    # Field overrides under every case of the suite, defaults included (for methods whose defaults
+    # do not fit its tiny models and 16-token blocks).
+    conformance_base: ClassVar[dict] = {}
 
-    def full_budget(self) -> "BlockSparseOptions":
+    def full_budget(self) -> "BlockSparseOptions | None":
         """These options changed so that every causal tile is computed through the method's own
-        path (the conformance suite checks that this equals dense attention)."""
+        path (the conformance suite checks that this equals dense attention); None for methods
+        whose output is not plain attention at any budget (NSA's gated branches)."""
         raise NotImplementedError
 
     def validate(self) -> None:

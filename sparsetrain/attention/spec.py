@@ -31,6 +31,7 @@ METHODS: dict[str, str] = {
     "seer": "sparsetrain.sparse.seer:SeerOptions",
     "moba": "sparsetrain.sparse.moba:MobaOptions",
     "infllm_v2": "sparsetrain.sparse.infllm_v2:InfllmV2Options",
+    "nsa": "sparsetrain.sparse.nsa:NsaOptions",
 }
 
 # Fields of the flat AttentionSpec that checkpoints written before per-method options carry on
@@ -151,9 +152,15 @@ class MethodOptions(Config):
         names = {f.name for f in dataclasses.fields(cls)}
         return {k: v for k, v in data.items() if k in names or k not in _LEGACY_FIELDS}
 
-    def build(self, *, num_heads: int, num_kv_heads: int, head_dim: int, rngs):
-        """The NNX module that computes this layer's attention."""
+    def build(self, *, num_heads: int, num_kv_heads: int, head_dim: int, model_dim: int, rngs):
+        """The NNX module that computes this layer's attention; model_dim is D, the width of the
+        layer input `x` (methods that project it, such as NSA's gates, size their weights by it)."""
         raise NotImplementedError
+
+    def export_params(self) -> dict[str, tuple[str, str]]:
+        """The exported parameter table (`MethodExport.params`) of this rule; methods whose
+        parameters depend on their options override it."""
+        return self.export.params
 
     def density(self, seq_len: int) -> float:
         """Fraction of the causal attention work done at `seq_len` (1.0 = dense), for FLOP counts;
@@ -170,7 +177,7 @@ class DenseOptions(MethodOptions):
 
     export = MethodExport(torch_impl=DENSE_TORCH_IMPL)   # transformers' own LlamaAttention
 
-    def build(self, *, num_heads, num_kv_heads, head_dim, rngs):
+    def build(self, *, num_heads, num_kv_heads, head_dim, model_dim, rngs):
         # Imported here: this class must stay importable without JAX (configs, --help).
         from sparsetrain.attention.dense import DenseAttention
         return DenseAttention(self.impl)

@@ -2,7 +2,7 @@
 
 `model.safetensors` holds exactly the Hugging Face Llama tensors (`mapping.LLAMA` over every layer),
 so plain transformers loads it; `sparse_attention.safetensors` holds the extra parameters of sparse
-attention layers (each method's `export.params` table, over the layers using that method).
+attention layers (each rule's `export_params()` table, over the layers using that rule).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import dataclasses
 
 from sparsetrain.config import ModelConfig
 from sparsetrain.export.mapping import LLAMA, TRANSFORMS, Entry, expand
-from sparsetrain.export.sparse_layers import method_export
 
 MODEL_FILE = "model.safetensors"
 SPARSE_FILE = "sparse_attention.safetensors"   # the name modeling_sparse_llama.py loads
@@ -31,7 +30,7 @@ def method_entries(layer: int, spec) -> list[Entry]:
     """The tensors of one layer's method: ours under layers/<i>/attn/attend/, theirs under
     model.layers.<i>.self_attn.attend."""
     return [Entry(f"layers/{layer}/attn/attend/{ours}", f"model.layers.{layer}.self_attn.attend.{theirs}",
-                  TRANSFORMS[transform]) for ours, (theirs, transform) in method_export(spec).params.items()]
+                  TRANSFORMS[transform]) for ours, (theirs, transform) in spec.export_params().items()]
 
 
 def layout(cfg: ModelConfig) -> Layout:

@@ -105,7 +105,7 @@ class InfllmV2Options(BlockSparseOptions):
     def full_budget(self) -> "InfllmV2Options":
         return dataclasses.replace(self, topk=1 << 20)
 
-    def build(self, *, num_heads, num_kv_heads, head_dim, rngs) -> "InfllmV2Attention":
+    def build(self, *, num_heads, num_kv_heads, head_dim, model_dim, rngs) -> "InfllmV2Attention":
         return InfllmV2Attention(self, num_heads, num_kv_heads, head_dim)
 
     def density(self, seq_len: int) -> float:

@@ -40,7 +40,7 @@ class LocalOptions(BlockSparseOptions):
     def full_budget(self) -> "LocalOptions":
         return dataclasses.replace(self, local_blocks=1 << 20)
 
-    def build(self, *, num_heads, num_kv_heads, head_dim, rngs) -> "LocalBlockAttention":
+    def build(self, *, num_heads, num_kv_heads, head_dim, model_dim, rngs) -> "LocalBlockAttention":
         return LocalBlockAttention(self, num_heads, num_kv_heads, head_dim)
 
     def density(self, seq_len: int) -> float:

@@ -91,7 +91,7 @@ class MobaOptions(BlockSparseOptions):
     def full_budget(self) -> "MobaOptions":
         return dataclasses.replace(self, topk=1 << 20)
 
-    def build(self, *, num_heads, num_kv_heads, head_dim, rngs) -> "MobaAttention":
+    def build(self, *, num_heads, num_kv_heads, head_dim, model_dim, rngs) -> "MobaAttention":
         return MobaAttention(self, num_heads, num_kv_heads, head_dim)
 
     def density(self, seq_len: int) -> float:

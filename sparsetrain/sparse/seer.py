@@ -104,7 +104,7 @@ class SeerOptions(BlockSparseOptions):
     def full_budget(self) -> "SeerOptions":
         return dataclasses.replace(self, mode="sparse", select="topk", topk=1 << 20)
 
-    def build(self, *, num_heads, num_kv_heads, head_dim, rngs) -> "SeerAttention":
+    def build(self, *, num_heads, num_kv_heads, head_dim, model_dim, rngs) -> "SeerAttention":
         return SeerAttention(self, num_heads, num_kv_heads, head_dim, rngs)
 
     def density(self, seq_len: int) -> float:

@@ -36,12 +36,22 @@ def inputs(q_nope, k_nope, v, *, train=False, theta=10000.0, segment_ids=None, r
         positions = jnp.asarray(np.stack([document_positions(row) for row in np.asarray(segment_ids)]))
     rope = functools.partial(apply_rope, cfg=RopeConfig(theta=theta))
     return AttentionInputs(q=rope(q_nope, positions), k=rope(k_nope, positions), v=v, q_nope=q_nope,
-                           k_nope=k_nope, x=jnp.zeros((*q_nope.shape[:2], 8)), positions=positions,
+                           k_nope=k_nope, x=layer_input(q_nope), positions=positions,
                            segment_ids=segment_ids, ctx=StepContext(train=train, rng=rng), rope=rope)
 
 
+MODEL_DIM = 8   # width of the layer input x the helpers give methods (NSA's gates project it)
+
+
+def layer_input(q_nope) -> jax.Array:
+    """The layer input x [B, T, MODEL_DIM] the helpers give methods: per token, the first features
+    of its queries (random like them, and cutting a sequence cuts x the same way)."""
+    return q_nope.reshape(*q_nope.shape[:2], -1)[..., :MODEL_DIM]
+
+
 def layer(options, heads=4, kv_heads=2, head_dim=16, seed=0):
-    return options.build(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rngs=nnx.Rngs(seed))
+    return options.build(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, model_dim=MODEL_DIM,
+                         rngs=nnx.Rngs(seed))
 
 
 def tiny(rule, **changes) -> ModelConfig:

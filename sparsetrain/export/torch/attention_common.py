@@ -89,7 +89,7 @@ def token_mask(kept, q_pos, k_pos, q_block: int, k_block: int):
     return rows.gather(3, (k_pos // k_block)[:, None, None, :].expand(-1, heads, q_pos.shape[1], -1))
 
 
-def attend_per_document(attend, q, k, v, *, q_raw, k_raw, attention_mask, positions, scaling):
+def attend_per_document(attend, q, k, v, *, q_raw, k_raw, hidden, attention_mask, positions, scaling):
     """`attend` (a method's forward) on each document of packed rows alone, or once for unpacked ones.
 
     Packed rows are given as transformers packs them: position ids [B or 1, T] that restart where a
@@ -101,8 +101,8 @@ def attend_per_document(attend, q, k, v, *, q_raw, k_raw, attention_mask, positi
     positions = positions.expand(batch, -1)
     restarts = torch.diff(positions, dim=-1) != 1                          # [B, T-1]
     if not bool(restarts.any()):
-        return attend(q, k, v, q_raw=q_raw, k_raw=k_raw, attention_mask=attention_mask, positions=positions,
-                      scaling=scaling)
+        return attend(q, k, v, q_raw=q_raw, k_raw=k_raw, hidden=hidden, attention_mask=attention_mask,
+                      positions=positions, scaling=scaling)
     out = q.new_empty(batch, seq, q.shape[1], q.shape[3])                  # [B, T, N, H]
     for b in range(batch):
         bounds = [0, *(torch.nonzero(restarts[b]).flatten() + 1).tolist(), seq]
@@ -110,6 +110,6 @@ def attend_per_document(attend, q, k, v, *, q_raw, k_raw, attention_mask, positi
             doc = lambda x: x[b:b + 1, :, start:end]
             mask = None if attention_mask is None else attention_mask[b:b + 1, :, start:end, start:end]
             out[b:b + 1, start:end] = attend(doc(q), doc(k), doc(v), q_raw=doc(q_raw), k_raw=doc(k_raw),
-                                             attention_mask=mask, positions=positions[b:b + 1, start:end],
-                                             scaling=scaling)
+                                             hidden=hidden[b:b + 1, start:end], attention_mask=mask,
+                                             positions=positions[b:b + 1, start:end], scaling=scaling)
     return out

@@ -88,8 +88,8 @@ class InfllmV2Attention(nn.Module):
         picked = torch.zeros_like(valid.expand_as(rest)).scatter(-1, order, take)
         return forced | picked | ((last < self.dense_len)[:, None] & valid)
 
-    def forward(self, q, k, v, *, q_raw, k_raw, attention_mask, positions, scaling):
-        del q_raw, k_raw
+    def forward(self, q, k, v, *, q_raw, k_raw, hidden, attention_mask, positions, scaling):
+        del q_raw, k_raw, hidden
         seq = k.shape[2]
         q_all = self.history.queries(positions, q, seq, "infllm_v2")
         q_pos = positions.expand(q.shape[0], -1)                            # [B, T]

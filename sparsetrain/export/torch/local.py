@@ -17,8 +17,8 @@ class LocalBlockAttention(nn.Module):
         self.local_blocks = int(spec["local_blocks"])
         self.initial_blocks = int(spec["initial_blocks"])
 
-    def forward(self, q, k, v, *, q_raw, k_raw, attention_mask, positions, scaling):
-        del q_raw, k_raw
+    def forward(self, q, k, v, *, q_raw, k_raw, hidden, attention_mask, positions, scaling):
+        del q_raw, k_raw, hidden
         q_pos = positions[:, None, :, None]                           # [B, 1, T, 1]
         k_pos = key_positions(positions, k.shape[2])[:, None, None, :]  # [B, 1, 1, S]
         q_blk, k_blk = q_pos // self.block_size, k_pos // self.block_size

@@ -58,8 +58,8 @@ class MobaAttention(nn.Module):
             (torch.gather(earlier, -1, order) > -torch.inf)
         return (j == current) | torch.zeros_like(earlier, dtype=torch.bool).scatter(-1, order, take)
 
-    def forward(self, q, k, v, *, q_raw, k_raw, attention_mask, positions, scaling):
-        del q_raw, k_raw
+    def forward(self, q, k, v, *, q_raw, k_raw, hidden, attention_mask, positions, scaling):
+        del q_raw, k_raw, hidden
         seq = k.shape[2]
         q_all = self.history.queries(positions, q, seq, "moba")
         bs = self.block_size

@@ -15,10 +15,11 @@ an unexpected tensor is an error, never a silently random weight.
 
 A method class is an `nn.Module` built as `cls(config, layer_spec)` and called as
 
-    attend(q, k, v, *, q_raw, k_raw, attention_mask, positions, scaling) -> out [B, T, N, H]
+    attend(q, k, v, *, q_raw, k_raw, hidden, attention_mask, positions, scaling) -> out [B, T, N, H]
 
 with q [B, N, T, H] and k, v [B, K, S, H] after RoPE (k, v include cached keys), q_raw/k_raw the
-same before RoPE (current tokens only), attention_mask transformers' 4-D mask or None, positions
+same before RoPE (current tokens only), hidden the layer's normalised input [B, T, D] (current
+tokens only; NSA projects it), attention_mask transformers' 4-D mask or None, positions
 the query positions [B or 1, T]. GQA groups are contiguous (`repeat_kv`). Classes with parameters
 must initialise them themselves (transformers' `_init_weights` does not know them).
 
@@ -77,11 +78,12 @@ class SparseLlamaAttention(LlamaAttention):
         q, k = apply_rotary_pos_emb(q_raw, k_raw, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-            out = self.attend(q, k, v, q_raw=q_raw, k_raw=k_raw, attention_mask=attention_mask,
-                              positions=kwargs["position_ids"], scaling=self.scaling)
+            out = self.attend(q, k, v, q_raw=q_raw, k_raw=k_raw, hidden=hidden_states,
+                              attention_mask=attention_mask, positions=kwargs["position_ids"], scaling=self.scaling)
         else:   # no cache: packed rows (position ids restarting per document) attend per document
-            out = attend_per_document(self.attend, q, k, v, q_raw=q_raw, k_raw=k_raw, attention_mask=attention_mask,
-                                      positions=kwargs["position_ids"], scaling=self.scaling)
+            out = attend_per_document(self.attend, q, k, v, q_raw=q_raw, k_raw=k_raw, hidden=hidden_states,
+                                      attention_mask=attention_mask, positions=kwargs["position_ids"],
+                                      scaling=self.scaling)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
 

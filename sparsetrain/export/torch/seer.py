@@ -117,7 +117,8 @@ class SeerAttention(nn.Module):
         keep = torch.gather(valid, -1, order) & (torch.cumsum(mass, -1) - mass < float(s["topp"]))
         return forced | torch.zeros_like(valid).scatter(-1, order, keep)
 
-    def forward(self, q, k, v, *, q_raw, k_raw, attention_mask, positions, scaling):
+    def forward(self, q, k, v, *, q_raw, k_raw, hidden, attention_mask, positions, scaling):
+        del hidden
         q_pos = positions.expand(q.shape[0], -1)                            # [B, T]
         k_pos = key_positions(positions, k.shape[2]).expand(q.shape[0], -1)  # [B, S]
         causal = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
