@@ -4,7 +4,7 @@ Axis letters: B batch, T query length, S key length, N query heads, K kv heads, 
 H mask heads (K or N), D head dim, nQ = ceil(T / bs), nK = ceil(S / bs).
 
 Causality is aligned at the end (FlashAttention's convention): query row i sits at absolute
-position i + (S - T) and sees keys j <= i + (S - T).
+position p = i + (S - T) and sees keys j <= p; a sliding window of w keys also hides keys j <= p - w.
 """
 
 from __future__ import annotations
@@ -162,21 +162,38 @@ def default_scale(sm_scale: float | None, head_dim: int) -> float:
     return float(head_dim) ** -0.5 if sm_scale is None else float(sm_scale)
 
 
-def causal_element_mask(seq_q: int, seq_kv: int, causal: bool):
-    """bool [T, S]: key j is visible to query i (end-aligned causality)."""
-    i = jnp.arange(seq_q)[:, None]
+def check_window(window, causal: bool, seq_kv: int) -> int | None:
+    """Validates a sliding `window` (None, or an int >= 1 with causal=True; ValueError otherwise)
+    and returns it, or None when it hides nothing (window >= S: every key is in every row's
+    window), so that such calls run exactly the causal path."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window={window!r} is not supported; pass None or an int >= 1 (keys per query)")
+    if not causal:
+        raise ValueError(f"window={window} needs causal=True (the window ends at the query position)")
+    return None if window >= seq_kv else int(window)
+
+
+def causal_element_mask(seq_q: int, seq_kv: int, causal: bool, window: int | None = None):
+    """bool [T, S]: key j is visible to query i (end-aligned causality, and with a window
+    p - window < j for the query position p)."""
+    p = jnp.arange(seq_q)[:, None] + (seq_kv - seq_q)
     j = jnp.arange(seq_kv)[None, :]
-    return (j <= i + (seq_kv - seq_q)) if causal else jnp.ones((seq_q, seq_kv), bool)
+    keep = (j <= p) if causal else jnp.ones((seq_q, seq_kv), bool)
+    return keep if window is None else keep & (j > p - window)
 
 
-def tile_classes(dims: Dims, causal: bool) -> tuple[np.ndarray, np.ndarray]:
+def tile_classes(dims: Dims, causal: bool, window: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Static numpy bool [nQ, nK] pair (possible, full).
 
     possible: the tile holds at least one visible (real query, real key) pair; other tiles are
     dropped from every list. full: every key of the tile is real and visible to every query row
-    of the tile, so the kernels skip the elementwise mask. For a fixed query block the full tiles
-    are a prefix of the ascending key blocks, and for a fixed key block the masked tiles are a
-    prefix of the ascending query blocks: the kernels rely on both orders.
+    of the tile, so the kernels skip the elementwise mask. Causal alone, for a fixed query block
+    the full tiles are a prefix of the ascending key blocks, and for a fixed key block the masked
+    tiles are a prefix of the ascending query blocks (`block_lists` then needs no reordering).
+    A window (from `check_window`) cuts the band's lower edge: tiles below it for every row are
+    impossible, tiles crossing it are masked, so the full tiles become a run inside each row.
     """
     bs = dims.block
     q_lo = np.arange(dims.n_q)[:, None] * bs
@@ -188,6 +205,11 @@ def tile_classes(dims: Dims, causal: bool) -> tuple[np.ndarray, np.ndarray]:
         return np.ones((dims.n_q, dims.n_k), bool), np.broadcast_to(keys_real, (dims.n_q, dims.n_k)).copy()
     possible = k_lo <= q_hi + dims.offset
     full = keys_real & (k_hi <= q_lo + dims.offset)
+    if window is not None:
+        # Row p sees keys > p - window: the tile's last key must be inside the first row's window
+        # (then some real pair is visible), its first key inside the last real row's for `full`.
+        possible = possible & (k_hi > q_lo + dims.offset - window)
+        full = full & (k_lo > q_hi + dims.offset - window)
     return possible, full
 
 
@@ -214,13 +236,13 @@ def block_lists(mask, first):
     """Index lists the kernels loop over: each row's tiles in `first`, then the others.
 
     mask: bool [B, H, R, C] (already restricted to possible tiles); first: bool broadcastable to
-    it, the tiles each row visits first: a static numpy [R, C] that is a prefix of every ascending
-    row (the causal classes), or any array (document masks). Each part is ascending.
+    it, the tiles each row visits first: a static numpy [R, C] (the tile classes) or any array
+    (document masks). Each part is ascending.
     Returns idx int32 [B, H, R, C] and counts int32 [B, H, R, 2] = (tiles in `first`, all tiles).
     """
-    if isinstance(first, np.ndarray):
-        # Static tile classes (no documents): `first` is a prefix of every ascending row, so the
-        # plain ascending list is already in order.
+    if isinstance(first, np.ndarray) and not np.any(first[..., 1:] & ~first[..., :-1]):
+        # Static classes where `first` is a prefix of every row (causal, no window or documents):
+        # the plain ascending list is already in order.
         idx = mask_to_indices(mask)
     else:
         # One list over 2C columns (first tiles, then the rest), folded back to column numbers;

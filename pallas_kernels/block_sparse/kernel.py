@@ -14,11 +14,13 @@ memory and loops over it with a dynamic trip count:
 A token-level `Selection` (one list per query token) is handed to `token_kernel`; a tile-level
 one becomes a block mask. Segment ids add tile classes: tiles between documents are dropped,
 tiles inside one document keep their causal class, the others compare ids in the masked loop.
+A sliding window does the same with positions: tiles below every row's window are dropped, tiles
+inside the band keep their causal class, tiles crossing its lower edge are masked.
 
-Each list is ordered so that the tiles needing an elementwise mask (the causal diagonal and the
-ragged last key block) form a prefix or suffix: the kernels run two loops, and only the short one
-pays for `where`. Ragged lengths are zero-padded to a whole block, non power-of-two head dims to
-the next power of two.
+Each list is ordered so that the tiles needing an elementwise mask (the causal diagonal, the
+window's lower edge, the ragged last key block) form a prefix or suffix: the kernels run two
+loops, and only the short one pays for `where`. Ragged lengths are zero-padded to a whole block,
+non power-of-two head dims to the next power of two.
 
 The kernels are deprecated with the Triton backend in JAX 0.11 (we pin jax<0.13); the public API
 in `sparsetrain.ops` keeps the same signature so a Mosaic GPU version can replace this file.
@@ -51,22 +53,26 @@ __all__ = ["Tuning", "block_sparse_attention", "current_tuning", "dot_precision"
 # ------------------------------------------------------------------------------------------------
 # Shared pieces of the kernel bodies.
 
-def visible(rows, cols, *, causal: bool, offset: int, seq_kv: int, same_doc=None):
-    """Elementwise mask of a tile: real keys, (causal) keys at or before the query position, and
-    (`same_doc`, from segment ids) keys of the query's document."""
+def visible(rows, cols, *, causal: bool, offset: int, seq_kv: int, window=None, same_doc=None):
+    """Elementwise mask of a tile: real keys, (causal) keys at or before the query position, (window)
+    keys after the position minus `window`, and (`same_doc`, from segment ids) keys of the query's
+    document."""
     keep = cols < seq_kv
     if causal:
         keep = keep & (cols <= rows + offset)
+    if window is not None:
+        keep = keep & (cols > rows + offset - window)
     if same_doc is not None:
         keep = keep & same_doc
     return keep
 
 
 def logits_tile(q, k_ref, start, rows, *, dims: Dims, causal: bool, scale: float, masked: bool,
-                precision, docs=None):
+                precision, docs=None, window=None):
     """Base-2 logits [bq, bs] of a query tile against the key block at `start` (-inf where hidden).
 
-    docs: None, or (row ids [bq], ref of the key ids) when segment ids are given.
+    docs: None, or (row ids [bq], ref of the key ids) when segment ids are given; window: as
+    `visible`.
     """
     bs = dims.block
     s = pltr.dot(q, k_ref[pl.ds(start, bs), :], trans_b=True, precision=precision) * (scale * LOG2E)
@@ -76,7 +82,7 @@ def logits_tile(q, k_ref, start, rows, *, dims: Dims, causal: bool, scale: float
             row_ids, kseg_ref = docs
             same_doc = row_ids[:, None] == kseg_ref[pl.ds(start, bs)][None, :]
         keep = visible(rows[:, None], start + jnp.arange(bs)[None, :], causal=causal,
-                       offset=dims.offset, seq_kv=dims.seq_kv, same_doc=same_doc)
+                       offset=dims.offset, seq_kv=dims.seq_kv, window=window, same_doc=same_doc)
         s = jnp.where(keep, s, -jnp.inf)
     return s
 
@@ -98,6 +104,7 @@ def query_block(i, n_q: int, reverse: bool):
 class _Config:
     dims: Dims
     causal: bool
+    window: int | None  # from `common.check_window`: None when it hides nothing
     scale: float
     interpret: bool
     segmented: bool  # segment ids given: masked tiles also compare document ids
@@ -118,7 +125,8 @@ def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref
     q = q_ref[...]
     rows = qi * bs + jnp.arange(bs)
     tile = functools.partial(logits_tile, q, k_ref, rows=rows, dims=d, causal=cfg.causal,
-                             scale=cfg.scale, precision=precision, docs=_docs(qseg_ref, kseg_ref, cfg))
+                             scale=cfg.scale, precision=precision, docs=_docs(qseg_ref, kseg_ref, cfg),
+                             window=cfg.window)
 
     def step(t, carry, *, masked):
         start = pl.multiple_of(idx_ref[t] * bs, bs)
@@ -139,7 +147,8 @@ def _dq_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref
     lse, delta = lse_ref[...], delta_ref[...]
     rows = qi * bs + jnp.arange(bs)
     tile = functools.partial(logits_tile, q, k_ref, rows=rows, dims=d, causal=cfg.causal,
-                             scale=cfg.scale, precision=precision, docs=_docs(qseg_ref, kseg_ref, cfg))
+                             scale=cfg.scale, precision=precision, docs=_docs(qseg_ref, kseg_ref, cfg),
+                             window=cfg.window)
 
     def step(t, dq, *, masked):
         start = pl.multiple_of(idx_ref[t] * bs, bs)
@@ -177,7 +186,7 @@ def _dkv_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_re
             if cfg.segmented:
                 same_doc = col_ids[:, None] == qseg_ref[pl.ds(start, bs)][None, :]
             keep = visible(start + jnp.arange(bs)[None, :], cols[:, None], causal=cfg.causal,
-                           offset=d.offset, seq_kv=d.seq_kv, same_doc=same_doc)
+                           offset=d.offset, seq_kv=d.seq_kv, window=cfg.window, same_doc=same_doc)
             st = jnp.where(keep, st, -jnp.inf)
         pt = jnp.exp2(st - lse[None, :])
         dv = dv + pltr.dot(pt.astype(do.dtype), do, precision=precision)
@@ -282,9 +291,9 @@ def _pad(x, seq: int, dh: int):
 
 def _restricted(block_mask, seg: common.SegmentIds, cfg: _Config):
     """The selection without impossible tiles, and the full-tile classes: static numpy for the
-    causal classes alone, [B, 1, nQ, nK] arrays with documents (tiles crossing a document
-    boundary are masked, tiles of two different documents dropped)."""
-    possible, full = common.tile_classes(cfg.dims, cfg.causal)
+    causal (and window) classes alone, [B, 1, nQ, nK] arrays with documents (tiles crossing a
+    document boundary are masked, tiles of two different documents dropped)."""
+    possible, full = common.tile_classes(cfg.dims, cfg.causal, cfg.window)
     mask = block_mask & possible
     if cfg.segmented:
         doc_possible, doc_uniform = common.segment_tile_classes(seg, cfg.dims)
@@ -343,7 +352,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, interpret=False, return_lse=False):
+                           segment_ids=None, window=None, interpret=False, return_lse=False):
     """Softmax attention restricted to the selected blocks (Pallas Triton kernels).
 
     Args:
@@ -357,6 +366,9 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
       segment_ids: None, int [B, T] (S == T), or `common.SegmentIds(q [B, T], kv [B, S])`: a query
         sees only keys with its id. Tiles of one document cost nothing extra, tiles of two
         disjoint id ranges are skipped, the others pay an id compare.
+      window: None, or w >= 1 with causal: a query at position p sees only keys > p - w. Tiles
+        below every row's window are skipped, tiles inside it cost nothing extra, tiles crossing
+        its lower edge pay a position compare.
       interpret: run the kernels in the Pallas interpreter (CPU).
       return_lse: also return the natural-log LSE of each row's scaled logits, f32 [B, N, T]
         (-inf for rows with no visible key, whose output is 0).
@@ -364,14 +376,14 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     """
     if isinstance(block_mask, Selection) and block_mask.granularity == "token":
         return token_block_sparse_attention(q, k, v, block_mask, causal=causal, block_size=block_size,
-                                            sm_scale=sm_scale, segment_ids=segment_ids,
+                                            sm_scale=sm_scale, segment_ids=segment_ids, window=window,
                                             interpret=interpret, return_lse=return_lse)
     if isinstance(block_mask, Selection):
         block_mask = block_mask.to_mask()
     dims = common.attention_dims(q, k, v, block_mask, block_size)
     seg = common.segment_ids_pair(segment_ids, dims)
-    cfg = _Config(dims, bool(causal), common.default_scale(sm_scale, dims.head_dim), bool(interpret),
-                  segmented=seg is not None)
+    cfg = _Config(dims, bool(causal), common.check_window(window, causal, dims.seq_kv),
+                  common.default_scale(sm_scale, dims.head_dim), bool(interpret), segmented=seg is not None)
     if seg is None:  # unread placeholders keep one kernel signature
         seg = common.SegmentIds(jnp.zeros((dims.batch, dims.seq_q), jnp.int32),
                                 jnp.zeros((dims.batch, dims.seq_kv), jnp.int32))

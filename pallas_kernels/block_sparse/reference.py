@@ -39,9 +39,9 @@ def _masked_softmax(s, allowed):
     return e / l_safe, lse[..., 0]
 
 
-def _visible(dims: common.Dims, causal: bool, seg):
-    """bool [B or 1, 1, 1, T, S]: causality and (with segment ids) same document."""
-    allowed = common.causal_element_mask(dims.seq_q, dims.seq_kv, causal)[None]
+def _visible(dims: common.Dims, causal: bool, seg, window: int | None = None):
+    """bool [B or 1, 1, 1, T, S]: causality, the sliding window and (with segment ids) same document."""
+    allowed = common.causal_element_mask(dims.seq_q, dims.seq_kv, causal, window)[None]
     if seg is not None:
         allowed = allowed & common.segment_element_mask(seg)
     return allowed[:, None, None]
@@ -62,15 +62,16 @@ def _selected_keys(q, k, v, block_mask, block_size: int):
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, interpret=False, return_lse=False):
+                           segment_ids=None, window=None, interpret=False, return_lse=False):
     """Reference of `kernel.block_sparse_attention` (same arguments, shapes and semantics)."""
     del interpret
     d, elem = _selected_keys(q, k, v, block_mask, block_size)
+    window = common.check_window(window, causal, d.seq_kv)
     seg = common.segment_ids_pair(segment_ids, d)
     scale = common.default_scale(sm_scale, d.head_dim)
     # Element mask [B, K, 1 or G, T, S].
     elem = elem.reshape(d.batch, d.kv_heads, d.mask_heads // d.kv_heads, d.seq_q, d.seq_kv)
-    elem = elem & _visible(d, causal, seg)
+    elem = elem & _visible(d, causal, seg, window)
     p, lse = _masked_softmax(_logits(q, k, d, scale), elem)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32), precision=_HI)
     o = o.reshape(q.shape).astype(q.dtype)

@@ -16,11 +16,12 @@ the token's list in registers).
                C partial dk/dv are then summed in f32 in XLA. Otherwise dk/dv are written once
                per (key block, selection head), in k's dtype when H = K.
 
-Every step applies the elementwise mask (membership, causality per token, ragged keys, document
-ids): with token-level lists the tiles have no static full/masked classes.
+Every step applies the elementwise mask (membership, causality and sliding window per token,
+ragged keys, document ids): with token-level lists the tiles have no static full/masked classes.
 
-Lists are cleaned before the kernels: entries past `counts`, blocks after the token (causal) and
-blocks holding none of the token's document are dropped, so every loop step does useful work.
+Lists are cleaned before the kernels: entries past `counts`, blocks after the token (causal),
+blocks ending before its window and blocks holding none of the token's document are dropped, so
+every loop step does useful work.
 """
 
 from __future__ import annotations
@@ -69,13 +70,15 @@ def check_token_kernel(dims: Dims) -> None:
 # ------------------------------------------------------------------------------------------------
 # Lists (jnp, outside the kernels).
 
-def clean_lists(sel: Selection, seg, dims: Dims, causal: bool):
+def clean_lists(sel: Selection, seg, dims: Dims, causal: bool, window: int | None):
     """int32 [B, H, T, m]: each token's usable blocks (others -1; not compacted)."""
     idx, m = sel.indices, sel.indices.shape[-1]
     ok = (jnp.arange(m) < sel.counts[..., None]) & (idx >= 0) & (idx < dims.n_k)
+    pos = (jnp.arange(dims.seq_q) + dims.offset)[:, None]
     if causal:
-        pos = jnp.arange(dims.seq_q) + dims.offset
-        ok = ok & (idx * dims.block <= pos[:, None])
+        ok = ok & (idx * dims.block <= pos)
+    if window is not None:  # the block's last key must lie inside the token's window
+        ok = ok & ((idx + 1) * dims.block - 1 > pos - window)
     if seg is not None:  # the block's id range must hold the token's id
         k_lo, k_hi = common.block_id_range(seg.kv, dims.block, dims.n_k)
         safe = jnp.clip(idx, 0, dims.n_k - 1)
@@ -119,6 +122,7 @@ def transposed_groups(union, n_k: int):
 class _Config:
     dims: Dims
     causal: bool
+    window: int | None  # from `common.check_window`: None when it hides nothing
     scale: float
     interpret: bool
     segmented: bool
@@ -141,8 +145,8 @@ def _per_row(x, gs: int):
 
 def _visible(blk, lists, pos, qid, kseg, cfg: _Config, *, transposed: bool):
     """bool [R, bs] ([bs, R] transposed), or broadcastable to it: row r sees key blk*bs + c when
-    its token selected blk, the key is real, at or before the token (causal) and in the token's
-    document."""
+    its token selected blk, the key is real, at or before the token (causal), inside its window
+    and in the token's document."""
     d = cfg.dims
     cols = blk * d.block + jnp.arange(d.block)
 
@@ -153,6 +157,8 @@ def _visible(blk, lists, pos, qid, kseg, cfg: _Config, *, transposed: bool):
     keep = col < d.seq_kv
     if cfg.causal:
         keep = keep & (col <= row_pos)
+    if cfg.window is not None:
+        keep = keep & (col > row_pos - cfg.window)
     if cfg.p > 1:  # the union holds blocks that only some of the P tokens selected
         member = _per_row(jnp.max((lists == blk).astype(jnp.int32), axis=1) > 0, d.mask_group)
         keep = keep & outer(member, cols)[0]
@@ -378,7 +384,7 @@ def _build_lists(indices, counts, seg, cfg: _Config) -> _Lists:
     d = cfg.dims
     t_p = -(-d.seq_q // cfg.p) * cfg.p
     sel = Selection(indices, counts, d.n_k, granularity="token")
-    tokens = clean_lists(sel, seg if cfg.segmented else None, d, cfg.causal)
+    tokens = clean_lists(sel, seg if cfg.segmented else None, d, cfg.causal, cfg.window)
     mp = _pow2(tokens.shape[-1])  # Triton loads need power-of-two tiles
     tokens = jnp.pad(tokens, ((0, 0), (0, 0), (0, t_p - d.seq_q), (0, mp - tokens.shape[-1])),
                      constant_values=-1)
@@ -430,14 +436,15 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def token_block_sparse_attention(q, k, v, selection: Selection, *, causal: bool, block_size: int,
-                                 sm_scale, segment_ids, interpret: bool, return_lse: bool):
+                                 sm_scale, segment_ids, window, interpret: bool, return_lse: bool):
     """`kernel.block_sparse_attention` for a token-level `Selection` (validated here); the
     arguments and results are that function's."""
     dims = token_attention_dims(q, k, v, selection, block_size)
     check_token_kernel(dims)
     seg = common.segment_ids_pair(segment_ids, dims)
-    cfg = _Config(dims, bool(causal), common.default_scale(sm_scale, dims.head_dim), bool(interpret),
-                  segmented=seg is not None, p=tokens_per_tile(dims))
+    cfg = _Config(dims, bool(causal), common.check_window(window, causal, dims.seq_kv),
+                  common.default_scale(sm_scale, dims.head_dim), bool(interpret), segmented=seg is not None,
+                  p=tokens_per_tile(dims))
     if seg is None:  # unread placeholders keep one kernel signature
         seg = common.SegmentIds(jnp.zeros((dims.batch, dims.seq_q), jnp.int32),
                                 jnp.zeros((dims.batch, dims.seq_kv), jnp.int32))

@@ -466,7 +466,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, interpret=False, return_lse=False):
+                           segment_ids=None, window=None, interpret=False, return_lse=False):
     """Softmax attention restricted to the selected blocks (Pallas Mosaic TPU kernels).
 
     Args:
@@ -480,6 +480,8 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
       segment_ids: None, int [B, T] (S == T) or `common.SegmentIds`: tiles between documents are
         dropped; with ids every other tile takes the masked branch, which compares the row and
         column ids (lane- and sublane-replicated, as in splash attention).
+      window: None, or one that hides nothing (>= S keys): other windows raise
+        NotImplementedError (use impl='pallas' or 'xla').
       interpret: True runs the TPU interpreter on CPU (`pltpu.InterpretParams()`); an
         InterpretParams instance is used as given. False compiles for a TPU.
       return_lse: also return the natural-log LSE of each row's scaled logits, f32 [B, N, T]
@@ -492,6 +494,9 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
                                       "use impl='pallas' (GPU) or impl='xla'")
         block_mask = block_mask.to_mask()
     dims = attention_dims(q, k, v, block_mask, block_size)
+    if common.check_window(window, causal, dims.seq_kv) is not None:
+        raise NotImplementedError(f"window={window} is not supported on the TPU kernel yet; "
+                                  "use impl='pallas' (GPU) or impl='xla'")
     seg = common.segment_ids_pair(segment_ids, dims)
     cfg = _Config(dims, bool(causal), common.default_scale(sm_scale, dims.head_dim),
                   interpret_params(interpret), segmented=seg is not None)

@@ -14,7 +14,7 @@ chunk ends: the kernel's end-aligned causal mask then equals the natural one, an
 rolled in from the future are excluded by the (rolled) block mask, which is causal. The block mask
 is given in natural order, so `local`'s fixed pattern (selection for local queries over global key
 blocks) holds unchanged, and so are the segment ids a selection reads; dense layers pass every
-causal tile. The gather's transpose is a
+causal tile. The roll keeps every query-key distance, so a sliding `window` holds unchanged too. The gather's transpose is a
 reduce-scatter, so gradients flow back to the K/V shards.
 
 Axis legend: B batch, T sequence, N query heads, K kv heads, H head dim, bs block size.

@@ -78,7 +78,9 @@ def _per_shard(q, k, v, block_mask, segment_ids, mesh, **kwargs):
 def block_sparse_attention(q, k, v, block_mask, *, segment_ids=None, **kwargs):
     """`sparsetrain.ops.block_sparse_attention` (same arguments and result), run per shard when a
     mesh is active and directly otherwise. With a context split, q/k/v are in the load-balanced
-    order, `block_mask` and `segment_ids` in natural order (what the selection saw)."""
+    order, `block_mask` and `segment_ids` in natural order (what the selection saw). A sliding
+    `window` counts in natural positions on every path: shards hold whole sequences, or (context
+    split) keys rolled so that each query chunk keeps its distance to every key it may see."""
     mesh = _active_mesh()
     if mesh is None:
         return ops.block_sparse_attention(q, k, v, block_mask, segment_ids=segment_ids, **kwargs)

@@ -23,7 +23,7 @@ _BACKENDS = {
 }
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, impl="auto", interpret=None, return_lse=False):
+                           segment_ids=None, window=None, impl="auto", interpret=None, return_lse=False):
     """Softmax attention restricted to the selected (query block, key block) tiles.
 
     Args:
@@ -48,6 +48,13 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         sees a key only when their ids are equal, on top of causality and the selection. The
         Triton kernel skips tiles between two documents and compares ids only in tiles that
         cross a boundary; the TPU kernel raises NotImplementedError.
+      window: sliding window (NSA's window branch): None (off) or an int w >= 1, causal only
+        (ValueError otherwise). A query at position p sees key s only when p - w < s <= p, on top
+        of the selection and segment ids; w >= S is the same as None. The band of tiles that can
+        hold such pairs is `window_block_mask(T, S, bs, w)`: pass it (or a subset) as block_mask
+        to keep the lists short. The Triton kernel skips selected tiles below every row's window,
+        runs tiles inside the band unmasked and compares positions only in tiles crossing the
+        window's lower edge (or the diagonal); the TPU kernel raises NotImplementedError.
       impl: "auto" | "pallas" | "pallas_tpu" | "xla" (see `sparsetrain.ops.platform.kernel_backend`;
         the TPU kernel takes block_size 128 only of these); interpret: None = True off the
         kernel's own platform.
@@ -61,7 +68,7 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     backend, interpret = kernel_backend(impl, interpret)
     fn = _BACKENDS[backend][0]
     return fn(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
-              segment_ids=segment_ids, interpret=interpret, return_lse=return_lse)
+              segment_ids=segment_ids, window=window, interpret=interpret, return_lse=return_lse)
 
 
 def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,

@@ -20,13 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The selection type and its list conversions live beside the kernels that read them.
+# The tile classes, the selection type and its list conversions live beside the kernels that read them.
+from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse.selection import Selection, indices_to_mask
 from pallas_kernels.block_sparse.selection import mask_to_lists as mask_to_indices
 
 __all__ = ["Selection", "budget_block_mask", "causal_block_mask", "forced_block_mask", "indices_to_mask",
            "mask_to_indices", "selection_density", "selection_recall", "threshold_block_mask",
-           "tile_weights", "topk_block_mask", "topp_block_mask", "transposed_indices"]
+           "tile_weights", "topk_block_mask", "topp_block_mask", "transposed_indices", "window_block_mask"]
 
 
 def causal_block_mask(seq_q: int, seq_kv: int, block_size: int):
@@ -34,6 +35,15 @@ def causal_block_mask(seq_q: int, seq_kv: int, block_size: int):
     n_q, n_k = -(-seq_q // block_size), -(-seq_kv // block_size)
     last_row = np.minimum((np.arange(n_q) + 1) * block_size, seq_q) - 1
     return jnp.asarray(np.arange(n_k)[None, :] * block_size <= last_row[:, None] + seq_kv - seq_q)
+
+
+def window_block_mask(seq_q: int, seq_kv: int, block_size: int, window: int):
+    """bool [nQ, nK]: tiles holding at least one visible (query, key) pair, end-aligned causal with
+    a sliding window of `window` keys (`block_sparse_attention(..., window=window)`): the band a
+    sliding-window branch selects. window >= seq_kv gives `causal_block_mask`."""
+    window = common.check_window(window, True, seq_kv)
+    dims = common.Dims(1, seq_q, seq_kv, 1, 1, 1, 1, block_size)  # only lengths and block matter
+    return jnp.asarray(common.tile_classes(dims, True, window)[0])
 
 
 def _valid(shape, valid):
