@@ -21,7 +21,7 @@ through a length curriculum, 2048 -> 8192 -> 16384 tokens per sequence at 65,536
 Size on one H100, an estimate, not measured: model FLOPs (`flops_per_token`, dense attention) are
 0.29 / 0.52 / 0.82 GFLOP per token at 2048 / 8192 / 16384. The 125M config ran at 335 TFLOP/s of
 model FLOPs (33.9% MFU, docs/benchmarks.md); at half that for this narrower model, dense
-pretraining takes about 2.5 minutes, the short run 1.2 and the curriculum 2.5, plus compiling and
+pretraining takes about 2 minutes, the short run 1.2 and the curriculum 2.5, plus compiling and
 validation. Sparse layers do less attention work but pay for their selection (InfLLM-V2 only broke
 even with dense at 16k, and per-token selection has not been timed on a GPU), hence the headroom
 under 10 minutes per run. The data is the interpreter's standard library (about 11.4M training

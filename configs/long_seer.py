@@ -1,7 +1,7 @@
 """Short-to-long workflow (a), SeerAttention: start from the dense adaptation (runs/long_dense:
 runs/pretrain_short_dense with YaRN x8 through 2048 -> 8192 -> 16384), distill the gates at 16384
 (250 steps, base frozen), then train sparse at 16384 keeping 10% of each row's causal blocks of 64
-(150 steps, gates frozen): 26.2M tokens, about 1.3 minutes on one H100 by configs/_workflows.py's
+(150 steps, gates frozen): 26.2M tokens, about 1.2 minutes on one H100 by configs/_workflows.py's
 estimate with the distill and sparse steps at 0.57x a dense step, as measured on the 125M model.
 
     python train.py --config configs/long_seer.py
