@@ -11,7 +11,8 @@ from sparsetrain.configbase import ConfigError, from_dict
 
 
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]))
+    # Modules named _x hold what several configs share (e.g. _workflows.py); they are no config.
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_"))
 
 
 def load(name_or_path: str) -> RunConfig:

@@ -179,6 +179,30 @@ class PhaseConfig(Config):
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalSuiteConfig(Config):
+    # At every validation pass also run the eval command's suite, written to RUN/eval/step_<N>/.
+    # It measures the current parameters as the current phase attends (docs/eval.md); the fields
+    # below are the command's options, and 0 or empty ones take its defaults.
+    enabled: bool = False
+    min_len: int = 0              # shortest length (lengths are powers of two); 0 = 1024, or max_len if less
+    max_len: int = 0              # longest length; 0 = model.max_seq_len
+    modes: tuple[Literal["sparse", "dense"], ...] = ()   # sparse (as configured), dense (every layer dense)
+    tasks: tuple[Literal["loss", "passkey", "mqar"], ...] = ()   # what to measure
+    loss_tokens: int = 0          # held-out tokens per length
+    depths: tuple[float, ...] = ()   # passkey needle depths in [0, 1]
+    passkey_samples: int = 0      # passkey probes per length x depth
+    mqar_pairs: tuple[int, ...] = ()  # key-value pairs per MQAR probe
+    mqar_samples: int = 0         # MQAR probes per pair count
+
+    def validate(self) -> None:
+        for name in ("min_len", "max_len", "loss_tokens", "passkey_samples", "mqar_samples"):
+            self.require(getattr(self, name) >= 0, name, "must be >= 0 (0 = the eval command's default)")
+        self.require(self.min_len != 1, "min_len", "must be >= 2 (or 0)")
+        self.require(all(0.0 <= d <= 1.0 for d in self.depths), "depths", "must lie in [0, 1]")
+        self.require(all(p > 0 for p in self.mqar_pairs), "mqar_pairs", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainerConfig(Config):
     steps: int = 300              # optimizer steps to train to
     grad_accum: int = 1           # microbatches per step; batch_size must divide evenly
@@ -197,6 +221,8 @@ class TrainerConfig(Config):
     # Phase schedule: model changes at given steps (e.g. dense -> sparse, seer distill -> sparse),
     # and a length curriculum (data.seq_len / data.batch_size per phase).
     phases: tuple[PhaseConfig, ...] = ()
+    # The evaluation suite (loss against length, passkey, MQAR, plots) at every validation pass.
+    eval_suite: EvalSuiteConfig = EvalSuiteConfig()
 
     def validate(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "eval_every", "eval_batches",
@@ -269,6 +295,11 @@ class RunConfig(Config):
             self.require(self.data.seq_len % (2 * self.mesh.context * tile) == 0, "data",
                          f"seq_len={self.data.seq_len} must be a multiple of 2 x mesh.context x {tile} "
                          f"= {2 * self.mesh.context * tile} (two chunks per device, whole kernel tiles)")
+        suite = self.trainer.eval_suite
+        max_len = suite.max_len or self.model.max_seq_len
+        self.require(suite.min_len <= max_len, "trainer",
+                     f"eval_suite.min_len={suite.min_len} exceeds its longest length {max_len} "
+                     "(eval_suite.max_len, or model.max_seq_len when 0)")
         micro_tokens = self.data.batch_size // self.trainer.grad_accum * self.data.seq_len
         self.require(micro_tokens % max(self.trainer.loss_chunk, 1) == 0, "trainer",
                      f"loss_chunk={self.trainer.loss_chunk} must divide the {micro_tokens} tokens of a "

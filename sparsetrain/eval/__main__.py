@@ -10,16 +10,13 @@ lengths past it measure how RoPE and the attention extrapolate).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from sparsetrain.errors import InputError
-from sparsetrain.eval import plots, report
+from sparsetrain.eval import report
 from sparsetrain.eval.measure import load_subject
-from sparsetrain.eval.suite import EvalOptions, evaluate, powers_of_two
+from sparsetrain.eval.suite import EvalOptions, default_lengths, evaluate
 
 
 def _numbers(kind):
@@ -58,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         subject = load_subject(args.checkpoint, dtype=args.dtype)
-        max_len = args.max_len or subject.cfg.model.max_seq_len
-        lengths = powers_of_two(args.min_len or min(1024, max_len), max_len)
+        lengths = default_lengths(args.min_len, args.max_len, subject.cfg.model.max_seq_len)
         options = EvalOptions(lengths=lengths, modes=args.modes, tasks=args.tasks, loss_tokens=args.loss_tokens,
                               depths=args.depths, passkey_samples=args.passkey_samples,
                               mqar_pairs=args.mqar_pairs, mqar_samples=args.mqar_samples, seed=args.seed)
@@ -69,16 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    written = plots.write_all(results, out)
-    if results.get("selection_map"):
-        # The block maps go to an .npz beside the JSON (at 64k tokens they are 1024 x 1024).
-        arrays = {key: results["selection_map"].pop(key) for key in ("selected", "scores")}
-        np.savez_compressed(out / "selection_map.npz", **arrays)
-        written.append(out / "selection_map.npz")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(report.markdown(results))
+    written = report.write(results, out)
     print(report.summary(results))
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(p.name for p in written))
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

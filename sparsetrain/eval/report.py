@@ -1,6 +1,14 @@
-"""The results as Markdown tables (results.md) and a short console summary."""
+"""The results as Markdown tables (results.md) and a short console summary, and every file of an
+evaluation written to its folder."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sparsetrain.eval import plots
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -102,3 +110,18 @@ def summary(results: dict) -> str:
             lines.append(f"{name} per layer @{length}: {shown}")
     lines += [f"skipped: {reason}" for reason in results["skipped"]]
     return "\n".join(lines)
+
+
+def write(results: dict, out: Path) -> list[Path]:
+    """The plots, selection_map.npz, results.json and results.md under `out`; returns their paths.
+    (Moves the selection map's arrays out of `results` into the .npz.)"""
+    out.mkdir(parents=True, exist_ok=True)
+    written = plots.write_all(results, out)
+    if results.get("selection_map"):
+        # The block maps go to an .npz beside the JSON (at 64k tokens they are 1024 x 1024).
+        arrays = {key: results["selection_map"].pop(key) for key in ("selected", "scores")}
+        np.savez_compressed(out / "selection_map.npz", **arrays)
+        written.append(out / "selection_map.npz")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    return [out / "results.json", out / "results.md", *written]

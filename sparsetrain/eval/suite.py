@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from sparsetrain.config import EvalSuiteConfig
 from sparsetrain.configbase import to_dict
 from sparsetrain.errors import InputError
 from sparsetrain.eval.measure import MODES, Runner, Subject, held_out_tokens
@@ -66,6 +67,21 @@ def powers_of_two(min_len: int, max_len: int) -> tuple[int, ...]:
     if not 2 <= min_len <= max_len:
         raise InputError(f"--min_len {min_len} and --max_len {max_len}: need 2 <= min_len <= max_len")
     return tuple(min_len * 2 ** i for i in range(int(math.log2(max_len / min_len)) + 1))
+
+
+def default_lengths(min_len: int | None, max_len: int | None, max_seq_len: int) -> tuple[int, ...]:
+    """The command's lengths: powers of two from min_len (default 1024, or max_len if less) to
+    max_len (default the model's max_seq_len)."""
+    max_len = max_len or max_seq_len
+    return powers_of_two(min_len or min(1024, max_len), max_len)
+
+
+def options_for(suite: EvalSuiteConfig, max_seq_len: int) -> EvalOptions:
+    """The options of the trainer's suite (`trainer.eval_suite`): its set fields, the command's
+    defaults for the rest."""
+    given = {name: getattr(suite, name) for name in ("modes", "tasks", "loss_tokens", "depths", "passkey_samples",
+                                                     "mqar_pairs", "mqar_samples") if getattr(suite, name)}
+    return EvalOptions(lengths=default_lengths(suite.min_len, suite.max_len, max_seq_len), **given)
 
 
 def _predict(runner: Runner, probes: list[Probe]) -> list[list[bool]]:

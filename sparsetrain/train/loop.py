@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sparsetrain.config import RunConfig
@@ -239,6 +241,30 @@ class Trainer:
         self.log(f"step {step}: val loss {val['val/loss']:.4f}{extra}")
         return val
 
+    def run_eval_suite(self, step: int) -> None:
+        """sparsetrain.eval's suite (trainer.eval_suite) on the current parameters, as the phase that
+        ran `step` attends, written to RUN/eval/step_<step>/."""
+        # Imported here: matplotlib and the suite load only for runs that ask for them.
+        from sparsetrain.eval import report
+        from sparsetrain.eval.measure import Subject
+        from sparsetrain.eval.suite import evaluate, options_for
+
+        # Every process takes part in gathering the (possibly sharded) parameters; the main one evaluates.
+        params = multihost_utils.process_allgather(self.state["params"], tiled=True)
+        if not self.is_main:
+            return
+        cfg = self.phases[self.phase_at(step - 1)].cfg
+        subject = Subject(str(self.run_dir), cfg, {k: np.asarray(v) for k, v in flatten(params).items()}, step,
+                          self.data.tokenizer)
+        options = options_for(cfg.trainer.eval_suite, cfg.model.max_seq_len)
+        out = self.run_dir / "eval" / f"step_{step}"
+        # The suite runs on one device, as the eval command does: outside the training mesh, which
+        # would shard the models it builds and its batches.
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+            results = evaluate(subject, options, progress=False)
+        report.write(results, out)
+        self.log(f"step {step}: eval suite -> {out}\n" + report.summary(results))
+
     def run(self) -> dict:
         """Train to cfg.trainer.steps (or until SIGTERM/SIGINT); returns the last metrics."""
         cfg, tcfg = self.cfg, self.cfg.trainer
@@ -295,6 +321,8 @@ class Trainer:
                         summary.update(val)
                         if writer:
                             writer.write(step, val)
+                        if tcfg.eval_suite.enabled:
+                            self.run_eval_suite(step)
                         throughput.restart()
                     if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                         self.save(step)
