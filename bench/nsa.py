@@ -27,6 +27,7 @@ from bench.attention import median_time
 from models.rope import apply_rope
 from sparsetrain.attention.method import AttentionInputs, StepContext
 from sparsetrain.config import RopeConfig
+from sparsetrain.ops.platform import on_gpu
 from sparsetrain.sparse.nsa import NsaOptions
 
 D, N, K, H = 768, 12, 3, 64
@@ -99,7 +100,8 @@ def main(argv=None) -> None:
 
         def dense(q, k, v):
             inp = make_inputs(q, k, v, x)
-            return jax.nn.dot_product_attention(inp.q, inp.k, inp.v, is_causal=True, implementation="cudnn")
+            return jax.nn.dot_product_attention(inp.q, inp.k, inp.v, is_causal=True,
+                                                implementation="cudnn" if on_gpu() else None)
 
         times = {"nsa": fwd_bwd(whole, params, q, k, v, x)(),
                  "compression+selection": fwd_bwd(compression, params, q, k, v, x)(),
