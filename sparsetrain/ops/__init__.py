@@ -8,12 +8,12 @@ from sparsetrain.ops.block_sparse import block_attention_scores, block_sparse_at
 from sparsetrain.ops.selection import (Selection, budget_block_mask, causal_block_mask, forced_block_mask,
                                        indices_to_mask, mask_to_indices, selection_density,
                                        selection_recall, threshold_block_mask, tile_weights,
-                                       topk_block_mask, topp_block_mask, transposed_indices,
-                                       window_block_mask)
+                                       topk_block_lists, topk_block_mask, topp_block_mask,
+                                       transposed_indices, window_block_mask)
 
 __all__ = [
     "SegmentIds", "Selection", "block_attention_scores", "block_sparse_attention", "budget_block_mask",
     "causal_block_mask", "forced_block_mask", "indices_to_mask", "mask_to_indices",
     "selection_density", "selection_recall", "threshold_block_mask", "tile_weights",
-    "topk_block_mask", "topp_block_mask", "transposed_indices", "window_block_mask",
+    "topk_block_lists", "topk_block_mask", "topp_block_mask", "transposed_indices", "window_block_mask",
 ]

@@ -27,7 +27,8 @@ from pallas_kernels.block_sparse.selection import mask_to_lists as mask_to_indic
 
 __all__ = ["Selection", "budget_block_mask", "causal_block_mask", "forced_block_mask", "indices_to_mask",
            "mask_to_indices", "selection_density", "selection_recall", "threshold_block_mask",
-           "tile_weights", "topk_block_mask", "topp_block_mask", "transposed_indices", "window_block_mask"]
+           "tile_weights", "topk_block_lists", "topk_block_mask", "topp_block_mask", "transposed_indices",
+           "window_block_mask"]
 
 
 def causal_block_mask(seq_q: int, seq_kv: int, block_size: int):
@@ -84,6 +85,23 @@ def topk_block_mask(scores, k: int, *, force_first: int = 0, force_local: int = 
     if k < 0:
         raise ValueError(f"k={k} must be >= 0")
     return budget_block_mask(scores, k, force_first=force_first, force_local=force_local, valid=valid)
+
+
+def topk_block_lists(scores, k: int, *, force_first: int = 0, force_local: int = 1, valid=None):
+    """`topk_block_mask`'s choice as sorted lists, from one top-k of size k per row (no full sort of
+    the row, no [..., rows, nK] mask): (indices int32 [..., rows, min(k, nK)] ascending, padded with
+    -1; counts int32 [..., rows]). Needs k >= the forced blocks of every row (force_first +
+    force_local covers it): forced blocks rank first and a row keeps at most k."""
+    if k < force_first + force_local:
+        raise ValueError(f"k={k} must be >= force_first + force_local = {force_first + force_local}")
+    valid = _valid(scores.shape, valid)
+    forced = forced_block_mask(valid, force_first=force_first, force_local=force_local)
+    key = jnp.where(forced, jnp.inf, jnp.where(valid & ~jnp.isnan(scores), scores, -jnp.inf))
+    n_k = scores.shape[-1]
+    values, cols = jax.lax.top_k(key, min(k, n_k))       # stable: ties to the lower block
+    keep = values > -jnp.inf
+    cols = jnp.sort(jnp.where(keep, cols, n_k), axis=-1)
+    return jnp.where(cols < n_k, cols, -1).astype(jnp.int32), keep.sum(-1, dtype=jnp.int32)
 
 
 def threshold_block_mask(scores, threshold: float, *, force_first: int = 0, force_local: int = 1,

@@ -129,16 +129,17 @@ def parameter_shapes(o: NsaOptions, num_heads: int, num_kv_heads: int, head_dim:
     return shapes
 
 
-def select_blocks(scores: jax.Array, rows: jax.Array, o: NsaOptions, doc_start: jax.Array | None = None) -> jax.Array:
-    """bool [B, K, C, nK]: each query token's blocks from its block scores [B, K, C, nK]; rows [C]
-    are the tokens' indices, doc_start [B, C] their documents' first indices (or None)."""
+def select_blocks(scores: jax.Array, rows: jax.Array, o: NsaOptions, doc_start: jax.Array | None = None):
+    """Each query token's blocks from its block scores [B, K, C, nK] as sorted lists (indices
+    [B, K, C, topk], counts [B, K, C]); rows [C] are the tokens' indices, doc_start [B, C] their
+    documents' first indices (or None)."""
     n_blocks = scores.shape[-1]
     block = jnp.arange(n_blocks)
     valid = block[None, :] <= (rows // o.block_size)[:, None]                            # [C, nK]
     if doc_start is not None:   # from the block holding the document's first token on
         valid = valid & (block >= (doc_start // o.block_size)[..., None])[:, None]
-    return ops.topk_block_mask(scores, o.topk, force_first=o.initial_blocks, force_local=o.local_blocks,
-                               valid=valid)
+    return ops.topk_block_lists(scores, o.topk, force_first=o.initial_blocks, force_local=o.local_blocks,
+                                valid=valid)
 
 
 # Logical axes of the parameters (sharding): heads split like the attention heads they serve.
@@ -189,7 +190,7 @@ class NsaAttention(SparseMethod):
 
         def choose(probs, rows, doc_start):       # probs [B, K, C, I] -> lists [B, K, C, topk]
             scores = block_importance(probs, o.kernel_size, o.kernel_stride, o.block_size, n_blocks)
-            return ops.mask_to_indices(select_blocks(scores, rows, o, doc_start), o.topk)
+            return select_blocks(scores, rows, o, doc_start)
 
         compressed, (indices, counts) = compressed_attention(
             inp.q, kc, vc, size=o.kernel_size, stride=o.kernel_stride, sm_scale=1.0 / math.sqrt(self.head_dim),

@@ -6,9 +6,9 @@ only: nC = (T - size) // stride + 1, possibly 0). Query t sees compressed token 
 has ended, t >= i*stride + size - 1, and (packed documents) starts inside t's document. Rows that
 see none output 0.
 
-`compressed_attention` runs in chunks of queries (`lax.map` under `jax.checkpoint`), so memory is
-[chunk, nC] logits per head, never [T, T/stride]: at T=32k and stride 16 the full map would be
-2048 keys per query. The per-chunk softmax probabilities, summed over each GQA group, are what NSA's
+`compressed_attention` runs in chunks of queries, each under `jax.checkpoint` and over only the
+windows its queries can see, so memory is [chunk, nC] logits per head, never [T, T/stride]: at
+T=32k and stride 16 the full map would be 2048 keys per query. The per-chunk softmax probabilities, summed over each GQA group, are what NSA's
 selection scores, so a chunk hands them to `importance_to` and only its (small) result is kept.
 
 Axis legend: B batch, T sequence, C chunk of queries, I compressed tokens, K kv heads, G query heads
@@ -87,43 +87,50 @@ def compressed_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, *, size: in
 
     q [B, T, N, H] (after RoPE); kc, vc [B, I, K, H] (kc after RoPE at each window's start);
     doc_start [B, T] for packed documents. Returns o [B, T, N, H] in q's dtype (differentiable in
-    q, kc, vc), and, with `importance_to`, its results stacked over the chunks and cut to T rows:
-    it is called per chunk as importance_to(probs [B, K, C, I] f32, the probabilities summed over
-    each kv head's G query heads, without gradient; rows [C], the chunk's query indices; the
-    chunk's doc_start [B, C] or None) and returns arrays with C on axis 2 (or a tuple of them).
+    q, kc, vc), and, with `importance_to`, its results concatenated over the chunks: it is called
+    per chunk as importance_to(probs [B, K, C, I_c] f32, the probabilities summed over each kv
+    head's G query heads, without gradient, over the chunk's I_c visible windows (a prefix of kc's);
+    rows [C], the chunk's query indices; the chunk's doc_start [B, C] or None) and returns arrays
+    with C on axis 2 (or a tuple of them).
     """
     b, t, n, h = q.shape
-    k_heads, n_win = kc.shape[2], kc.shape[1]
-    chunk = min(chunk, t)
-    n_chunks = -(-t // chunk)
-    pad = n_chunks * chunk - t
-    qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n_chunks, chunk, k_heads, n // k_heads, h)
-    starts = None
-    if doc_start is not None:
-        starts = jnp.pad(doc_start, ((0, 0), (0, pad)), mode="edge").reshape(b, n_chunks, chunk).swapaxes(0, 1)
+    k_heads = kc.shape[2]
+    qg = q.reshape(b, t, k_heads, n // k_heads, h)
 
-    def one_chunk(args):
-        q_c, first, start_c = args                                      # [B, C, K, G, H], (), [B, C]
-        rows = first + jnp.arange(chunk)
+    def one_chunk(q_c, kc, vc, first, start_c):
+        # q_c [B, C, K, G, H]; kc/vc hold only the windows this chunk's last query can see.
+        rows = first + jnp.arange(q_c.shape[1])
         logits = jnp.einsum("BCKGH,BIKH->BKGCI", q_c, kc, preferred_element_type=jnp.float32) * sm_scale
-        seen = visible_windows(rows, n_win, size, stride, start_c)[:, None, None]    # [B, 1, 1, C, I]
+        seen = visible_windows(rows, kc.shape[1], size, stride, start_c)[:, None, None]   # [B, 1, 1, C, I]
         logits = jnp.where(seen, logits, -jnp.inf)
         top = jnp.max(logits, axis=-1, keepdims=True)
         e = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0))
         total = e.sum(-1, keepdims=True)
         probs = e / jnp.where(total > 0, total, 1.0)                    # rows seeing nothing: 0
-        o = jnp.einsum("BKGCI,BIKH->BCKGH", probs.astype(vc.dtype), vc).reshape(b, chunk, n, h)
+        o = jnp.einsum("BKGCI,BIKH->BCKGH", probs.astype(vc.dtype), vc)
         extra = () if importance_to is None else importance_to(jax.lax.stop_gradient(probs).sum(2), rows, start_c)
-        return o, extra
+        return o.reshape(*o.shape[:2], n, h), extra
 
-    xs = (qs.swapaxes(0, 1), jnp.arange(n_chunks) * chunk, starts)
-    o, extra = jax.lax.map(jax.checkpoint(one_chunk), xs)
-    o = o.swapaxes(0, 1).reshape(b, n_chunks * chunk, n, h)[:, :t]
+    # A Python loop, not lax.map: chunk c computes only the windows ended by its last query (causal
+    # work, half of all), a different static width per chunk; each is rematerialised in backward.
+    outs, extras = [], []
+    for first in range(0, t, chunk):
+        last = min(first + chunk, t)
+        width = num_windows(last, size, stride)
+        start_c = None if doc_start is None else doc_start[:, first:last]
+        if width == 0:   # no window has ended yet: every row outputs 0 and scores nothing
+            o = jnp.zeros((b, last - first, n, h), q.dtype)
+            probs = jnp.zeros((b, k_heads, last - first, 0), jnp.float32)
+            extra = () if importance_to is None else importance_to(probs, first + jnp.arange(last - first), start_c)
+        else:
+            o, extra = jax.checkpoint(one_chunk, static_argnums=(3,))(
+                qg[:, first:last], kc[:, :width], vc[:, :width], first, start_c)
+        outs.append(o)
+        extras.append(extra)
+    o = jnp.concatenate(outs, axis=1)
     if importance_to is None:
         return o
-    # [n_chunks, B, X, C, ...] -> [B, X, T, ...]
-    unchunk = lambda a: jnp.moveaxis(a, 0, 2).reshape(*a.shape[1:3], n_chunks * chunk, *a.shape[4:])[:, :, :t]
-    return o, jax.tree.map(unchunk, extra)
+    return o, jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=2), *extras)
 
 
 def overlap_weights(size: int, stride: int, block_size: int) -> dict[int, int]:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparsetrain import ops
 from sparsetrain.attention.dense import dense_causal_attention
 from sparsetrain.attention.method import SparseMethod
 from sparsetrain.attention.spec import method_options
@@ -200,8 +201,11 @@ def test_selection_forces_sinks_and_local_blocks_and_breaks_ties_low(packed):
     scores = rng.integers(0, 3, (2, 2, t, n_k)).astype(np.float32)     # many ties
     rows = jnp.arange(t)
     doc_first = np.where(np.arange(t) >= 40, 40, 0)[None].repeat(2, 0) if packed else None
-    got = select_blocks(jnp.asarray(scores), rows, o, None if doc_first is None else jnp.asarray(doc_first))
+    indices, counts = select_blocks(jnp.asarray(scores), rows, o, None if doc_first is None else jnp.asarray(doc_first))
+    got = ops.indices_to_mask(indices, n_k, counts)
     np.testing.assert_array_equal(np.asarray(got), reference_selection(scores, o, doc_first))
+    # Ascending lists, padding last.
+    assert np.all(np.diff(np.where(np.asarray(indices) < 0, n_k, np.asarray(indices)), axis=-1) >= 0)
 
 
 @pytest.mark.parametrize("seq", [64, 77])
