@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 
 
+BANDS = 4   # lax.map passes of the compression branch per layer (see compressed_attention)
+
+
 def num_windows(seq_len: int, size: int, stride: int) -> int:
     return max(0, (seq_len - size) // stride + 1)
 
@@ -98,7 +101,7 @@ def compressed_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, *, size: in
     qg = q.reshape(b, t, k_heads, n // k_heads, h)
 
     def one_chunk(q_c, kc, vc, first, start_c):
-        # q_c [B, C, K, G, H]; kc/vc hold only the windows this chunk's last query can see.
+        # q_c [B, C, K, G, H]; kc/vc hold only the windows its band's last query can see.
         rows = first + jnp.arange(q_c.shape[1])
         logits = jnp.einsum("BCKGH,BIKH->BKGCI", q_c, kc, preferred_element_type=jnp.float32) * sm_scale
         seen = visible_windows(rows, kc.shape[1], size, stride, start_c)[:, None, None]   # [B, 1, 1, C, I]
@@ -111,26 +114,40 @@ def compressed_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, *, size: in
         extra = () if importance_to is None else importance_to(jax.lax.stop_gradient(probs).sum(2), rows, start_c)
         return o.reshape(*o.shape[:2], n, h), extra
 
-    # A Python loop, not lax.map: chunk c computes only the windows ended by its last query (causal
-    # work, half of all), a different static width per chunk; each is rematerialised in backward.
+    # Chunks go in a few bands, each a lax.map over its chunks against the windows its last query
+    # can see: causal work is about half of all, and a band per chunk (exactly half) would unroll
+    # T/chunk passes per layer, which takes minutes to compile at 32k.
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    starts = None if doc_start is None else jnp.pad(doc_start, ((0, 0), (0, pad)), mode="edge")
+    per_band = -(-n_chunks // BANDS)
     outs, extras = [], []
-    for first in range(0, t, chunk):
-        last = min(first + chunk, t)
+    for band in range(0, n_chunks, per_band):
+        count = min(per_band, n_chunks - band)
+        first, last = band * chunk, min((band + count) * chunk, t)
         width = num_windows(last, size, stride)
-        start_c = None if doc_start is None else doc_start[:, first:last]
+        q_band = qg[:, first:first + count * chunk].reshape(b, count, chunk, *qg.shape[2:]).swapaxes(0, 1)
+        s_band = None if starts is None else starts[:, first:first + count * chunk].reshape(b, count, chunk).swapaxes(0, 1)
+        rows0 = first + jnp.arange(count) * chunk
         if width == 0:   # no window has ended yet: every row outputs 0 and scores nothing
-            o = jnp.zeros((b, last - first, n, h), q.dtype)
-            probs = jnp.zeros((b, k_heads, last - first, 0), jnp.float32)
-            extra = () if importance_to is None else importance_to(probs, first + jnp.arange(last - first), start_c)
+            o = jnp.zeros((count, b, chunk, n, h), q.dtype)
+            extra = () if importance_to is None else jax.vmap(
+                lambda r, st: importance_to(jnp.zeros((b, k_heads, chunk, 0), jnp.float32), r + jnp.arange(chunk), st)
+            )(rows0, s_band)
         else:
-            o, extra = jax.checkpoint(one_chunk, static_argnums=(3,))(
-                qg[:, first:last], kc[:, :width], vc[:, :width], first, start_c)
+            kc_b, vc_b = kc[:, :width], vc[:, :width]
+            o, extra = jax.lax.map(
+                jax.checkpoint(lambda args: one_chunk(args[0], kc_b, vc_b, args[1], args[2])), (q_band, rows0, s_band))
         outs.append(o)
         extras.append(extra)
-    o = jnp.concatenate(outs, axis=1)
+    # [count, B, C, ...] per band -> [B, T, ...]
+    merge = lambda parts, axis: jnp.concatenate([jnp.moveaxis(p_, 0, axis).reshape(
+        *p_.shape[1:axis + 1], -1, *p_.shape[axis + 2:]) for p_ in parts], axis=axis)
+    o = merge(outs, 1)[:, :t]
     if importance_to is None:
         return o
-    return o, jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=2), *extras)
+    return o, jax.tree.map(lambda *parts: merge(parts, 2)[:, :, :t], *extras)
 
 
 def overlap_weights(size: int, stride: int, block_size: int) -> dict[int, int]:

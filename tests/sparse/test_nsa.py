@@ -21,7 +21,7 @@ from sparsetrain.attention.method import SparseMethod
 from sparsetrain.attention.spec import method_options
 from sparsetrain.configbase import ConfigError
 from sparsetrain.sparse.nsa import parameter_shapes, select_blocks
-from sparsetrain.sparse.nsa_compression import block_importance, compress, visible_windows
+from sparsetrain.sparse.nsa_compression import block_importance, compress, compressed_attention, visible_windows
 from tests.sparse.helpers import inputs, layer, qkv
 from tests.tolerances import assert_close_to_scale
 
@@ -297,3 +297,16 @@ def test_density_counts_the_three_branches():
     expected = (16 * 64 + 512) / (t / 2) + 1 / 16
     assert abs(o.density(t) - expected) / expected < 0.05
     assert dataclasses.replace(o, topk=8).density(t) < o.density(t)
+
+
+def test_compression_pass_is_the_same_in_any_chunking():
+    """Bands of chunks against their visible windows (and a ragged last chunk) change nothing."""
+    q, k, v = qkv(150, seed=4)
+    kc, vc = k[:, :35], v[:, :35]                      # (150 - 8) // 4 + 1 = 36 windows, fewer is fine
+    run = lambda chunk: compressed_attention(q, kc, vc, size=8, stride=4, sm_scale=0.25, chunk=chunk,
+                                             importance_to=lambda p, rows, _: jnp.pad(p, [(0, 0)] * 3 + [(0, 35 - p.shape[-1])]))
+    whole, probs = run(150)
+    for chunk in (16, 40):
+        o, p = run(chunk)
+        assert_close_to_scale(o, whole, 1e-6)
+        np.testing.assert_allclose(np.asarray(p), np.asarray(probs), atol=1e-6)
