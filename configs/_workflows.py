@@ -5,7 +5,7 @@ differ only in how their layers attend. (Modules named _x are listed as no confi
 byte-level Llama (12 layers, d_model 512, 8 query / 2 KV heads of 64: GQA groups of 4, a power of
 two as the token-level kernel needs; SwiGLU 1536; vocabulary 320, the byte tokenizer's 258 padded),
 T=8192, batch 8 (65,536 tokens per step), 600 steps: 39.3M tokens, the same data order and seed for
-every method. A new method is one file (`configs/pretrain_nsa.py`):
+every method. A new method is one file (as `configs/pretrain_nsa.py`):
 
     from configs._workflows import pretrain
     from sparsetrain.attention.spec import method_options
