@@ -24,13 +24,12 @@ from tests.ops.test_block_attention_scores import make_qk, numpy_scores
 from tests.ops.test_block_sparse_attention import Case, make_inputs, naive_attention, run_vjp
 
 B128 = dict(block=128, head_dim=128)
+# The TPU interpreter is slow on CPU: each axis once rather than their cross product.
 CASES = [
     Case(300, q_heads=4, kv_heads=2, lse=True, **B128),                         # GQA, ragged T = S
-    Case(200, seq_kv=470, q_heads=4, kv_heads=2, per_q_head=True, lse=True, **B128),  # S > T, H = N
+    Case(200, seq_kv=330, q_heads=4, kv_heads=2, per_q_head=True, lse=True, **B128),  # S > T, H = N
     Case(300, seq_kv=180, q_heads=2, kv_heads=1, **B128),             # S < T: early rows see nothing
-    Case(400, q_heads=4, kv_heads=2, mask="empty_rows", lse=True, **B128),  # rows with all-False masks
     Case(256, q_heads=2, kv_heads=2, mask="empty_rows", causal=False, lse=True, **B128),  # N = K
-    Case(270, seq_kv=300, q_heads=4, kv_heads=4, per_q_head=True, causal=False, **B128),
     Case(256, q_heads=4, kv_heads=2, mask="single", batch=2, dtype="bfloat16", **B128),
     Case(200, block=128, head_dim=72, q_heads=2, kv_heads=1, mask="all"),    # head_dim padded to 128
 ]

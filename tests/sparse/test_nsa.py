@@ -39,25 +39,20 @@ def options(**changes):
 # The reference, written from the definitions.
 
 def reference_compress(x, kind, size, stride, weights):
-    """[B, T, K, H] -> [B, I, K, H], window by window and head by head."""
+    """[B, T, K, H] -> [B, I, K, H]: window i is tokens [i * stride, i * stride + size), each head
+    flattened token-major and compressed with its own weights (all windows and heads at once)."""
     b, t, kv, h = x.shape
-    out = []
-    for i in range(max(0, (t - size) // stride + 1)):
-        win = x[:, i * stride:i * stride + size]                                   # [B, size, K, H]
-        if kind == "mean":
-            out.append(win.mean(1))
-            continue
-        if "position" in weights:
-            win = win + jnp.transpose(weights["position"], (1, 0, 2))
-        heads = []
-        for head in range(kv):
-            flat = win[:, :, head, :].reshape(b, size * h)                          # token-major
-            if kind == "linear":
-                heads.append(flat @ weights["w"][head])
-            else:
-                heads.append(jax.nn.silu(flat @ weights["w1"][head]) @ weights["w2"][head])
-        out.append(jnp.stack(heads, 1))
-    return jnp.stack(out, 1) if out else jnp.zeros((b, 0, kv, h), x.dtype)
+    n = max(0, (t - size) // stride + 1)
+    win = x[:, np.arange(n)[:, None] * stride + np.arange(size)]                 # [B, I, size, K, H]
+    if kind == "mean":
+        return win.mean(2)
+    if "position" in weights:
+        win = win + jnp.transpose(weights["position"], (1, 0, 2))
+    flat = jnp.moveaxis(win, 3, 2).reshape(b, n, kv, size * h)                   # [B, I, K, size*H]
+    per_head = lambda a, w: jnp.einsum("BIKF,KFO->BIKO", a, w)
+    if kind == "linear":
+        return per_head(flat, weights["w"])
+    return per_head(jax.nn.silu(per_head(flat, weights["w1"])), weights["w2"])
 
 
 def overlap(i, j, o):

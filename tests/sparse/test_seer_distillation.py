@@ -5,9 +5,12 @@ pooling (docs/sparse_methods.md records the numbers)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sparsetrain.train import Trainer
+from tests.shared import once_per_session
 from tests.train.helpers import read_metrics, small_config
 
 # A model with some attention structure after a short dense run: 2 layers, T=256, blocks of 16.
@@ -18,11 +21,12 @@ SHAPE = ("model.d_model=128", "model.num_layers=2", "model.head_dim=32", "model.
 
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    cfg = small_config(root, *SHAPE, "name=dense", "trainer.steps=150", "trainer.eval_every=150",
-                       "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=20")
-    summary = Trainer(cfg).run()
-    return root, summary["val/loss"]
+    def train(root):
+        cfg = small_config(root, *SHAPE, "name=dense", "trainer.steps=150", "trainer.eval_every=150",
+                           "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=20")
+        return [str(root), float(Trainer(cfg).run()["val/loss"])]
+    root, val_loss = once_per_session(tmp_path_factory, "distill", train)   # shared by both poolings' workers
+    return Path(root), val_loss
 
 
 @pytest.mark.slow

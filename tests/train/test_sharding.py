@@ -7,12 +7,15 @@ from sparsetrain.partitioning import LOGICAL_RULES, logical_to_spec
 from sparsetrain.train.sharding import mesh_shape
 from sparsetrain.config import MeshConfig
 from tests.fake_devices import run_script
+from tests.shared import once_per_session
 
 @pytest.fixture(scope="module")
 def eight_device_results(tmp_path_factory):
-    stdout = run_script("tests/train/multi_device_script.py", tmp_path_factory.mktemp("mesh"), timeout=900)
-    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    def run(root):
+        stdout = run_script("tests/train/multi_device_script.py", root, timeout=900)
+        line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
+        return json.loads(line[len("RESULT "):])
+    return once_per_session(tmp_path_factory, "eight_devices", run)   # one script run for all workers
 
 
 def test_losses_match_single_device_on_every_mesh(eight_device_results):
