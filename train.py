@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import configs
@@ -22,12 +21,7 @@ from sparsetrain.attention.spec import METHODS
 from sparsetrain.config_help import describe
 from sparsetrain.configbase import apply_overrides
 from sparsetrain.errors import InputError
-
-
-# GPU compiler flags from MaxText's H100 recipe that measured 4% faster on the 125M config
-# (docs/benchmarks.md). Set before JAX starts; flags the user puts in XLA_FLAGS come later and win.
-GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false "
-                 "--xla_gpu_enable_command_buffer=")
+from sparsetrain.xla_flags import use_gpu_xla_flags
 
 
 ATTENTION_HELP = """attention: model.attention is a tuple of per-layer rules (last match wins); each rule is
@@ -68,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fields of {args.config} (set with key=value):")
         print("\n".join(describe(cfg)))
         return 0
-    os.environ["XLA_FLAGS"] = f"{GPU_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+    use_gpu_xla_flags()
     from sparsetrain.train import train  # imports JAX: keep --help and config errors fast
     try:
         summary = train(cfg)

@@ -30,6 +30,8 @@ def measure(config: str, seq: int, batch: int, remat: str, loss_chunk: int, cont
     import statistics
     import time
 
+    from sparsetrain.xla_flags import use_gpu_xla_flags
+    use_gpu_xla_flags()   # before JAX starts: the step compiles as train.py compiles it
     import jax
 
     import configs
