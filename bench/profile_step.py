@@ -37,15 +37,18 @@ from sparsetrain.train.metrics import flops_per_token, peak_flops  # noqa: E402
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\(")
 
 
-def instruction_kinds(hlo_text: str) -> dict[str, str]:
-    """Kind of every instruction of the compiled program, by name: what a newcomer reading the table
-    needs to know about it (a cuBLAS matmul, cuDNN attention, a Pallas kernel, an XLA fusion...)."""
-    kinds = {}
+def instruction_kinds(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """({name: kind}, {name: source}) of every instruction of the compiled program. The kind is what
+    a newcomer reading the table needs to know (a cuBLAS matmul, cuDNN attention, a Pallas kernel,
+    an XLA fusion...); the source is the JAX operation it came from (its op_name metadata)."""
+    kinds, sources = {}, {}
     for line in hlo_text.splitlines():
         match = INSTRUCTION.match(line)
         if not match:
             continue
         name, opcode = match.groups()
+        if source := re.search(r'op_name="([^"]+)"', line):
+            sources[name] = source.group(1).removeprefix("jit(train_step)/")
         target = re.search(r'custom_call_target="([^"]+)"', line)
         target = target.group(1).lower() if target else ""
         if "gemm" in target or "cublas" in target or opcode in ("dot", "convolution"):
@@ -68,7 +71,7 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
             kinds[name] = "collective"
         else:
             kinds[name] = opcode
-    return kinds
+    return kinds, sources
 
 
 def gpu_kernel_times(trace_dir: str) -> tuple[dict[str, tuple[float, int]], float]:
@@ -100,7 +103,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--trace-steps", type=int, default=3)
-    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--top", type=int, default=25, help="ops printed (the JSON holds all)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--hlo", default=None, help="write the compiled step's HLO text here")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of config fields")
@@ -131,7 +134,7 @@ def main() -> None:
                 state, metrics = step(state, data)
             jax.block_until_ready(metrics)
         kernels, busy_ns = gpu_kernel_times(trace_dir)
-    kinds = instruction_kinds(hlo)
+    kinds, sources = instruction_kinds(hlo)
     per_step = lambda ns: ns / args.trace_steps / 1e6   # noqa: E731  ms per step
     by_kind: dict[str, float] = collections.defaultdict(float)
     for op, (ns, _) in kernels.items():
@@ -142,9 +145,9 @@ def main() -> None:
         "step_ms": 1e3 * step_s, "mfu": flops / step_s / peak if peak else None,
         "model_tflops": flops / step_s / 1e12, "gpu_busy_ms": per_step(busy_ns),
         "by_kind": {k: per_step(ns) for k, ns in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "top_ops": [{"op": op, "kind": kinds.get(op, "unattributed kernel"), "ms": per_step(ns),
-                     "launches": n // args.trace_steps}
-                    for op, (ns, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]],
+        "ops": [{"op": op, "kind": kinds.get(op, "unattributed kernel"), "ms": per_step(ns),
+                 "launches": n // args.trace_steps, "source": sources.get(op, "")}
+                for op, (ns, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])],
     }
     mfu = f"{100 * summary['mfu']:.1f}%" if summary["mfu"] else "n/a"
     print(f"\n{args.config} T={args.seq} batch {args.batch} {' '.join(args.overrides)}: "
@@ -152,10 +155,10 @@ def main() -> None:
     print("| kind | ms/step | share of busy |\n| --- | --- | --- |")
     for kind, ms in summary["by_kind"].items():
         print(f"| {kind} | {ms:.2f} | {100 * ms / summary['gpu_busy_ms']:.1f}% |")
-    print("\n| op | kind | launches/step | ms/step | share of busy |\n| --- | --- | --- | --- | --- |")
-    for row in summary["top_ops"]:
+    print("\n| op | kind | launches/step | ms/step | share of busy | source |\n| --- | --- | --- | --- | --- | --- |")
+    for row in summary["ops"][:args.top]:
         print(f"| {row['op']} | {row['kind']} | {row['launches']} | {row['ms']:.2f} | "
-              f"{100 * row['ms'] / summary['gpu_busy_ms']:.1f}% |")
+              f"{100 * row['ms'] / summary['gpu_busy_ms']:.1f}% | {row['source'][-90:]} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

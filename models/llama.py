@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import RESIDUAL, Block, RMSNorm, param
+from models.layers import RESIDUAL, Block, RMSNorm, logits_matmul, param
 from sparsetrain.attention.method import StepContext
 from sparsetrain.config import ModelConfig
 from sparsetrain.partitioning import constrain
@@ -79,9 +79,9 @@ class Llama(nnx.Module):
         chunk of S tokens [S, D] (the chunked loss)."""
         cfg = self.cfg
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        # The cast happens here, per call: a chunked loss then accumulates the head's gradient
-        # over chunks in the float32 of the master weight.
-        logits = jnp.einsum("...D,DV->...V", h, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        # The master weight is cast inside logits_matmul, per call: a chunked loss then accumulates
+        # the head's gradient over chunks in float32.
+        logits = logits_matmul(h, head, jnp.dtype(cfg.dtype))
         # [B, T, V] keeps the residual stream's split; a chunk [S, V] of the chunked loss mixes batch and T.
         return constrain(logits, (("batch", "sequence") if logits.ndim == 3 else ("batch",)) + ("vocab",))
 
