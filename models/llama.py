@@ -74,16 +74,24 @@ class Llama(nnx.Module):
                 x = forward(block, x, positions, segment_ids, ctx)
         return self.final_norm(x)
 
+    def head_weight(self) -> jax.Array:
+        """The output head's float32 master weight [D, V] (the embedding's transpose when tied)."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
     def logits(self, h: jax.Array) -> jax.Array:
         """The output head: float32 logits [B, T, V] of hidden states [B, T, D], or [S, V] of a
         chunk of S tokens [S, D] (the chunked loss)."""
-        cfg = self.cfg
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        # The master weight is cast inside logits_matmul, per call: a chunked loss then accumulates
-        # the head's gradient over chunks in float32.
-        logits = logits_matmul(h, head, jnp.dtype(cfg.dtype))
-        # [B, T, V] keeps the residual stream's split; a chunk [S, V] of the chunked loss mixes batch and T.
-        return constrain(logits, (("batch", "sequence") if logits.ndim == 3 else ("batch",)) + ("vocab",))
+        return head_logits(h, self.head_weight(), jnp.dtype(self.cfg.dtype))
+
+
+def head_logits(h: jax.Array, head: jax.Array, dtype) -> jax.Array:
+    """float32 logits [..., V] of hidden states [..., D] under the head's master weight [D, V],
+    computed in `dtype`. The weight is cast here, per call: a chunked loss then accumulates the
+    head's gradient over chunks in float32."""
+    logits = logits_matmul(h, head, dtype)
+    # [B, T, V] keeps the residual stream's split; a chunk [S, V] of the chunked loss mixes batch and T.
+    return constrain(logits, (("batch", "sequence") if logits.ndim == 3 else ("batch",)) + ("vocab",))
+
 
 def count_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -9,7 +9,8 @@ a live model from a dict inside jitted code.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from flax import nnx
 from flax.nnx import traversals
 
 from models import Llama
+from models.llama import head_logits
 from sparsetrain.attention.method import AuxLoss, AuxMetric, StepContext
 from sparsetrain.config import ModelConfig
 
@@ -106,6 +108,12 @@ class ModelDef:
     def logits(self, params: Params, hidden) -> jax.Array:
         """The output head: float32 logits [..., V] of hidden states [..., D]."""
         return self.bind(params).logits(hidden)
+
+    def head(self, params: Params) -> tuple[Callable[[jax.Array, jax.Array], jax.Array], jax.Array]:
+        """(logits_fn(hidden [..., D], head [D, V]) -> float32 logits [..., V], the head's master
+        weight [D, V]): the output head split for losses that differentiate it themselves."""
+        return (functools.partial(head_logits, dtype=jnp.dtype(self.cfg.dtype)),
+                self.bind(params).head_weight())
 
 def _by_layer(state) -> dict[str, dict[int, jax.Array]]:
     """{name: {layer index: scalar}} from captured intermediates. `sow` keeps a tuple per

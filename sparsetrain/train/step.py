@@ -8,30 +8,28 @@ here knows about meshes.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from sparsetrain.attention.context_parallel import to_load_balanced, to_natural
+from sparsetrain.attention.context_parallel import to_load_balanced
 from sparsetrain.attention.method import StepContext
 from sparsetrain.checkpoint.model_def import ModelDef, Params, flatten, path_str
 from sparsetrain.config import TrainerConfig
-from sparsetrain.train.cross_entropy import head_token_losses
+from sparsetrain.train.cross_entropy import head_loss
 
 
 def sequence_losses(params, batch, model: ModelDef, ctx: StepContext, z_loss: float, loss_chunk: int):
-    """(per-token losses [B, T] float32, layer losses, metrics) of `batch` under `params`; the
-    output head runs `loss_chunk` tokens at a time (0: whole, materialising [B, T, V] logits).
-    Under a context-split mesh the model runs on the load-balanced order; the losses come back in
-    the batch's own order."""
+    """(sum of the masked token losses, layer losses, metrics) of `batch` under `params`. The output
+    head runs `loss_chunk` tokens at a time (0: whole, materialising [B, T, V] logits), its gradient
+    computed with the loss (`head_loss`). Under a context-split mesh the model runs on the
+    load-balanced order; the sum does not care."""
     batch = jax.tree.map(to_load_balanced, batch)
     hidden, losses, metrics = model.hidden_states(params, batch["inputs"], batch["positions"],
                                                   batch.get("segment_ids"), ctx)
-    tokens = head_token_losses(functools.partial(model.logits, params), hidden, batch["targets"],
-                               z_loss, loss_chunk)
-    return to_natural(tokens), losses, metrics
+    logits_fn, head = model.head(params)
+    loss_sum = head_loss(logits_fn, hidden, head, batch["targets"], batch["loss_mask"], z_loss, loss_chunk)
+    return loss_sum, losses, metrics
 
 
 def split_trainable(params: Params, trainable: frozenset[str]) -> tuple[dict, dict]:
@@ -45,10 +43,8 @@ def _microbatch_loss(trainable, frozen, batch, model: ModelDef, cfg: TrainerConf
     """Sum of masked token losses plus the layers' (already weighted) losses, scaled so that
     microbatches add up exactly; and the values to report."""
     params = model.params_from_flat({**trainable, **frozen})
-    tokens, losses, metrics = sequence_losses(params, batch, model, ctx, cfg.z_loss, cfg.loss_chunk)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    loss_sum = jnp.sum(tokens * mask)
-    count = jnp.sum(mask)
+    loss_sum, losses, metrics = sequence_losses(params, batch, model, ctx, cfg.z_loss, cfg.loss_chunk)
+    count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
     # Layer losses are per-sequence means; scaling by the token count makes the final division by
     # all tokens give loss = CE + sum of the layer losses.
     aux_sum = sum(losses.values(), jnp.float32(0.0))
@@ -115,8 +111,7 @@ def make_train_step(model: ModelDef, optimizer: optax.GradientTransformation, cf
 def make_eval_step(model: ModelDef, cfg: TrainerConfig, phase: int = 0):
     def eval_step(params, batch):
         # Validation reports the plain cross-entropy: no z-loss.
-        tokens, _, metrics = sequence_losses(params, batch, model, StepContext(train=False, phase=phase),
-                                             0.0, cfg.loss_chunk)
-        mask = batch["loss_mask"].astype(jnp.float32)
-        return {"loss_sum": jnp.sum(tokens * mask), "tokens": jnp.sum(mask), **metrics}
+        loss_sum, _, metrics = sequence_losses(params, batch, model, StepContext(train=False, phase=phase),
+                                               0.0, cfg.loss_chunk)
+        return {"loss_sum": loss_sum, "tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)), **metrics}
     return eval_step

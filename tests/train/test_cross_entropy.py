@@ -1,4 +1,4 @@
-"""Chunked cross-entropy: the same losses and gradients as the whole-logits path, without its memory."""
+"""The fused, chunked cross-entropy: the loss and gradients of autodiff over the whole logits, without their memory."""
 
 import dataclasses
 
@@ -10,7 +10,7 @@ import pytest
 from sparsetrain.attention.method import StepContext
 from sparsetrain.checkpoint.model_def import ModelDef, flatten
 from sparsetrain.configbase import ConfigError
-from sparsetrain.train.cross_entropy import head_token_losses
+from sparsetrain.train.cross_entropy import head_loss, token_losses
 from sparsetrain.train.step import accumulate_gradients, make_eval_step
 from tests.tolerances import assert_close_to_scale
 from tests.train.helpers import small_config
@@ -25,42 +25,56 @@ def _head_problem(b=2, t=48, d=16, v=300):
     return h, head, targets
 
 
-@pytest.mark.parametrize("chunk", [1, 12, 96])
-def test_chunks_give_the_whole_logits_losses_and_gradients(chunk):
+def _matmul(h, head):
+    return jnp.einsum("...D,DV->...V", h, head)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 12, 96])
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_fused_loss_and_gradients_equal_autodiff_of_the_whole_logits(chunk, z_loss):
     h, head, targets = _head_problem()
     weights = jax.random.uniform(jax.random.key(1), targets.shape)  # stands in for loss_mask
+    weights = weights.at[0, :5].set(0.0)                              # masked tokens
 
-    def loss(h, head, chunk):
-        tokens = head_token_losses(lambda x: x @ head, h, targets, 0.1, chunk)
-        return jnp.sum(tokens * weights), tokens
+    def reference(h, head, weights):
+        return jnp.sum(token_losses(_matmul(h, head), targets, z_loss) * weights)
+
+    def fused(h, head, weights):
+        return head_loss(_matmul, h, head, targets, weights, z_loss, chunk)
 
     with jax.default_matmul_precision("highest"):
-        (_, whole), whole_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(h, head, 0)
-        (_, chunked), chunked_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(h, head, chunk)
-    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
-    for got, want in zip(chunked_grads, whole_grads):
-        assert_close_to_scale(got, want, rel=1e-5)
+        want, want_grads = jax.value_and_grad(reference, (0, 1, 2))(h, head, weights)
+        got, got_grads = jax.value_and_grad(fused, (0, 1, 2))(h, head, weights)
+        undifferentiated = fused(h, head, weights)
+        # A cotangent other than 1 scales every gradient (the loss is a term of a larger objective).
+        scaled = jax.grad(lambda *a: 3.0 * fused(*a), (0, 1, 2))(h, head, weights)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(undifferentiated, want, rtol=1e-6)
+    for got_g, want_g, scaled_g in zip(got_grads, want_grads, scaled):
+        assert_close_to_scale(got_g, want_g, rel=1e-5)
+        assert_close_to_scale(scaled_g, 3.0 * want_g, rel=1e-5)
 
 
 def test_chunked_gradient_memory_is_a_few_chunks_of_logits():
     b, t, d, v = 2, 256, 16, 4096
     h, head, targets = _head_problem(b, t, d, v)
+    weights = jnp.ones(targets.shape)
 
     def temp_bytes(chunk):
-        loss = lambda h, w: jnp.sum(head_token_losses(lambda x: x @ w, h, targets, 0.1, chunk))
+        loss = lambda h, w: head_loss(_matmul, h, w, targets, weights, 0.1, chunk)
         grad = jax.jit(jax.grad(loss, (0, 1)))
         return grad.lower(h, head).compile().memory_analysis().temp_size_in_bytes
 
-    # Whole: logits and their gradient, [B, T, V] float32 each. Chunked: the same for one chunk
-    # (measured 2.06x a chunk's logits on CPU).
+    # Whole: the logits and their gradient, [B, T, V] float32 each. Chunked: the same for one chunk.
     assert temp_bytes(0) >= 2 * b * t * v * 4
     assert temp_bytes(64) < 3 * 64 * v * 4
 
 
-def test_indivisible_chunk_names_the_field():
+@pytest.mark.parametrize("chunk", [4, -8])
+def test_a_chunk_that_does_not_divide_the_batch_names_the_field(chunk):
     h, head, targets = _head_problem(b=1, t=10)
-    with pytest.raises(ValueError, match="trainer.loss_chunk=4"):
-        head_token_losses(lambda x: x @ head, h, targets, 0.0, 4)
+    with pytest.raises(ValueError, match=f"trainer.loss_chunk={chunk}"):
+        head_loss(_matmul, h, head, targets, jnp.ones(targets.shape), 0.0, chunk)
 
 
 @pytest.mark.parametrize("tie", ["false", "true"])
