@@ -22,16 +22,13 @@ import statistics
 import tempfile
 import time
 
+import jax
+
+import configs
+from bench.steps import train_step_and_state
+from sparsetrain.configbase import apply_overrides
+from sparsetrain.train.metrics import flops_per_token, peak_flops
 from sparsetrain.xla_flags import use_gpu_xla_flags
-
-use_gpu_xla_flags()   # before JAX starts, so the step compiles as train.py compiles it
-
-import jax  # noqa: E402
-
-import configs  # noqa: E402
-from bench.steps import train_step_and_state  # noqa: E402
-from sparsetrain.configbase import apply_overrides  # noqa: E402
-from sparsetrain.train.metrics import flops_per_token, peak_flops  # noqa: E402
 
 # One HLO instruction of the optimized module text: its name, then (after the result type) its opcode.
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\(")
@@ -108,6 +105,7 @@ def main() -> None:
     parser.add_argument("--hlo", default=None, help="write the compiled step's HLO text here")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of config fields")
     args = parser.parse_args()
+    use_gpu_xla_flags()   # before JAX starts its backend: the step compiles as train.py compiles it
     cfg = apply_overrides(configs.load(args.config), [
         f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}", f"data.batch_size={args.batch}",
         *args.overrides])
