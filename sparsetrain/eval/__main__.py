@@ -4,7 +4,8 @@ Evaluates a run directory (its latest checkpoint), a checkpoint folder, or a Hug
 folder, and writes results.json, results.md and PNG plots to --out (default RUN_OR_CHECKPOINT/eval).
 Sparse models run twice: as configured ("sparse") and with every layer dense ("dense"); --modes
 picks one. Lengths are powers of two from --min_len up to --max_len (default: model.max_seq_len;
-lengths past it measure how RoPE and the attention extrapolate).
+lengths past it measure how RoPE and the attention extrapolate). `model.FIELD=VALUE` arguments
+evaluate the weights under another model config, e.g. a RoPE scaling they were not trained with.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m sparsetrain.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run directory, checkpoint folder, or Hugging Face Llama folder")
+    parser.add_argument("overrides", nargs="*", metavar="model.FIELD=VALUE",
+                        help="evaluate the weights under another model config, e.g. model.rope.scaling=yarn "
+                             "model.rope.factor=8 model.rope.original_max_len=2048")
     parser.add_argument("--out", help="output directory (default: CHECKPOINT/eval)")
     parser.add_argument("--min_len", type=int, help="shortest length (default 1024, or max_len if less)")
     parser.add_argument("--max_len", type=int, help="longest context length (default model.max_seq_len)")
@@ -54,7 +58,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        subject = load_subject(args.checkpoint, dtype=args.dtype)
+        subject = load_subject(args.checkpoint, dtype=args.dtype, overrides=args.overrides)
         lengths = default_lengths(args.min_len, args.max_len, subject.cfg.model.max_seq_len)
         options = EvalOptions(lengths=lengths, modes=args.modes, tasks=args.tasks, loss_tokens=args.loss_tokens,
                               depths=args.depths, passkey_samples=args.passkey_samples,

@@ -9,6 +9,7 @@ and the per-layer metrics sparse layers report (`name/<layer>`), for one attenti
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -19,8 +20,10 @@ from sparsetrain.attention.method import StepContext
 from sparsetrain.attention.spec import DenseOptions
 from sparsetrain.checkpoint.model_def import ModelDef
 from sparsetrain.config import DTypeName, RunConfig
+from sparsetrain.configbase import apply_overrides
 from sparsetrain.data import Tokenizer, load_tokenizer
 from sparsetrain.data.pipeline import TokenStream, split_documents, tokenize_documents
+from sparsetrain.errors import InputError
 from sparsetrain.export.import_hf import read_hf
 from sparsetrain.export.pretrained import is_hf_folder, load_checkpoint
 
@@ -30,21 +33,28 @@ METHOD_PARAMS = "/attn/attend/"   # where a layer's method keeps its own paramet
 
 @dataclasses.dataclass(frozen=True)
 class Subject:
-    """A loaded checkpoint: its run config, flat float32 params, step (None for HF folders), tokenizer."""
+    """A loaded checkpoint: its run config (with any evaluation overrides applied), flat float32
+    params, step (None for HF folders), tokenizer, and the overrides."""
 
     path: str
     cfg: RunConfig
     flat: dict[str, np.ndarray]
     step: int | None
     tokenizer: Tokenizer
+    overrides: tuple[str, ...] = ()
 
     @property
     def is_sparse(self) -> bool:
         return any(spec.method != "dense" for spec in self.cfg.model.layer_specs)
 
 
-def load_subject(path: str | Path, *, dtype: DTypeName | None = None) -> Subject:
-    """A run directory, a checkpoint folder or a Hugging Face Llama folder (InputError if none)."""
+def load_subject(path: str | Path, *, dtype: DTypeName | None = None, overrides: Sequence[str] = ()) -> Subject:
+    """A run directory, a checkpoint folder or a Hugging Face Llama folder (InputError if none).
+
+    overrides: `model.*` config overrides to evaluate the weights under, e.g. another RoPE scaling
+    (`model.rope.scaling=yarn model.rope.factor=8 model.rope.original_max_len=2048`) or a
+    parameter-free sparse method (`model.attention.0.method=infllm_v2`); the weights must still fit
+    the model they describe."""
     if is_hf_folder(path):
         (cfg, flat), step = read_hf(path), None
     else:
@@ -52,7 +62,16 @@ def load_subject(path: str | Path, *, dtype: DTypeName | None = None) -> Subject
         step = int(meta["step"])
     if dtype is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
-    return Subject(str(path), cfg, flat, step, load_tokenizer(cfg.data.tokenizer))
+    if overrides:
+        if outside := [o for o in overrides if not o.startswith("model.")]:
+            raise InputError(f"{outside[0]!r}: evaluation overrides change the model only (model.FIELD=VALUE, "
+                             "e.g. model.rope.scaling=yarn)")
+        cfg = apply_overrides(cfg, list(overrides))
+        try:
+            ModelDef.create(cfg.model).params_from_flat(flat)
+        except ValueError as e:
+            raise InputError(f"the checkpoint's weights do not fit the model after {' '.join(overrides)}: {e}") from None
+    return Subject(str(path), cfg, flat, step, load_tokenizer(cfg.data.tokenizer), tuple(overrides))
 
 
 class Runner:

@@ -74,7 +74,8 @@ def markdown(results: dict) -> str:
     rope = results["rope"]
     lines = [f"# Evaluation of {results['name']}{step}", "", f"Checkpoint: `{results['checkpoint']}`  ",
              f"Attention per layer: {', '.join(results['attention'])}  ",
-             f"RoPE: {rope['scaling']} (theta {rope['theta']:g}, factor {rope['factor']:g})", ""]
+             f"RoPE: {rope['scaling']} (theta {rope['theta']:g}, factor {rope['factor']:g})  ",
+             f"Evaluated with: {' '.join(results['overrides']) or 'the run config as trained'}", ""]
     if results["loss"]:
         lines += ["## Loss against context length", "", *loss_table(results)]
     lines += layers_table(results)

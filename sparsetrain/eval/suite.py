@@ -181,6 +181,7 @@ def evaluate(subject: Subject, options: EvalOptions, *, progress: bool = True) -
     results = {"checkpoint": subject.path, "name": subject.cfg.name, "step": subject.step,
                "attention": [spec.method for spec in subject.cfg.model.layer_specs],
                "rope": to_dict(subject.cfg.model.rope),
+               "overrides": list(subject.overrides),
                "options": to_dict(dataclasses.replace(options, modes=modes)),
                "loss": {}, "layers": {}, "passkey": {}, "mqar": {}, "skipped": []}
     bar = tqdm(_jobs(subject, options, runners), desc="eval", unit="job", disable=not progress)

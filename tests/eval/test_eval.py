@@ -142,3 +142,26 @@ def test_dense_flag_and_bad_inputs(sparse_run, tmp_path, capsys):
         assert main([*argv, "--out", str(tmp_path / "x"), "--no_progress"]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_overrides_evaluate_the_weights_under_another_model_config(sparse_run, tmp_path, capsys):
+    options = ["--modes", "dense", "--tasks", "loss", "--min_len", "256", "--max_len", "256",
+               "--loss_tokens", "256", "--no_progress"]
+    plain, scaled = tmp_path / "plain", tmp_path / "scaled"
+    assert main([str(sparse_run), "--out", str(plain), *options]) == 0
+    assert main([str(sparse_run), "model.rope.scaling=linear", "model.rope.factor=2", "--out", str(scaled),
+                 *options]) == 0
+    before, after = (json.loads((d / "results.json").read_text()) for d in (plain, scaled))
+    assert (before["rope"]["scaling"], after["rope"]["scaling"], after["rope"]["factor"]) == ("none", "linear", 2)
+    assert after["overrides"] == ["model.rope.scaling=linear", "model.rope.factor=2"] and before["overrides"] == []
+    assert "Evaluated with: model.rope.scaling=linear model.rope.factor=2" in (scaled / "results.md").read_text()
+    assert after["loss"]["dense"]["256"]["loss"] != before["loss"]["dense"]["256"]["loss"]
+    for override, message in [
+        ("data.seq_len=64", "'data.seq_len=64': evaluation overrides change the model only"),
+        ("model.attention.0.method=seer", "the checkpoint's weights do not fit the model after"),
+        ("model.rope.scaling=sideways", "model.rope.scaling"),
+    ]:
+        capsys.readouterr()
+        assert main([str(sparse_run), override, "--out", str(tmp_path / "x"), *options]) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
