@@ -1,9 +1,9 @@
 """Block-sparse attention benchmark: cuDNN dense causal vs our Pallas kernel on one GPU.
 
-    PYTHONPATH=. python3 bench/attention.py [--seqs 4096,16384,65536] [--json out.json] [--flex]
+    PYTHONPATH=. python3 bench/attention.py [--seqs 4096,16384,65536] [--head-dim 64] [--json out.json] [--flex]
 
-Shapes B=1, H=16, D=128, bf16. Densities are fractions of the causal (query block, key block)
-tiles: the diagonal plus random tiles below it. Times are medians over repeated batches of calls,
+Shapes B=1, H=16, D=128 (or --head-dim; the 125M model's is 64), bf16. Densities are fractions of
+the causal (query block, key block) tiles: the diagonal plus random tiles below it. Times are medians over repeated batches of calls,
 each batch ended by a device sync. TFLOP/s count the tiles actually computed (4*bs*bs*D per tile
 forward, x3.5 for forward+backward, the convention of the cuDNN anchor, whose causal forward
 counts 2*B*H*T*T*D). Our backward runs 7 tile products to the forward's 2 (dq and dk/dv kernels
@@ -31,7 +31,7 @@ from pallas_kernels.block_sparse import kernel as bs_kernel
 from pallas_kernels.block_sparse import scores as bs_scores
 from sparsetrain import ops
 
-B, H, D = 1, 16, 128
+B, H = 1, 16
 DENSITIES = (1.0, 0.5, 0.25, 0.12, 0.05)
 ON_GPU = jax.default_backend() == "gpu"  # off the GPU only a smoke run makes sense (interpret)
 
@@ -79,9 +79,9 @@ def cudnn_fns():
     return jax.jit(attn), jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))
 
 
-def list_build_fn(t: int, bs: int):
+def list_build_fn(t: int, bs: int, head_dim: int):
     """The index-list construction alone (forward lists + transposed lists), XLA side."""
-    dims = common.Dims(B, t, t, H, H, H, D, bs)
+    dims = common.Dims(B, t, t, H, H, H, head_dim, bs)
     possible, full = common.tile_classes(dims, True)
 
     @jax.jit
@@ -92,6 +92,7 @@ def list_build_fn(t: int, bs: int):
 
 
 def bench_seq(t: int, rng, args, rows: list) -> None:
+    D = args.head_dim
     keys = jax.random.split(jax.random.key(t), 4)
     q, k, v, do = (jax.random.normal(kk, (B, t, H, D), jnp.bfloat16) for kk in keys)
     flops_causal = 2 * B * H * t * t * D
@@ -119,7 +120,7 @@ def bench_seq(t: int, rng, args, rows: list) -> None:
         print(f"  density {real:.3f}: fwd {t_f*1e3:.3f} ms ({flops/t_f/1e12:.0f} TF/s), "
               f"fwd+bwd {t_b*1e3:.3f} ms ({3.5*flops/t_b/1e12:.0f} TF/s)", flush=True)
         if density == args.densities[-1]:
-            t_l = median_time(list_build_fn(t, bs), mask)
+            t_l = median_time(list_build_fn(t, bs, D), mask)
             rows.append(dict(T=t, impl=f"index lists (fwd+transposed) bs{bs}", density=real, bs=bs,
                              fwd_ms=t_l * 1e3))
             print(f"  index lists alone: {t_l*1e3:.3f} ms", flush=True)
@@ -136,7 +137,7 @@ def bench_seq(t: int, rng, args, rows: list) -> None:
 def flex_like(rng, args, rows: list, t: int = 16384, density: float = 0.117):
     """FlexAttention's published case: 128x128 blocks, 11.7% of causal blocks (random + diagonal)."""
     keys = jax.random.split(jax.random.key(7), 4)
-    q, k, v, do = (jax.random.normal(kk, (B, t, H, D), jnp.bfloat16) for kk in keys)
+    q, k, v, do = (jax.random.normal(kk, (B, t, H, args.head_dim), jnp.bfloat16) for kk in keys)
     mask128 = causal_random_mask(rng, t, 128, density)
     real = mask128.sum() / (H * (t // 128) * (t // 128 + 1) // 2)
     results = {}
@@ -203,7 +204,7 @@ def flex_torch(mask128, q, k, v, do, ours, rows, t: int, real: float):
 def sweep(rng, args, rows: list, t: int = 16384, density: float = 0.12):
     """Launch parameters at T=16k, 12% density: forward and backward times per (warps, stages)."""
     keys = jax.random.split(jax.random.key(3), 4)
-    q, k, v, do = (jax.random.normal(kk, (B, t, H, D), jnp.bfloat16) for kk in keys)
+    q, k, v, do = (jax.random.normal(kk, (B, t, H, args.head_dim), jnp.bfloat16) for kk in keys)
     mask = jnp.asarray(causal_random_mask(rng, t, args.block, density))
     for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
         try:
@@ -235,6 +236,7 @@ def main(argv=None) -> None:
     p.add_argument("--seqs", default="4096,16384,65536")
     p.add_argument("--densities", default=",".join(map(str, DENSITIES)))
     p.add_argument("--block", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--flex", action="store_true", help="also time PyTorch FlexAttention (needs torch)")
     p.add_argument("--flex-seq", type=int, default=16384, help="T of the FlexAttention-like case")
     p.add_argument("--sweep", action="store_true", help="time a few (num_warps, num_stages) pairs")
@@ -242,14 +244,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.densities = [float(x) for x in args.densities.split(",")]
     dev = jax.devices()[0]
-    print(f"jax {jax.__version__}, device {dev.device_kind}, B={B} H={H} D={D} bf16", flush=True)
+    print(f"jax {jax.__version__}, device {dev.device_kind}, B={B} H={H} D={args.head_dim} bf16", flush=True)
     rng = np.random.default_rng(0)
     rows: list = []
 
     def save():  # after every section, so a run cut short still leaves its numbers
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(jax=jax.__version__, device=dev.device_kind, rows=rows), f, indent=1)
+                json.dump(dict(jax=jax.__version__, device=dev.device_kind, head_dim=args.head_dim, rows=rows), f,
+                          indent=1)
     if args.sweep:
         sweep(rng, args, rows, t=args.flex_seq)
         save()
