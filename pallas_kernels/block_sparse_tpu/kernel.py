@@ -64,13 +64,6 @@ _NN = (((1,), (0,)), ((), ()))  # a @ b
 # ------------------------------------------------------------------------------------------------
 # Validation and static configuration.
 
-def check_no_segment_ids(segment_ids) -> None:
-    """The TPU block_attention_scores has no document masking yet."""
-    if segment_ids is not None:
-        raise NotImplementedError("segment_ids (document masking) is not implemented in the Mosaic TPU "
-                                  "block_attention_scores yet; use impl='xla' (the reference) there")
-
-
 def check_block_size(block_size) -> None:
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size={block_size} is not supported on TPU; choose one of {BLOCK_SIZES} "

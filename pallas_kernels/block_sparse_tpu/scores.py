@@ -8,7 +8,9 @@ the forward's grid (B, N, nQ, nK) and scalar-prefetched slot lists (kernel.py's 
   pass 2 (pool)  per tile exp(max_{r,c} (s[r, c] - lse[r])), written into lane j of the row's
                  (1, nK) output block, which stays in VMEM for the whole row.
 
-The lists are the static causal pattern (every possible tile), the same for every (b, h).
+The lists are the causal pattern (every possible tile), the same for every head; with segment ids
+the tiles between documents are dropped from each batch row's lists, and every other tile
+compares row and column ids (kernel.py's layout), so the map is each document's own.
 """
 
 from __future__ import annotations
@@ -22,22 +24,22 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse import common
-from pallas_kernels.block_sparse_tpu.kernel import (LANES, _branches, _call, _Config, _dot, _heads,
-                                                    _is_full, _lanes, _row_grid_specs, _visible,
-                                                    check_block_size, check_no_segment_ids,
-                                                    interpret_params, padded_head_dim, slot_lists)
+from pallas_kernels.block_sparse_tpu.kernel import (LANES, _branches, _call, _Config, _doc_refs, _docs, _dot,
+                                                    _heads, _is_full, _lanes, _masked, _row_grid_specs,
+                                                    _visible, check_block_size, interpret_params,
+                                                    padded_head_dim, slot_lists)
 
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
-def _logits(q_ref, k_ref, qi, kb, masked, cfg: _Config):
+def _logits(q_ref, k_ref, qi, kb, masked, docs, cfg: _Config):
     bs = cfg.dims.block
     q = q_ref[...]
     s = _dot(q, k_ref[...], (((1,), (1,)), ((), ())), q.dtype) * cfg.scale
     if masked:
         q_pos = qi * bs + lax.broadcasted_iota(jnp.int32, (bs, bs), 0)
         k_pos = kb * bs + lax.broadcasted_iota(jnp.int32, (bs, bs), 1)
-        s = jnp.where(_visible(q_pos, k_pos, cfg), s, -jnp.inf)
+        s = _masked(s, _visible(q_pos, k_pos, cfg), docs, bs)
     return s
 
 
@@ -49,7 +51,8 @@ def _slot(cfg: _Config):
     return qi, t, row, row * d.n_k + t
 
 
-def _lse_kernel(data_ref, cnt_ref, q_ref, k_ref, lse_ref, m_sc, l_sc, *, cfg: _Config):
+def _lse_kernel(data_ref, cnt_ref, q_ref, k_ref, *refs, cfg: _Config):
+    docs, (lse_ref, m_sc, l_sc) = _doc_refs(refs, cfg)
     qi, t, row, slot = _slot(cfg)
     kb = data_ref[slot]
 
@@ -59,7 +62,7 @@ def _lse_kernel(data_ref, cnt_ref, q_ref, k_ref, lse_ref, m_sc, l_sc, *, cfg: _C
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
 
     def body(masked):
-        s = _logits(q_ref, k_ref, qi, kb, masked, cfg)
+        s = _logits(q_ref, k_ref, qi, kb, masked, docs, cfg)
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
         m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -76,7 +79,8 @@ def _lse_kernel(data_ref, cnt_ref, q_ref, k_ref, lse_ref, m_sc, l_sc, *, cfg: _C
         lse_ref[...] = lse.T[:1, :]
 
 
-def _pool_kernel(data_ref, cnt_ref, q_ref, k_ref, lse_ref, out_ref, *, cfg: _Config):
+def _pool_kernel(data_ref, cnt_ref, q_ref, k_ref, lse_ref, *refs, cfg: _Config):
+    docs, (out_ref,) = _doc_refs(refs, cfg)
     qi, t, row, slot = _slot(cfg)
     kb = data_ref[slot]
 
@@ -86,7 +90,7 @@ def _pool_kernel(data_ref, cnt_ref, q_ref, k_ref, lse_ref, out_ref, *, cfg: _Con
 
     def body(masked):
         # log of P; rows with lse = +inf (none visible, or padding) give -inf.
-        s = _logits(q_ref, k_ref, qi, kb, masked, cfg) - lse_ref[0][:, None]
+        s = _logits(q_ref, k_ref, qi, kb, masked, docs, cfg) - lse_ref[0][:, None]
         top = jnp.exp(s.max(axis=1, keepdims=True).max(axis=0, keepdims=True))  # (1, 1)
         lane = lax.broadcasted_iota(jnp.int32, out_ref.shape, 1)
         out_ref[...] = jnp.where(lane == kb, top, out_ref[...])
@@ -103,36 +107,42 @@ def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, s
       block_size: bs, one of 128, 256, 512 on TPU (the tile of the max-pool).
       causal: end-aligned causal map; tiles with no visible pair are 0.
       sm_scale: logit scale, default 1/sqrt(D).
-      segment_ids: must be None (NotImplementedError otherwise; the TPU attention kernels take them).
+      segment_ids: None, int [B, T] (S == T) or `common.SegmentIds`: the map of each document alone.
       interpret: True runs the TPU interpreter on CPU; an InterpretParams instance is used as given.
     Returns, per (query block i, key block j), max_{rows of i, keys of j} softmax probability,
     normalised so each row sums to 1 over j (rows with no visible key are all 0).
     """
-    check_no_segment_ids(segment_ids)
     check_block_size(block_size)
     d = dataclasses.replace(common.scores_dims(q, k, 128), mask_heads=1, block=block_size)
-    cfg = _Config(d, bool(causal), common.default_scale(sm_scale, d.head_dim), interpret_params(interpret))
+    seg = common.segment_ids_pair(segment_ids, d)
+    cfg = _Config(d, bool(causal), common.default_scale(sm_scale, d.head_dim), interpret_params(interpret),
+                  segmented=seg is not None)
     bs, dh = d.block, padded_head_dim(d.head_dim)
     t_p = d.n_q * bs
     qp, kp = _heads(q, t_p, dh), _heads(k, d.n_k * bs, dh)
     possible, _ = common.tile_classes(d, cfg.causal)
-    lists = slot_lists(jnp.broadcast_to(jnp.asarray(possible), (d.batch, 1, d.n_q, d.n_k)))
-    q_tile, kv_tile, row_vec, _ = _row_grid_specs(cfg, dh)  # no segment ids here
+    possible = jnp.broadcast_to(jnp.asarray(possible), (d.batch, 1, d.n_q, d.n_k))
+    if cfg.segmented:   # tiles between documents hold no visible pair
+        possible = possible & common.segment_tile_classes(seg, d)[0]
+    lists = slot_lists(possible)
+    docs = _docs(seg, cfg).forward   # (query-row ids, key-column ids), empty without segment ids
+    q_tile, kv_tile, row_vec, doc_specs = _row_grid_specs(cfg, dh)
     grid = (d.batch, d.q_heads, d.n_q, d.n_k)
 
-    lse = _call(_lse_kernel, cfg, grid=grid, in_specs=[q_tile, kv_tile], out_specs=row_vec,
+    lse = _call(_lse_kernel, cfg, grid=grid, in_specs=[q_tile, kv_tile, *doc_specs], out_specs=row_vec,
                 out_shape=jax.ShapeDtypeStruct((d.batch, d.q_heads, 1, t_p), jnp.float32),
                 scratch=[pltpu.VMEM((bs, LANES), jnp.float32)] * 2, semantics=_SEMANTICS,
-                name="block_scores_tpu_lse")(*lists, qp, kp)
+                name="block_scores_tpu_lse")(*lists, qp, kp, *docs)
     # Padded query rows must not enter the max: +inf LSE makes their probabilities 0.
     lse = jnp.where(jnp.arange(t_p) < d.seq_q, lse, jnp.inf)
 
     # One (1, nK) output row per (b, h, query block): a trailing unit axis keeps the block's last
     # two dimensions equal to the array's, as Mosaic requires.
     out_spec = pl.BlockSpec((None, None, None, 1, d.n_k), lambda b, h, i, t, *_: (b, h, i, 0, 0))
-    raw = _call(_pool_kernel, cfg, grid=grid, in_specs=[q_tile, kv_tile, row_vec], out_specs=out_spec,
+    raw = _call(_pool_kernel, cfg, grid=grid, in_specs=[q_tile, kv_tile, row_vec, *doc_specs],
+                out_specs=out_spec,
                 out_shape=jax.ShapeDtypeStruct((d.batch, d.q_heads, d.n_q, 1, d.n_k), jnp.float32),
-                scratch=[], semantics=_SEMANTICS, name="block_scores_tpu_pool")(*lists, qp, kp, lse)
+                scratch=[], semantics=_SEMANTICS, name="block_scores_tpu_pool")(*lists, qp, kp, lse, *docs)
     raw = raw[:, :, :, 0, :]
     total = raw.sum(-1, keepdims=True)
     return jnp.where(total > 0, raw / jnp.where(total > 0, total, 1.0), 0.0)

@@ -8,7 +8,6 @@ test checks that the same kernels lower to Mosaic (`tpu_custom_call`) without a 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 
 import jax
@@ -205,9 +204,11 @@ def test_scores_signature_and_errors():
         scores.block_attention_scores(q, q[:, :, :3], block_size=128, interpret=True)
 
 
-def test_scores_lower_to_mosaic_tpu():
+@pytest.mark.parametrize("segmented", [False, True])
+def test_scores_lower_to_mosaic_tpu(segmented):
     q = jax.ShapeDtypeStruct((1, 300, 4, 64), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 400, 2, 64), jnp.bfloat16)
-    lowered = jax.jit(functools.partial(scores.block_attention_scores, block_size=128)).trace(q, k).lower(
-        lowering_platforms=("tpu",))
+    k = jax.ShapeDtypeStruct((1, 300 if segmented else 400, 2, 64), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 300), jnp.int32) if segmented else None
+    lowered = jax.jit(lambda q, k, ids: scores.block_attention_scores(
+        q, k, block_size=128, segment_ids=ids)).trace(q, k, ids).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 2  # lse pass, pool pass
