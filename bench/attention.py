@@ -4,8 +4,8 @@
 
 Shapes B=1, H=16, D=128 (or --head-dim; the 125M model's is 64), bf16. Densities are fractions of
 the causal (query block, key block) tiles: the diagonal plus random tiles below it. Times are
-medians over repeated batches of calls, each batch ended by a device sync. TFLOP/s count the tiles actually computed (4*bs*bs*D per tile
-forward, x3.5 for forward+backward, the convention of the cuDNN anchor, whose causal forward
+medians over repeated batches of calls, each batch ended by a device sync. TFLOP/s count the
+tiles actually computed (4*bs*bs*D per tile forward, x3.5 for forward+backward, the convention of the cuDNN anchor, whose causal forward
 counts 2*B*H*T*T*D). Our backward runs 7 tile products to the forward's 2 (dq and dk/dv kernels
 each recompute p), so it executes 4.5x the forward's FLOPs, not 3.5x.
 """

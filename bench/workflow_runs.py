@@ -172,7 +172,6 @@ def _train_summary(dirs: list[Path], job: str) -> dict | None:
     val = [r for r in records if "val/loss" in r]
     speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
     return {"step": max(r["step"] for r in records), "val_loss": val[-1]["val/loss"] if val else None,
-            "val_step": val[-1]["step"] if val else None,
             "tokens_per_sec": statistics.median(speeds) if speeds else None}
 
 

@@ -44,8 +44,9 @@ def logits_matmul(h: jax.Array, head: jax.Array, dtype) -> jax.Array:
 
     Differentiated by hand so the backward pass also runs in `dtype`: JAX's own transpose of a
     float32-output matmul multiplies the float32 logit gradient in float32: 20.9 ms per step against
-    8.1 ms in bf16 for the 125M model at T=4096, batch 16, on an H100 (docs/benchmarks.md). The logit gradient is rounded to
-    `dtype` once, as mixed-precision autocast does; the head's gradient still accumulates in float32.
+    8.1 ms in bf16 for the 125M model at T=4096, batch 16, on an H100 (docs/benchmarks.md). The
+    logit gradient is rounded to `dtype` once, as mixed-precision autocast does; the head's
+    gradient still accumulates in float32.
     """
     return jnp.einsum("...D,DV->...V", h.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
 

@@ -25,8 +25,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse import common
 from pallas_kernels.block_sparse_tpu.kernel import (LANES, _branches, _call, _Config, _doc_refs, _docs, _dot,
-                                                    _heads, _is_full, _lanes, _masked, _row_grid_specs,
-                                                    _visible, check_block_size, interpret_params,
+                                                    _heads, _is_full, _lanes, _masked, _restricted,
+                                                    _row_grid_specs, _visible, check_block_size, interpret_params,
                                                     padded_head_dim, slot_lists)
 
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
@@ -120,11 +120,8 @@ def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, s
     bs, dh = d.block, padded_head_dim(d.head_dim)
     t_p = d.n_q * bs
     qp, kp = _heads(q, t_p, dh), _heads(k, d.n_k * bs, dh)
-    possible, _ = common.tile_classes(d, cfg.causal)
-    possible = jnp.broadcast_to(jnp.asarray(possible), (d.batch, 1, d.n_q, d.n_k))
-    if cfg.segmented:   # tiles between documents hold no visible pair
-        possible = possible & common.segment_tile_classes(seg, d)[0]
-    lists = slot_lists(possible)
+    # Every tile that holds a visible pair (causally, and within a document).
+    lists = slot_lists(_restricted(jnp.ones((d.batch, 1, d.n_q, d.n_k), bool), seg, cfg))
     docs = _docs(seg, cfg).forward   # (query-row ids, key-column ids), empty without segment ids
     q_tile, kv_tile, row_vec, doc_specs = _row_grid_specs(cfg, dh)
     grid = (d.batch, d.q_heads, d.n_q, d.n_k)
