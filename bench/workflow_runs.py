@@ -11,7 +11,8 @@ marker under runs/_jobs/). A training job still running at the budget's end gets
 saves its step and exits, and the next call resumes it from there. An evaluation cut off starts over.
 Each finished job's outputs (metrics.jsonl and config.json of a run; results.json, results.md and
 plots of an evaluation) and every job's log are copied to --out/<job>/. `--tiny` runs the CPU-size
-configs with short evaluations, to check the chain end to end.
+configs with short evaluations, to check the chain end to end. `--only JOB,JOB` runs those jobs only
+(their inputs must exist), so that independent chains can share a call or a GPU.
 
 `report` reads one or more such --out folders (later folders win for a job found twice) and prints
 the pretraining table (validation loss at equal tokens against dense, tokens/s) and the
@@ -51,7 +52,7 @@ class Job:
 
 def _train(config: str, tiny: bool) -> Job:
     name = config.replace("pretrain_", "pretrain_tiny_").replace("long_", "long_tiny_") if tiny else config
-    return Job(name, ("train.py", "--config", f"configs/{name}.py"), f"runs/{name}")
+    return Job(name, ("train.py", "--config", f"configs/{name}.py", "trainer.progress_bar=false"), f"runs/{name}")
 
 
 def _evaluate(name: str, run: str, lengths: tuple[int, int], tasks: str, tiny: bool, *overrides: str) -> Job:
@@ -132,11 +133,21 @@ def _collect(job: Job, out: Path) -> None:
                 shutil.copy(Path(job.run) / name, dest / name)
 
 
-def run(workflow: str, out: Path, budget: float, tiny: bool) -> None:
+def selected_jobs(workflow: str, tiny: bool, only: tuple[str, ...] = ()) -> list[Job]:
+    """The workflow's jobs, or those named in `only`, in workflow order."""
+    jobs = workflow_jobs(workflow, tiny)
+    unknown = set(only) - {job.name for job in jobs}
+    if unknown:
+        raise SystemExit(f"--only: {', '.join(sorted(unknown))} not in workflow {workflow}; "
+                         f"its jobs: {', '.join(job.name for job in jobs)}")
+    return [job for job in jobs if not only or job.name in only]
+
+
+def run(workflow: str, out: Path, budget: float, tiny: bool, only: tuple[str, ...] = ()) -> None:
     deadline = time.time() + budget
     JOBS_DIR.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    for job in workflow_jobs(workflow, tiny):
+    for job in selected_jobs(workflow, tiny, only):
         marker = JOBS_DIR / f"{job.name}.done"
         if marker.exists():
             continue
@@ -240,12 +251,14 @@ def main() -> None:
     run_parser.add_argument("--out", required=True, type=Path)
     run_parser.add_argument("--budget", type=float, default=540, help="seconds this call may take")
     run_parser.add_argument("--tiny", action="store_true", help="the CPU-size configs")
+    run_parser.add_argument("--only", type=lambda text: tuple(text.split(",")), default=(),
+                            help="comma-separated job names: run only these (e.g. a chain split over calls)")
     report_parser = sub.add_parser("report")
     report_parser.add_argument("dirs", nargs="+", type=Path)
     report_parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     if args.command == "run":
-        run(args.workflow, args.out, args.budget, args.tiny)
+        run(args.workflow, args.out, args.budget, args.tiny, args.only)
     else:
         print("\n".join(["## Pretraining", "", *pretrain_table(args.dirs, args.tiny), "",
                          "## Short to long", "", *long_table(args.dirs, args.tiny)]))
