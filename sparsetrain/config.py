@@ -10,7 +10,7 @@ import dataclasses
 from typing import Literal
 
 from sparsetrain.attention.spec import DenseOptions, MethodOptions, parse_layers, spec_for_layer
-from sparsetrain.configbase import Config
+from sparsetrain.configbase import Config, apply_overrides
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
@@ -277,6 +277,16 @@ class RunConfig(Config):
     checkpoint: CheckpointConfig = CheckpointConfig()
     run_dir: str = "runs"         # outputs go to run_dir/name/
     tensorboard: bool = True      # also write TensorBoard event files
+
+    def at_step(self, step: int) -> "RunConfig":
+        """The config the run trains with from `step` on: the overrides of every phase started by then
+        applied in order (a checkpoint saved at step N holds the model that phase describes, e.g. a
+        SeerAttention run switched from distill to sparse)."""
+        cfg = self
+        for phase in self.trainer.phases:
+            if phase.start_step <= step:
+                cfg = apply_overrides(cfg, list(phase.overrides))
+        return cfg
 
     def validate(self) -> None:
         self.require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty file name")

@@ -60,6 +60,7 @@ def load_subject(path: str | Path, *, dtype: DTypeName | None = None, overrides:
     else:
         cfg, flat, meta = load_checkpoint(path)
         step = int(meta["step"])
+        cfg = cfg.at_step(step)   # the phase the weights were trained in, not the run's first
     if dtype is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
     if overrides:

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from sparsetrain.config import PhaseConfig
 from sparsetrain.data import ByteTokenizer
 from sparsetrain.eval.__main__ import main
 from sparsetrain.eval.measure import Runner, load_subject
@@ -99,6 +100,17 @@ def test_dense_mode_runs_the_same_weights_with_every_layer_dense(sparse_run, tmp
     assert np.array_equal(predicted[0], np.asarray(logits).argmax(-1))
     assert set(metrics) >= {"density/1", "density/2", "recall/1"} and "density/0" not in metrics
     assert not np.allclose(sparse_nll, dense(tokens)[0])
+
+
+def test_a_checkpoint_is_evaluated_in_the_phase_it_was_saved_in(tmp_path):
+    """A run that switched how a layer attends (e.g. SeerAttention from distill to sparse) is evaluated
+    as it attends at the checkpoint's step, not as its first phase did."""
+    cfg = tiny(attention=LOCAL_REST)
+    switched = (PhaseConfig(start_step=5, overrides=("model.attention.1.local_blocks=1",)),)
+    early = load_subject(save_run(tmp_path / "early", cfg, random_params(cfg), step=4, phases=switched))
+    late = load_subject(save_run(tmp_path / "late", cfg, random_params(cfg), step=5, phases=switched))
+    assert early.cfg.model.attention[1].local_blocks == 2
+    assert late.cfg.model.attention[1].local_blocks == 1
 
 
 def test_command_writes_json_markdown_and_plots_that_agree(sparse_run, tmp_path, capsys):

@@ -11,7 +11,7 @@ import numpy as np
 
 from sparsetrain.attention.spec import DenseOptions, method_options
 from sparsetrain.attention.method import StepContext
-from sparsetrain.config import ModelConfig, RopeConfig, RunConfig
+from sparsetrain.config import ModelConfig, RopeConfig, RunConfig, TrainerConfig
 from sparsetrain.configbase import to_dict
 from sparsetrain.export.mapping import unstack_layers
 from sparsetrain.checkpoint import save_params
@@ -48,9 +48,9 @@ def random_params(cfg: ModelConfig, seed: int = 0, *, arange: bool = False):
     return model.params_from_flat(flat)
 
 
-def save_run(directory: Path, cfg: ModelConfig, params, step: int = 7) -> Path:
+def save_run(directory: Path, cfg: ModelConfig, params, step: int = 7, phases: tuple = ()) -> Path:
     """A params-only checkpoint like a training run's, under directory/run."""
-    run = RunConfig(name="run", model=cfg, run_dir=str(directory))
+    run = RunConfig(name="run", model=cfg, run_dir=str(directory), trainer=TrainerConfig(phases=phases))
     save_params(directory / "run", step, params, {"step": step, "config": to_dict(run)})
     return directory / "run"
 
