@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.workflow_runs import long_table, pretrain_table, workflow_jobs
+from bench.workflow_runs import long_table, pretrain_table, selected_jobs, workflow_jobs
 from sparsetrain.eval.__main__ import parse_args
 
 
@@ -51,3 +51,11 @@ def test_report_tables_hold_the_collected_numbers(tmp_path):
     table = "\n".join(long_table([first]))
     assert "| rope_yarn | dense | 1.200 | 1.900 | 75% | 0% | — |" in table
     assert "| no_adaptation | not run |" in table
+
+
+def test_only_runs_the_named_jobs_in_workflow_order_and_names_unknown_ones():
+    names = [job.name for job in selected_jobs("long", False, ("eval_long_seer", "pretrain_short_dense"))]
+    assert names == ["pretrain_short_dense", "eval_long_seer"]
+    assert len(selected_jobs("long", False)) == len(workflow_jobs("long"))
+    with pytest.raises(SystemExit, match="--only: long_nsa not in workflow long; its jobs: pretrain_short_dense"):
+        selected_jobs("long", False, ("long_nsa",))
