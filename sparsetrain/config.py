@@ -10,7 +10,7 @@ import dataclasses
 from typing import Literal
 
 from sparsetrain.attention.spec import DenseOptions, MethodOptions, parse_layers, spec_for_layer
-from sparsetrain.configbase import Config, apply_overrides
+from sparsetrain.configbase import Config, ConfigError, apply_overrides
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
@@ -278,15 +278,22 @@ class RunConfig(Config):
     run_dir: str = "runs"         # outputs go to run_dir/name/
     tensorboard: bool = True      # also write TensorBoard event files
 
+    def phase_configs(self) -> list[tuple[int, "RunConfig"]]:
+        """(start step, config) of each phase: phase 0 is this config, each later phase adds its
+        overrides to the previous one's."""
+        configs, current = [(0, self)], self
+        for i, phase in enumerate(self.trainer.phases):
+            try:
+                current = apply_overrides(current, list(phase.overrides))
+            except ConfigError as e:
+                raise ConfigError(f"trainer.phases.{i}: {e}") from None
+            configs.append((phase.start_step, current))
+        return configs
+
     def at_step(self, step: int) -> "RunConfig":
-        """The config the run trains with from `step` on: the overrides of every phase started by then
-        applied in order (a checkpoint saved at step N holds the model that phase describes, e.g. a
-        SeerAttention run switched from distill to sparse)."""
-        cfg = self
-        for phase in self.trainer.phases:
-            if phase.start_step <= step:
-                cfg = apply_overrides(cfg, list(phase.overrides))
-        return cfg
+        """The config the run trains with from `step` on (a checkpoint saved at step N holds the model
+        that phase describes, e.g. a SeerAttention run switched from distill to sparse)."""
+        return [cfg for start, cfg in self.phase_configs() if start <= step][-1]
 
     def validate(self) -> None:
         self.require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty file name")

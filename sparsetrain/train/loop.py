@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sparsetrain.config import RunConfig
-from sparsetrain.configbase import ConfigError, apply_overrides, to_dict
+from sparsetrain.configbase import ConfigError, to_dict
 from sparsetrain.data import build_data
 from sparsetrain.checkpoint import load_params, merge_init_params, save_params
 from sparsetrain.checkpoint.params_io import locate_checkpoint
@@ -81,18 +81,15 @@ def run_phases(cfg: RunConfig, abstract_params) -> list[Phase]:
     """The run's phases: phase 0 is the run's own config, each later one adds its overrides to the
     previous one's. A phase may change how layers attend and the data's length and batch, not the
     parameters. (Models are built here, outside any mesh: NNX would shard abstract parameters under one.)"""
-    phases, current = [Phase(0, cfg, ModelDef.create(cfg.model))], cfg
-    for i, phase in enumerate(cfg.trainer.phases, start=1):
-        try:
-            current = apply_overrides(current, list(phase.overrides))
-        except ConfigError as e:
-            raise ConfigError(f"trainer.phases.{i - 1}: {e}") from None
+    phases = []
+    for i, (start, current) in enumerate(cfg.phase_configs()):
         model = ModelDef.create(current.model)
-        shapes = {k: v.shape for k, v in flatten(model.abstract_params()).items()}
-        if shapes != {k: v.shape for k, v in flatten(abstract_params).items()}:
-            raise ConfigError(f"trainer.phases.{i - 1}: its overrides change the model's parameters; "
-                              f"a phase may only change how layers attend and the data's length")
-        phases.append(Phase(phase.start_step, current, model))
+        if i:
+            shapes = {k: v.shape for k, v in flatten(model.abstract_params()).items()}
+            if shapes != {k: v.shape for k, v in flatten(abstract_params).items()}:
+                raise ConfigError(f"trainer.phases.{i - 1}: its overrides change the model's parameters; "
+                                  f"a phase may only change how layers attend and the data's length")
+        phases.append(Phase(start, current, model))
     return phases
 
 
