@@ -71,8 +71,9 @@ class BlockSparseOptions(MethodOptions):
     """Fields every block-sparse method shares."""
 
     # "xla": the kernels' pure-jnp reference; "pallas_tpu": the Mosaic TPU kernels (needs
-    # block_size=128; in the TPU interpreter off a TPU); "auto"/"pallas": the platform's kernel.
-    impl: Literal["auto", "pallas", "pallas_tpu", "xla"] = "auto"
+    # block_size=128; in the TPU interpreter off a TPU); "auto"/"pallas": the platform's kernel;
+    # "mosaic_gpu": the Mosaic GPU forward with the Triton backward (Hopper, block_size=64).
+    impl: Literal["auto", "pallas", "pallas_tpu", "mosaic_gpu", "xla"] = "auto"
     block_size: int = 64        # tokens per selection block; one of the kernel's tiles
     # Blocks every query block keeps whatever is selected: the last `local_blocks` key blocks up
     # to its own (the diagonal) and the first `initial_blocks` (attention sinks).

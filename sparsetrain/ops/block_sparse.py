@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 
+import pallas_kernels.block_sparse_mgpu as _mgpu
 import pallas_kernels.block_sparse_tpu as _tpu
 from pallas_kernels.block_sparse import kernel as _kernel
 from pallas_kernels.block_sparse import reference as _reference
@@ -20,6 +21,8 @@ _BACKENDS = {
     "reference": (_reference.block_sparse_attention, _reference.block_attention_scores),
     "triton": (_kernel.block_sparse_attention, _scores.block_attention_scores),
     "tpu": (_tpu.block_sparse_attention, _tpu.block_attention_scores),
+    # Mosaic GPU attention forward (Triton backward); the scores stay on Triton.
+    "mosaic_gpu": (_mgpu.block_sparse_attention, _scores.block_attention_scores),
 }
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
@@ -55,9 +58,12 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         to keep the lists short. The Triton kernel skips selected tiles below every row's window,
         runs tiles inside the band unmasked and compares positions only in tiles crossing the
         window's lower edge (or the diagonal); the TPU kernel raises NotImplementedError.
-      impl: "auto" | "pallas" | "pallas_tpu" | "xla" (see `sparsetrain.ops.platform.kernel_backend`;
-        the TPU kernel takes block_size 128 only of these); interpret: None = True off the
-        kernel's own platform.
+      impl: "auto" | "pallas" | "pallas_tpu" | "mosaic_gpu" | "xla" (see
+        `sparsetrain.ops.platform.kernel_backend`; the TPU kernel takes block_size 128 only of
+        these). "mosaic_gpu" (opt-in, Hopper GPU only): a Mosaic GPU forward with the Triton
+        backward, for tile selections, bf16/fp16, block_size 64, head_dim 33..128, without
+        segment_ids or window (NotImplementedError). interpret: None = True off the kernel's own
+        platform.
       return_lse: also return the natural-log log-sum-exp of each row's scaled logits over its
         visible keys, f32 [B, N, T]; -inf for rows with no visible key.
     Returns:

@@ -10,8 +10,9 @@ from pallas_kernels.compressed_scores import kernel as _kernel
 from pallas_kernels.compressed_scores import reference as _reference
 from sparsetrain.ops.platform import kernel_backend
 
+# "mosaic_gpu" replaces only the attention forward; these scores stay on Triton.
 _BACKENDS = {"reference": _reference.token_block_scores, "triton": _kernel.token_block_scores,
-             "tpu": _reference.token_block_scores}
+             "tpu": _reference.token_block_scores, "mosaic_gpu": _kernel.token_block_scores}
 
 
 def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_stride, coarse_size,
