@@ -1,6 +1,10 @@
 """Block-sparse attention benchmark: cuDNN dense causal vs our Pallas kernel on one GPU.
 
     PYTHONPATH=. python3 bench/attention.py [--seqs 4096,16384,65536] [--head-dim 64] [--json out.json] [--flex]
+    PYTHONPATH=. python3 bench/attention.py --fused-scores [--seqs 4096,16384] [--json out.json]
+
+`--fused-scores` times only Seer's fused forward + block scores (`fused_scores`); off the GPU it is a
+smoke run (`--seqs 256`: XLA for cuDNN, the kernels interpreted).
 
 Shapes B=1, H=16, D=128 (or --head-dim; the 125M model's is 64), bf16. Densities are fractions of
 the causal (query block, key block) tiles: the diagonal plus random tiles below it. Times are
@@ -134,6 +138,44 @@ def bench_seq(t: int, rng, args, rows: list) -> None:
           f"(pass 1 LSE {t_p1*1e3:.3f} ms, pass 2 + normalise {(t_s-t_p1)*1e3:.3f} ms)", flush=True)
 
 
+def fused_scores(t: int, args, rows: list) -> None:
+    """Issue 10's fused path for Seer distillation: what the block ground truth costs on top of the
+    dense forward when it comes out of that forward (`ops.attention_with_block_scores`), against
+    the two extra passes of `block_attention_scores`. Off the GPU a smoke run: XLA instead of
+    cuDNN, the kernels interpreted."""
+    bs = args.block
+    keys = jax.random.split(jax.random.key(t), 3)
+    q, k, v = (jax.random.normal(kk, (B, t, H, args.head_dim), jnp.bfloat16) for kk in keys)
+    kernel = dict(block_size=bs, impl="pallas", interpret=not ON_GPU)
+    every_tile = common.every_tile(q, k, bs)
+    dense = "cudnn" if ON_GPU else "xla"
+    labels = {"cudnn": "cuDNN dense causal fwd", "two_pass": "block_attention_scores (two passes)",
+              "ours": "our kernel dense causal fwd", "fused": "fused fwd + block scores"}
+    fns = {
+        "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=dense),
+        "two_pass": lambda q, k, v: ops.block_attention_scores(q, k, **kernel),
+        "ours": lambda q, k, v: ops.block_sparse_attention(q, k, v, every_tile, **kernel),
+        "fused": lambda q, k, v: ops.attention_with_block_scores(q, k, v, **kernel),
+    }
+    fns = {key: jax.jit(fn) for key, fn in fns.items()}
+    ms = {key: 1e3 * median_time(fn, q, k, v) for key, fn in fns.items()}
+    for key, label in labels.items():
+        rows.append(dict(T=t, impl=f"{label} bs{bs}", density=1.0, bs=bs, fwd_ms=ms[key],
+                         fwd_x=ms[key] / ms["cudnn"]))
+    o, got = fns["fused"](q, k, v)
+    diff_scores = float(jnp.abs(got - fns["two_pass"](q, k, v)).max())
+    diff_o = float(jnp.abs(o.astype(jnp.float32) - fns["cudnn"](q, k, v).astype(jnp.float32)).max())
+    extra = {base: (ms["fused"] - ms[base]) / ms["cudnn"] for base in ("cudnn", "ours")}
+    rows.append(dict(T=t, impl=f"fused scores extra cost bs{bs}", density=1.0, bs=bs,
+                     extra_vs_cudnn_x=extra["cudnn"], extra_vs_our_fwd_x=extra["ours"],
+                     two_pass_x=ms["two_pass"] / ms["cudnn"], rowmax_bytes=4 * B * H * t * (-(-t // bs)),
+                     max_abs_diff_scores=diff_scores, max_abs_diff_o_vs_cudnn=diff_o))
+    print(f"T={t}: " + ", ".join(f"{label} {ms[key]:.3f} ms" for key, label in labels.items()), flush=True)
+    print(f"  scores' extra cost (x cuDNN fwd; goal <= 0.6): fused - cuDNN {extra['cudnn']:.2f}, "
+          f"fused - our fwd {extra['ours']:.2f}, two passes {ms['two_pass'] / ms['cudnn']:.2f}; "
+          f"max |scores - two-pass| {diff_scores:.2g}, max |o - cuDNN| {diff_o:.2g}", flush=True)
+
+
 def flex_like(rng, args, rows: list, t: int = 16384, density: float = 0.117):
     """FlexAttention's published case: 128x128 blocks, 11.7% of causal blocks (random + diagonal)."""
     keys = jax.random.split(jax.random.key(7), 4)
@@ -240,6 +282,8 @@ def main(argv=None) -> None:
     p.add_argument("--flex", action="store_true", help="also time PyTorch FlexAttention (needs torch)")
     p.add_argument("--flex-seq", type=int, default=16384, help="T of the FlexAttention-like case")
     p.add_argument("--sweep", action="store_true", help="time a few (num_warps, num_stages) pairs")
+    p.add_argument("--fused-scores", action="store_true",
+                   help="only time the fused forward + block scores against cuDNN and the two-pass scores")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     args.densities = [float(x) for x in args.densities.split(",")]
@@ -253,6 +297,12 @@ def main(argv=None) -> None:
             with open(args.json, "w") as f:
                 json.dump(dict(jax=jax.__version__, device=dev.device_kind, head_dim=args.head_dim, rows=rows), f,
                           indent=1)
+    if args.fused_scores:
+        for t in (int(x) for x in args.seqs.split(",")):
+            fused_scores(t, args, rows)
+            save()
+        print_table(rows)
+        return
     if args.sweep:
         sweep(rng, args, rows, t=args.flex_seq)
         save()

@@ -78,6 +78,12 @@ def check_qkv(q, k, v, block_size: int, block_sizes: tuple[int, ...] = BLOCK_SIZ
         raise ValueError(f"v must match k in shape and dtype; got k{k.shape} {k.dtype}, v{v.shape} {v.dtype}")
 
 
+def every_tile(q, k, block_size: int):
+    """bool [B, K, nQ, nK], all True: the block mask of dense attention (q, k already checked)."""
+    (b, t), (s, kh) = q.shape[:2], k.shape[1:3]
+    return jnp.ones((b, kh, -(-t // block_size), -(-s // block_size)), bool)
+
+
 def attention_dims(q, k, v, block_mask, block_size: int,
                    block_sizes: tuple[int, ...] = BLOCK_SIZES) -> Dims:
     """Validates the inputs of `block_sparse_attention` (ValueError with the shapes) and returns Dims."""
@@ -254,6 +260,12 @@ def block_lists(mask, first):
     n_all = mask.sum(-1, dtype=jnp.int32)
     n_first = (mask & first).sum(-1, dtype=jnp.int32)
     return idx, jnp.stack([n_first, n_all], axis=-1)
+
+
+def normalise_rows(x):
+    """x / x.sum(-1): each row of non-negative block scores sums to 1; rows with no mass stay 0."""
+    total = x.sum(-1, keepdims=True)
+    return jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def pad_axis(x, axis: int, size: int):

@@ -6,15 +6,16 @@ import jax.numpy as jnp
 from jax.experimental.pallas import triton as pltr
 
 
-def softmax_update(carry, s, v, *, may_be_empty: bool, precision):
+def softmax_update(carry, s, v, *, may_be_empty: bool, precision, row_max=None):
     """One key block of the base-2 online softmax: carry (acc, m, l) and logits s [rows, bs].
 
     may_be_empty: some row of s may be all -inf (a masked tile). Such a row may have seen only
     masked keys so far (m_new = -inf): it subtracts 0 instead, so that exp2 gives 0 rather than
     NaN. Unmasked tiles always hold a finite maximum.
+    row_max: s.max(axis=1) when the caller needs it too (it is then reduced once, not twice).
     """
     acc, m, l = carry
-    m_new = jnp.maximum(m, s.max(axis=1))
+    m_new = jnp.maximum(m, s.max(axis=1) if row_max is None else row_max)
     m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if may_be_empty else m_new
     alpha = jnp.exp2(m - m_sub)
     p = jnp.exp2(s - m_sub[:, None])

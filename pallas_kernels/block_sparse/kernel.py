@@ -5,7 +5,9 @@ The Triton lowering has no scalar prefetch, so each program loads its own index 
 memory and loops over it with a dynamic trip count:
 
   forward  grid (nQ, B, N): one query block, loop over its selected key blocks, online softmax in
-           base 2 (exp2 of log2(e)-scaled logits); writes o and the base-2 row LSE.
+           base 2 (exp2 of log2(e)-scaled logits); writes o and the base-2 row LSE, and with
+           `row_maxima` each row's maximum logit per key block (`attention_with_block_scores`:
+           the block ground truth as a by-product of a dense forward).
   dq       grid (nQ, B, N): same lists, recomputes p from the LSE; ds = p * (dp - delta).
   dk/dv    grid (nK, B, N): one key block, loop over the query blocks that selected it (the
            transposed lists, built with a cumsum + scatter). GQA: dk/dv are written per query head
@@ -46,8 +48,8 @@ from pallas_kernels.block_sparse.launch import (Tuning, current_tuning, dot_prec
 from pallas_kernels.block_sparse.selection import Selection
 from pallas_kernels.block_sparse.token_kernel import token_block_sparse_attention
 
-__all__ = ["Tuning", "block_sparse_attention", "current_tuning", "dot_precision", "pallas",
-           "poison_outputs", "tuning"]
+__all__ = ["Tuning", "attention_with_block_scores", "block_sparse_attention", "current_tuning",
+           "dot_precision", "pallas", "poison_outputs", "tuning"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,6 +110,9 @@ class _Config:
     scale: float
     interpret: bool
     segmented: bool  # segment ids given: masked tiles also compare document ids
+    # The forward also writes each row's maximum base-2 logit per visited key block (the block
+    # ground truth's by-product, `attention_with_block_scores`).
+    row_maxima: bool = False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,7 +123,7 @@ def _docs(qseg_ref, kseg_ref, cfg: _Config):
     return (qseg_ref[...], kseg_ref) if cfg.segmented else None
 
 
-def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *maxima_ref,
                 cfg: _Config, precision):
     d, bs = cfg.dims, cfg.dims.block
     qi = query_block(pl.program_id(0), d.n_q, cfg.causal)
@@ -129,9 +134,16 @@ def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref
                              window=cfg.window)
 
     def step(t, carry, *, masked):
-        start = pl.multiple_of(idx_ref[t] * bs, bs)
-        return flash.softmax_update(carry, tile(start, masked=masked), v_ref[pl.ds(start, bs), :],
-                                    may_be_empty=masked, precision=precision)
+        kb = idx_ref[t]
+        start = pl.multiple_of(kb * bs, bs)
+        s = tile(start, masked=masked)
+        row_max = None
+        if cfg.row_maxima:
+            # maxima [nK, bs]: one contiguous row of bs floats a visited tile (a coalesced store).
+            row_max = s.max(axis=1)
+            maxima_ref[0][kb, :] = row_max
+        return flash.softmax_update(carry, s, v_ref[pl.ds(start, bs), :], may_be_empty=masked,
+                                    precision=precision, row_max=row_max)
 
     carry = run_two_loops(cnt_ref, step, flash.softmax_init(bs, q.shape[-1]), masked_first=False)
     o, lse = flash.softmax_finish(*carry)
@@ -224,15 +236,18 @@ def _forward(q, k, v, idx, cnt, seg, cfg: _Config):
     tune = current_tuning(bs, dh)
     q_tile = pl.BlockSpec((None, bs, None, dh), lambda i, b, h: (b, qb(i), h, 0))
     kv_all = pl.BlockSpec((None, s_p, None, dh), lambda i, b, h: (b, 0, h // d.group, 0))
+    out_specs = [q_tile, pl.BlockSpec((None, None, bs), lambda i, b, h: (b, h, qb(i)))]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t_p), jnp.float32)]
+    if cfg.row_maxima:  # f32 [B, N, nK, T_p], written only in the visited tiles
+        out_specs.append(pl.BlockSpec((None, None, d.n_k, bs), lambda i, b, h: (b, h, 0, qb(i))))
+        out_shape.append(jax.ShapeDtypeStruct((b, n, d.n_k, t_p), jnp.float32))
     return pallas(
         functools.partial(_fwd_kernel, cfg=cfg, precision=dot_precision(q.dtype)),
         grid=(d.n_q, b, n),
         in_specs=[*list_specs, q_tile, kv_all, kv_all],
-        out_specs=[q_tile, pl.BlockSpec((None, None, bs), lambda i, b, h: (b, h, qb(i)))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, n, t_p), jnp.float32)],
+        out_specs=out_specs, out_shape=out_shape,
         warps=tune.fwd_warps, stages=tune.fwd_stages, interpret=cfg.interpret,
-        name="block_sparse_fwd")(idx, cnt, *seg, q, k, v)
+        name="block_sparse_fwd_row_maxima" if cfg.row_maxima else "block_sparse_fwd")(idx, cnt, *seg, q, k, v)
 
 
 def _backward(q, k, v, do, lse, delta, mask, full, seg, cfg: _Config):
@@ -308,33 +323,56 @@ def _padded_ids(seg: common.SegmentIds, cfg: _Config) -> common.SegmentIds:
     return common.SegmentIds(pad(seg.q, d.n_q * d.block), pad(seg.kv, d.n_k * d.block))
 
 
+def _scores_from_row_maxima(maxima, lse2, visited, seq_q: int):
+    """Block ground truth f32 [B, N, nQ, nK] from the forward's row maxima.
+
+    maxima f32 [B, N, nK, T_p]: each row's maximum base-2 logit per key block, defined only in the
+    visited tiles; lse2 f32 [B, N, T_p], the final base-2 LSE (+inf for rows with no key); visited
+    bool [B, N, nQ, nK]. max over a tile of P = max over its rows of exp2(row max - lse): one exp2
+    per tile, as `scores.block_attention_scores`' pool pass.
+    """
+    b, n, n_k, t_p = maxima.shape
+    n_q = visited.shape[2]
+    # Padded query rows are no part of the map: +inf makes their probabilities 0.
+    lse2 = jnp.where(jnp.arange(t_p) < seq_q, lse2, jnp.inf)
+    log_p = (maxima - lse2[:, :, None, :]).reshape(b, n, n_k, n_q, t_p // n_q).max(-1)
+    raw = jnp.swapaxes(jnp.exp2(log_p), -1, -2)
+    return common.normalise_rows(jnp.where(visited, raw, 0.0))  # unvisited tiles were never written
+
+
 def _fwd_impl(q, k, v, block_mask, seg, cfg: _Config):
+    """(o, natural LSE, base-2 padded LSE, block scores or None); the scores only with
+    cfg.row_maxima, pooled from the kernel's row maxima in XLA."""
     d = cfg.dims
     dh = common.padded_head_dim(d.head_dim)
     mask, full = _restricted(block_mask, seg, cfg)
     idx, cnt = common.block_lists(mask, full)
     qp = _pad(q, d.n_q * d.block, dh)
     kp, vp = (_pad(x, d.n_k * d.block, dh) for x in (k, v))
-    o, lse2 = _forward(qp, kp, vp, idx, cnt, _padded_ids(seg, cfg), cfg)
+    o, lse2, *maxima = _forward(qp, kp, vp, idx, cnt, _padded_ids(seg, cfg), cfg)
+    scores = None
+    if cfg.row_maxima:
+        visited = jnp.repeat(jnp.broadcast_to(mask, block_mask.shape), d.mask_group, axis=1)
+        scores = _scores_from_row_maxima(maxima[0], lse2, visited, d.seq_q)
     o = o[:, :d.seq_q, :, :d.head_dim]
     lse = jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * LN2)[..., :d.seq_q]
-    return o, lse, lse2
+    return o, lse, lse2, scores
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, block_mask, seg, cfg: _Config):
-    o, lse, _ = _fwd_impl(q, k, v, block_mask, seg, cfg)
-    return o, lse
+    o, lse, _, scores = _fwd_impl(q, k, v, block_mask, seg, cfg)
+    return o, lse, scores
 
 
 def _attention_fwd(q, k, v, block_mask, seg, cfg: _Config):
-    o, lse, lse2 = _fwd_impl(q, k, v, block_mask, seg, cfg)
-    return (o, lse), (q, k, v, block_mask, seg, o, lse2)
+    o, lse, lse2, scores = _fwd_impl(q, k, v, block_mask, seg, cfg)
+    return (o, lse, scores), (q, k, v, block_mask, seg, o, lse2)
 
 
 def _attention_bwd(cfg: _Config, res, cotangents):
     q, k, v, block_mask, seg, o, lse2 = res
-    do, dlse = cotangents
+    do, dlse, _ = cotangents  # block scores are a distillation target: no gradient
     d = cfg.dims
     dh = common.padded_head_dim(d.head_dim)
     t_p, s_p = d.n_q * d.block, d.n_k * d.block
@@ -380,12 +418,41 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
                                             interpret=interpret, return_lse=return_lse)
     if isinstance(block_mask, Selection):
         block_mask = block_mask.to_mask()
+    seg, cfg = _checked_call(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
+                             segment_ids=segment_ids, window=window, interpret=interpret)
+    o, lse, _ = _attention(q, k, v, block_mask, seg, cfg)
+    return (o, lse) if return_lse else o
+
+
+def attention_with_block_scores(q, k, v, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,
+                                interpret=False):
+    """Dense (causal) attention and SeerAttention's block ground truth from one forward pass.
+
+    The forward runs over every possible tile (as `block_sparse_attention` with an all-True mask)
+    and also writes each row's maximum logit per key block, f32 [B, N, nK, nQ*bs] (4 bytes per
+    (row, key block), only the visited tiles are written); XLA then pools it against the final
+    LSE. Arguments as `block_sparse_attention` (block_size is both the tile and the scores' block).
+    Returns (o [B, T, N, D], scores f32 [B, N, nQ, nK]) with the semantics of
+    `scores.block_attention_scores`. o is differentiable in q, k, v (the block-sparse backward at
+    full density); the scores get no gradient.
+    """
+    common.check_qkv(q, k, v, block_size)
+    every_tile = common.every_tile(q, k, block_size)
+    seg, cfg = _checked_call(q, k, v, every_tile, causal=causal, block_size=block_size, sm_scale=sm_scale,
+                             segment_ids=segment_ids, window=None, interpret=interpret, row_maxima=True)
+    o, _, scores = _attention(q, k, v, every_tile, seg, cfg)
+    return o, scores
+
+
+def _checked_call(q, k, v, block_mask, *, causal, block_size, sm_scale, segment_ids, window, interpret,
+                  row_maxima=False):
+    """Validated (segment ids, config) of a tile-mask call; placeholder ids when none are given."""
     dims = common.attention_dims(q, k, v, block_mask, block_size)
     seg = common.segment_ids_pair(segment_ids, dims)
     cfg = _Config(dims, bool(causal), common.check_window(window, causal, dims.seq_kv),
-                  common.default_scale(sm_scale, dims.head_dim), bool(interpret), segmented=seg is not None)
+                  common.default_scale(sm_scale, dims.head_dim), bool(interpret), segmented=seg is not None,
+                  row_maxima=row_maxima)
     if seg is None:  # unread placeholders keep one kernel signature
         seg = common.SegmentIds(jnp.zeros((dims.batch, dims.seq_q), jnp.int32),
                                 jnp.zeros((dims.batch, dims.seq_kv), jnp.int32))
-    o, lse = _attention(q, k, v, block_mask, seg, cfg)
-    return (o, lse) if return_lse else o
+    return seg, cfg

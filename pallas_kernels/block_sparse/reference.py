@@ -96,5 +96,15 @@ def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, s
     # Probabilities are >= 0, so zero padding never wins the max.
     p = common.pad_axis(common.pad_axis(p, 2, d.n_q * block_size), 3, d.n_k * block_size)
     pooled = p.reshape(d.batch, d.q_heads, d.n_q, block_size, d.n_k, block_size).max(axis=(3, 5))
-    total = pooled.sum(-1, keepdims=True)
-    return jnp.where(total > 0, pooled / jnp.where(total > 0, total, 1.0), 0.0)
+    return common.normalise_rows(pooled)
+
+
+def attention_with_block_scores(q, k, v, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,
+                                interpret=False):
+    """Reference of `kernel.attention_with_block_scores`: (dense attention over every key, the block
+    ground truth of its map)."""
+    common.check_qkv(q, k, v, block_size)
+    every_tile = common.every_tile(q, k, block_size)
+    kw = dict(block_size=block_size, causal=causal, sm_scale=sm_scale, segment_ids=segment_ids)
+    o = block_sparse_attention(q, k, v, every_tile, **kw)
+    return o, jax.lax.stop_gradient(block_attention_scores(q, k, **kw))

@@ -170,6 +170,5 @@ def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, s
     raw = st.call(functools.partial(_pool_kernel, **st.kernel_kw), in_specs=[*st.specs, st.row_vec],
                   out_specs=out_spec, out_shape=jax.ShapeDtypeStruct((d.batch, d.q_heads, d.n_q, d.n_k), jnp.float32),
                   name="block_scores_pool")(*st.lists, st.qp, st.kp, lse)
-    raw = jnp.where(st.possible[:, None], raw, 0.0)  # the kernel writes only the possible tiles
-    total = raw.sum(-1, keepdims=True)
-    return jnp.where(total > 0, raw / jnp.where(total > 0, total, 1.0), 0.0)
+    # The kernel writes only the possible tiles.
+    return common.normalise_rows(jnp.where(st.possible[:, None], raw, 0.0))

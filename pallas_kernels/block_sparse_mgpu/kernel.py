@@ -313,7 +313,8 @@ def _attention_fwd(q, k, v, block_mask, seg, lc: _Launch):
 
 
 def _attention_bwd(lc: _Launch, res, cotangents):
-    return triton_kernel._attention_bwd(lc.cfg, res, cotangents)
+    # The Triton backward also takes the (ignored) cotangent of its fused block scores.
+    return triton_kernel._attention_bwd(lc.cfg, res, (*cotangents, None))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -4,7 +4,8 @@ GSPMD cannot see inside a Pallas call, so left to itself it would gather q/k/v o
 Attention is independent per batch row and per GQA group, so each device can run the kernel on its
 own rows and heads: batch split over the data-parallel axes, heads over "tensor" (query and kv heads
 split the same number of ways, so each query head stays with its kv head). Sparse methods call the
-kernels through `block_sparse_attention` and `block_attention_scores` here.
+kernels through `block_sparse_attention`, `block_attention_scores` and `attention_with_block_scores`
+here.
 
 With a "context" mesh axis, sequences are split along T too, in the load-balanced order, and each
 shard gathers the keys it needs (sparsetrain/attention/context_parallel.py); dense layers then run
@@ -110,3 +111,18 @@ def block_attention_scores(q, k, *, segment_ids=None, **kwargs):
     kernel = lambda q, k, seg: ops.block_attention_scores(q, k, segment_ids=seg, **kwargs)
     return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, P(q_spec[0], None)), out_specs=out_spec,
                          check_vma=False)(q, k, segment_ids)
+
+
+def attention_with_block_scores(q, k, v, *, segment_ids=None, **kwargs):
+    """`sparsetrain.ops.attention_with_block_scores` (dense attention and its block scores), run
+    per shard when a mesh is active: batch and heads split as for `block_attention_scores`. No
+    context split (T stays whole): that mesh axis serves dense and local layers only."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return ops.attention_with_block_scores(q, k, v, segment_ids=segment_ids, **kwargs)
+    if _sequence_axis(mesh) is not None:
+        raise NotImplementedError("attention_with_block_scores under mesh.context > 1 is not supported")
+    q_spec, kv_spec, scores_spec = _specs(q, k, q.shape[2], mesh)
+    kernel = lambda q, k, v, seg: ops.attention_with_block_scores(q, k, v, segment_ids=seg, **kwargs)
+    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),
+                         out_specs=(q_spec, scores_spec), check_vma=False)(q, k, v, segment_ids)

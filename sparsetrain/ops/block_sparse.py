@@ -16,14 +16,26 @@ from pallas_kernels.block_sparse import reference as _reference
 from pallas_kernels.block_sparse import scores as _scores
 from sparsetrain.ops.platform import kernel_backend
 
-# backend -> (attention, block scores); every pair shares the reference's signatures.
+
+def _no_tpu_fused_kernel(*args, **kwargs):
+    raise NotImplementedError(
+        "attention_with_block_scores has no TPU kernel (its fused forward is Triton only); call "
+        "block_sparse_attention and block_attention_scores separately, or use impl='xla'")
+
+
+# backend -> (attention, block scores, attention with block scores); each shares the reference's
+# signature.
 _BACKENDS = {
-    "reference": (_reference.block_sparse_attention, _reference.block_attention_scores),
-    "triton": (_kernel.block_sparse_attention, _scores.block_attention_scores),
-    "tpu": (_tpu.block_sparse_attention, _tpu.block_attention_scores),
-    # Mosaic GPU attention forward (Triton backward); the scores stay on Triton.
-    "mosaic_gpu": (_mgpu.block_sparse_attention, _scores.block_attention_scores),
+    "reference": (_reference.block_sparse_attention, _reference.block_attention_scores,
+                  _reference.attention_with_block_scores),
+    "triton": (_kernel.block_sparse_attention, _scores.block_attention_scores,
+               _kernel.attention_with_block_scores),
+    "tpu": (_tpu.block_sparse_attention, _tpu.block_attention_scores, _no_tpu_fused_kernel),
+    # Mosaic GPU attention forward (Triton backward); the scores and the fused pair stay on Triton.
+    "mosaic_gpu": (_mgpu.block_sparse_attention, _scores.block_attention_scores,
+                   _kernel.attention_with_block_scores),
 }
+
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
                            segment_ids=None, window=None, impl="auto", interpret=None, return_lse=False):
@@ -94,3 +106,22 @@ def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, s
     q, k = jax.lax.stop_gradient((q, k))
     return fn(q, k, block_size=block_size, causal=causal, sm_scale=sm_scale, segment_ids=segment_ids,
               interpret=interpret)
+
+
+def attention_with_block_scores(q, k, v, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,
+                                impl="auto", interpret=None):
+    """Dense (causal) attention and its block ground truth in one call: (o, scores).
+
+    o [B, T, N, D] is `block_sparse_attention` over every tile (exact dense attention, within
+    documents with segment_ids), differentiable in q, k, v; scores f32 [B, N, nQ, nK] are
+    `block_attention_scores(q, k, ...)` of the same map, without gradient. The Triton kernel gets
+    the scores from the attention forward itself (each row's maximum logit per key block,
+    `4 * B * N * nK * nQ*bs` bytes while the call runs, combined with the final LSE in XLA) instead
+    of two extra passes; the reference composes the two references; the TPU backend raises
+    NotImplementedError. Arguments as `block_sparse_attention`.
+    """
+    backend, interpret = kernel_backend(impl, interpret)
+    fn = _BACKENDS[backend][2]
+    o, scores = fn(q, k, v, block_size=block_size, causal=causal, sm_scale=sm_scale, segment_ids=segment_ids,
+                   interpret=interpret)
+    return o, jax.lax.stop_gradient(scores)

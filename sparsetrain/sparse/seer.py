@@ -15,11 +15,15 @@ quarter of the query blocks left out, averaged over rows, heads, batch and Seer 
 `kl_weight`.
 
 Modes: "distill" computes dense attention (cuDNN on GPU), trains only the gates (the base model is
-frozen by the trainer) and reports what sparse mode would select; "sparse" attends to the selected
-blocks through the block-sparse kernel, optionally keeping the KL loss (`sparse_kl`) while the whole
-model fine-tunes. Selection: `topk` blocks per row, a `target_density` share of each row's causal
-blocks, gate probabilities above `threshold`, or the most probable blocks up to mass `topp`; the
-diagonal, `local_blocks` and `initial_blocks` are always kept and count inside top-k budgets.
+frozen by the trainer) and reports what sparse mode would select; on the Triton kernel, when the
+target is needed and `fused_scores` is set, the dense output and the block scores come from one
+fused forward instead (`ops.attention_with_block_scores`, computed in `select` and carried to
+`attend` in the extras).
+"sparse" attends to the selected blocks through the block-sparse kernel, optionally keeping the KL
+loss (`sparse_kl`) while the whole model fine-tunes. Selection: `topk` blocks per row, a
+`target_density` share of each row's causal blocks, gate probabilities above `threshold`, or the
+most probable blocks up to mass `topp`; the diagonal, `local_blocks` and `initial_blocks` are always
+kept and count inside top-k budgets.
 
 Deviations from the reference, each a choice made for training and export, not for prefill only:
   * `query_pool="lagged"` (default): the gate for query block i reads the average Q of block i-1
@@ -51,7 +55,9 @@ from sparsetrain import ops
 from sparsetrain.attention.dense import dense_causal_attention
 from sparsetrain.attention.documents import block_document_tokens, document_tiles, last_document_starts
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
+from sparsetrain.attention.sharded import attention_with_block_scores
 from sparsetrain.attention.spec import MethodExport
+from sparsetrain.ops.platform import kernel_backend
 from sparsetrain.sparse.pooling import lag_blocks, pool_blocks
 
 
@@ -70,6 +76,10 @@ class SeerOptions(BlockSparseOptions):
     kl_weight: float = 10.0           # weight of the KL loss in the objective
     kl_skip_fraction: float = 0.25    # leading share of query-block rows left out of the KL
     sparse_kl: bool = False           # mode="sparse": keep the KL loss (gates train with the model)
+    # mode="distill" on the Triton kernel: dense output and block scores from one fused forward.
+    # Off by default until it has been timed and run compiled on a GPU (docs/kernels.md); it also
+    # holds 4*B*N*T*nK bytes of row maxima during the call (4.3 GB per layer at 64k, N=16).
+    fused_scores: bool = False
 
     conformance_variants = {"sparse": {"mode": "sparse"},
                             "sparse_shared_density": {"mode": "sparse", "share_kv_heads": True,
@@ -230,7 +240,12 @@ class SeerAttention(SparseMethod):
                              segment_ids=inp.segment_ids)
         extras = {}
         if (self.reporting and (o.mode == "distill" or o.sparse_kl)) or self.wants_scores(inp):
-            extras["scores"] = self.block_scores(inp)
+            if self.fuses_scores():
+                extras["output"], extras["scores"] = attention_with_block_scores(
+                    inp.q, inp.k, inp.v, segment_ids=inp.segment_ids, block_size=o.block_size, causal=True,
+                    impl=o.impl)
+            else:
+                extras["scores"] = self.block_scores(inp)
             extras["target"] = kl_target(extras["scores"], o.query_pool)
         if o.share_kv_heads:
             group = self.num_heads // self.num_kv_heads
@@ -240,8 +255,17 @@ class SeerAttention(SparseMethod):
         mask = select_blocks(logits, o, inp.q.shape[1], document_tiles(inp.segment_ids, o.block_size))
         return ops.Selection.from_mask(mask, logits=logits, **extras)
 
+    def fuses_scores(self) -> bool:
+        """`fused_scores` in distill mode on the Triton kernel: the dense output and the block
+        scores come from one forward pass (`ops.attention_with_block_scores`) instead of cuDNN plus
+        the two scores passes. Other backends keep dense attention + `block_attention_scores`."""
+        o = self.options
+        return o.fused_scores and o.mode == "distill" and kernel_backend(o.impl, None)[0] in ("triton", "mosaic_gpu")
+
     def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
         if self.options.mode == "distill":
+            if "output" in sel.extras:   # computed in `select` together with the scores
+                return sel.extras["output"]
             return dense_causal_attention(inp.q, inp.k, inp.v, segment_ids=inp.segment_ids)
         return super().attend(inp, sel)
 

@@ -7,12 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from sparsetrain import ops
+from sparsetrain.attention.method import AuxLoss, AuxMetric
 from sparsetrain.attention.spec import method_options
 from sparsetrain.checkpoint.model_def import flatten
 from sparsetrain.configbase import ConfigError
-from sparsetrain.sparse.seer import gate_logits, kl_loss, kl_target, select_blocks
+from sparsetrain.sparse import seer
+from sparsetrain.sparse.seer import SeerAttention, gate_logits, kl_loss, kl_target, select_blocks
 from tests.sparse.helpers import inputs, layer, qkv
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -154,6 +157,30 @@ def test_distill_output_is_dense_and_sparse_uses_the_selection():
     np.testing.assert_allclose(np.asarray(dense), np.asarray(dense_causal_attention(inp.q, inp.k, v)),
                                atol=1e-5)
     assert not np.allclose(np.asarray(sparse), np.asarray(dense), atol=1e-3)
+
+
+def test_distill_on_the_triton_kernel_fuses_output_and_scores(monkeypatch):
+    """fused_scores with impl="pallas" (the Triton kernel, interpreted here): distill mode takes the
+    dense output and the block scores from one `attention_with_block_scores` call, and its output,
+    KL loss and metrics equal those of the XLA path (dense attention + two-pass scores). Without
+    the option, or on XLA, the separate paths run."""
+    q, k, v = qkv(75, seed=8)
+    inp = inputs(q, k, v, segment_ids=jnp.asarray(np.repeat([[1] * 40 + [2] * 35], 2, 0)))
+    results = {}
+    for impl in ("xla", "pallas"):
+        seer_layer = layer(method_options("seer", block_size=16, topk=2, impl=impl, fused_scores=True))
+        assert not layer(method_options("seer", block_size=16, impl=impl)).fuses_scores()
+        results[impl] = nnx.capture(seer_layer, AuxLoss, AuxMetric)(inp)
+        assert seer_layer.fuses_scores() == (impl == "pallas")
+        if impl == "xla":   # the fused run must reach neither of the separate paths
+            monkeypatch.setattr(seer, "dense_causal_attention", None)
+            monkeypatch.setattr(SeerAttention, "block_scores", None)
+    (out_x, loss_x, metric_x), (out_p, loss_p, metric_p) = results["xla"], results["pallas"]
+    np.testing.assert_allclose(np.asarray(out_p), np.asarray(out_x), atol=2e-6)
+    got = [nnx.to_pure_dict(state) for state in (loss_p, metric_p)]
+    want = [nnx.to_pure_dict(state) for state in (loss_x, metric_x)]
+    assert {"seer_kl", "recall", "kl"} <= set(want[0]) | set(want[1])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5), got, want)
 
 
 def test_distill_freezes_everything_but_the_gates(tmp_path):
