@@ -94,3 +94,16 @@ def document_starts(segment_ids: jax.Array) -> jax.Array:
     """int32 [B, T]: the index in the row of the first token of each token's document."""
     offset, _ = document_spans(segment_ids)
     return jnp.arange(segment_ids.shape[1], dtype=jnp.int32) - offset
+
+
+def token_candidate_blocks(rows: jax.Array, n_blocks: int, block_size: int,
+                           doc_start: jax.Array | None = None) -> jax.Array:
+    """The key blocks a query token may select (NSA, InfLLM-V2): bool [C, nK] for the tokens at
+    row indices `rows` [C], causal up to the token's own block; with doc_start [B, C] (the row index
+    of each token's document's first token) only from the block holding it on, bool [B, 1, C, nK]
+    (broadcasting over heads)."""
+    block = jnp.arange(n_blocks)
+    valid = block[None, :] <= (rows // block_size)[:, None]
+    if doc_start is None:
+        return valid
+    return valid & (block >= (doc_start // block_size)[..., None])[:, None]

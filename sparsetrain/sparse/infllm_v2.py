@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from sparsetrain import ops
 from sparsetrain.attention.dense import dense_causal_attention
-from sparsetrain.attention.documents import document_starts, document_tiles
+from sparsetrain.attention.documents import document_starts, document_tiles, token_candidate_blocks
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
 from sparsetrain.attention.spec import MethodExport
 from sparsetrain.ops.compressed_scores import token_block_scores
@@ -170,10 +170,8 @@ def select_blocks(scores: jax.Array, seq_len: int, o: InfllmV2Options, positions
         padded = jnp.pad(positions, ((0, 0), (0, n_k * bs - seq_len)), mode="edge")
         row_position = padded.reshape(positions.shape[0], n_k, bs).max(-1)          # a tile's last
     else:
-        row_block = jnp.arange(seq_len)[:, None] // bs
-        valid = j[None, :] <= row_block
-        if segment_ids is not None:   # blocks from the one holding the document's first token on
-            valid = valid & (j >= document_starts(segment_ids)[..., None] // bs)[:, None]
+        doc_start = None if segment_ids is None else document_starts(segment_ids)
+        valid = token_candidate_blocks(jnp.arange(seq_len), n_k, bs, doc_start)
         row_position = positions
     mask = ops.topk_block_mask(scores, o.topk, force_first=o.initial_blocks, force_local=o.local_blocks,
                                valid=valid)

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from sparsetrain import ops
-from sparsetrain.attention.documents import document_starts
+from sparsetrain.attention.documents import document_starts, token_candidate_blocks
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
 from sparsetrain.attention.sharded import block_sparse_attention
 from sparsetrain.attention.spec import MethodExport
@@ -133,11 +133,7 @@ def select_blocks(scores: jax.Array, rows: jax.Array, o: NsaOptions, doc_start: 
     """Each query token's blocks from its block scores [B, K, C, nK] as sorted lists (indices
     [B, K, C, topk], counts [B, K, C]); rows [C] are the tokens' indices, doc_start [B, C] their
     documents' first indices (or None)."""
-    n_blocks = scores.shape[-1]
-    block = jnp.arange(n_blocks)
-    valid = block[None, :] <= (rows // o.block_size)[:, None]                            # [C, nK]
-    if doc_start is not None:   # from the block holding the document's first token on
-        valid = valid & (block >= (doc_start // o.block_size)[..., None])[:, None]
+    valid = token_candidate_blocks(rows, scores.shape[-1], o.block_size, doc_start)
     return ops.topk_block_lists(scores, o.topk, force_first=o.initial_blocks, force_local=o.local_blocks,
                                 valid=valid)
 
