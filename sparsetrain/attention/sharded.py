@@ -121,7 +121,8 @@ def attention_with_block_scores(q, k, v, *, segment_ids=None, **kwargs):
     if mesh is None:
         return ops.attention_with_block_scores(q, k, v, segment_ids=segment_ids, **kwargs)
     if _sequence_axis(mesh) is not None:
-        raise NotImplementedError("attention_with_block_scores under mesh.context > 1 is not supported")
+        raise NotImplementedError("attention_with_block_scores under mesh.context > 1 is not supported; "
+                                  "set the Seer layer's fused_scores=false")
     q_spec, kv_spec, scores_spec = _specs(q, k, q.shape[2], mesh)
     kernel = lambda q, k, v, seg: ops.attention_with_block_scores(q, k, v, segment_ids=seg, **kwargs)
     return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),
