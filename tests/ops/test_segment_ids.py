@@ -104,6 +104,7 @@ def test_packed_batch_equals_documents_alone(impl, granularity, request):
     cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     ids = jnp.asarray(np.repeat(np.arange(3), lengths)[None], jnp.int32)
 
+    @jax.jit   # one program per length instead of op-by-op dispatch (interpret mode is slow eagerly)
     def attend(q, k, v, seg):
         n = -(-q.shape[1] // bs)
         rows = n if granularity == "tile" else q.shape[1]
