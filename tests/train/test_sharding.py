@@ -9,10 +9,6 @@ from sparsetrain.config import MeshConfig
 from tests.fake_devices import run_script
 from tests.shared import once_per_session
 
-# One worker runs the users of the 8-device script's results (pyproject's --dist=loadgroup): the
-# other keeps running tests instead of waiting on the once_per_session lock (87 s measured).
-pytestmark = pytest.mark.xdist_group("eight_device_results")
-
 @pytest.fixture(scope="module")
 def eight_device_results(tmp_path_factory):
     def run(root):
