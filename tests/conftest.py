@@ -5,6 +5,11 @@ The torch environment (Python 3.11 with torch and transformers, no JAX) is built
 keeps pytest-xdist workers from building it twice, and a marker file holding the pinned requirements
 says the build finished (a changed pin rebuilds it). torch's CPU wheel comes from the machine's
 local wheel directory through pip's own configuration.
+
+One persistent XLA compilation cache serves the whole run: the controller makes it before the
+xdist workers start, and they and every subprocess (CLI runs, 8-device scripts) inherit it through
+the environment. Most of the suite's time is compiling tiny programs, and many are compiled again
+and again (a resumed run's train step, the same model in several checks). Each run starts cold.
 """
 
 from __future__ import annotations
@@ -14,10 +19,30 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
+
+
+_CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def pytest_configure(config):
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:   # a worker, or a caller who chose the cache
+        return
+    config._jax_cache = tempfile.mkdtemp(prefix="sparsetrain-jax-cache-")
+    os.environ.update(_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=config._jax_cache)
+    # This process imported JAX before the environment said so.
+    jax.config.update("jax_compilation_cache_dir", config._jax_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_jax_cache", None):
+        shutil.rmtree(config._jax_cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -28,16 +28,23 @@ def qkv(seq, heads=4, kv_heads=2, head_dim=16, seed=0, batch=2):
     return q, k, v
 
 
-def inputs(q_nope, k_nope, v, *, train=False, theta=10000.0, segment_ids=None, rng=None) -> AttentionInputs:
+def inputs(q_nope, k_nope, v, *, train=False, theta=10000.0, segment_ids=None, rng=None,
+           positions=None) -> AttentionInputs:
     """AttentionInputs as the model builds them: RoPE at positions 0..T-1, or with segment ids
-    [B, T] at positions restarting per document (as the data pipeline makes them)."""
-    positions = jnp.broadcast_to(jnp.arange(q_nope.shape[1], dtype=jnp.int32), q_nope.shape[:2])
-    if segment_ids is not None:
-        positions = jnp.asarray(np.stack([document_positions(row) for row in np.asarray(segment_ids)]))
+    [B, T] at positions restarting per document (as the data pipeline makes them). Under jit,
+    where segment ids are traced, pass those `positions` (`segment_positions`)."""
+    if positions is None:
+        positions = (jnp.broadcast_to(jnp.arange(q_nope.shape[1], dtype=jnp.int32), q_nope.shape[:2])
+                     if segment_ids is None else segment_positions(segment_ids))
     rope = functools.partial(apply_rope, cfg=RopeConfig(theta=theta))
     return AttentionInputs(q=rope(q_nope, positions), k=rope(k_nope, positions), v=v, q_nope=q_nope,
                            k_nope=k_nope, x=layer_input(q_nope), positions=positions,
                            segment_ids=segment_ids, ctx=StepContext(train=train, rng=rng), rope=rope)
+
+
+def segment_positions(segment_ids) -> jax.Array:
+    """int32 [B, T]: positions restarting at 0 in each document of concrete segment ids [B, T]."""
+    return jnp.asarray(np.stack([document_positions(row) for row in np.asarray(segment_ids)]))
 
 
 MODEL_DIM = 8   # width of the layer input x the helpers give methods (NSA's gates project it)
