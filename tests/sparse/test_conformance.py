@@ -1,7 +1,7 @@
 """The conformance suite: every registered sparse method, with its defaults and each of its
 `conformance_variants`, goes through the same checks. A new method gets them by registering.
 
-Each case is a tiny model (layer 0 dense, the rest the method, block size 16) in float32.
+Each case is a tiny model (layer 0 dense, layer 1 the method, block size 16) in float32.
 """
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ def rule(method: str, variant: str):
     return method_options(method, block_size=BS, **{**cls.conformance_base, **overrides})
 
 
+def model_config(options, **changes):
+    """Layer 0 dense, layer 1 the method: one layer of each is all most checks need, and every
+    layer more is compile time more (the scan check stacks two layers of the method)."""
+    return tiny(options, num_layers=2, **changes)
+
+
 def with_method_params(cfg, seed=0):
     """Random base weights (as exports test) plus the method's own freshly initialised ones."""
     params = flatten(random_params(cfg, seed))
@@ -65,9 +71,13 @@ def with_method_params(cfg, seed=0):
     return ModelDef.create(cfg).params_from_flat(params)
 
 
-def apply(cfg, params, toks, **kw):
-    """The model jitted, once per config: compiling is most of these checks' time."""
+def apply(cfg, params, toks, *, op_by_op=False, **kw):
+    """The model jitted once per config (compiling is most of these checks' time), or op by op:
+    there the kernels' selection lists are concrete and so checked by value (range, order, counts:
+    check_lists), and a program run once costs less than compiling it."""
     with jax.default_matmul_precision("highest"):
+        if op_by_op:
+            return ModelDef.create(cfg).apply(params, jnp.asarray(toks), **kw)
         return _jitted_apply(cfg)(params, jnp.asarray(toks), kw)
 
 
@@ -79,7 +89,7 @@ def _jitted_apply(cfg):
 
 @pytest.mark.parametrize("method,variant", CASES, ids=IDS)
 def test_builds_jits_and_differentiates_with_finite_losses_and_densities(method, variant):
-    cfg = tiny(rule(method, variant))
+    cfg = model_config(rule(method, variant))
     model = ModelDef.create(cfg)
     params = model.init(0)
     toks = jnp.asarray(tokens(100))   # ragged: not a multiple of the block
@@ -96,17 +106,15 @@ def test_builds_jits_and_differentiates_with_finite_losses_and_densities(method,
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     densities = {k: float(v) for k, v in metrics.items() if k.startswith("density")}
     assert densities and all(0.0 <= d <= 1.0 for d in densities.values()), densities
-    # Evaluation also reports recall, a share in [0, 1]. It runs op by op, where the kernels'
-    # selection lists are concrete and so checked by value (range, order, counts: check_lists).
-    with jax.default_matmul_precision("highest"):
-        _, _, eval_metrics = model.apply(params, toks)
+    # Evaluation also reports recall, a share in [0, 1]; op by op, so selections are checked by value.
+    _, _, eval_metrics = apply(cfg, params, toks, op_by_op=True)
     assert 0.0 <= float(eval_metrics["recall"]) <= 1.0 + 1e-6
 
 
 @pytest.mark.parametrize("method,variant", CASES, ids=IDS)
 def test_causal(method, variant):
     options = rule(method, variant)
-    cfg = tiny(options)
+    cfg = model_config(options)
     params = with_method_params(cfg)
     # "block" methods may read the whole block of a position; "token" ones only the past.
     cut = 3 * BS + (BS // 2 if options.causal_granularity == "token" else 0)
@@ -141,13 +149,13 @@ def test_full_budget_equals_dense(method, variant, seq):
     full = rule(method, variant).full_budget()
     if full is None:
         pytest.skip(f"{method}'s output is not plain attention at any budget (see its full_budget)")
-    cfg = tiny(full)
+    cfg = model_config(full)
     params = with_method_params(cfg)
     toks = tokens(seq, seed=3)
-    logits, _, _ = apply(cfg, params, toks)
+    logits, _, _ = apply(cfg, params, toks, op_by_op=True)
     dense_cfg = dataclasses.replace(cfg, attention=(DenseOptions(),))
     base = {k: v for k, v in flatten(params).items() if "/attn/attend/" not in k}
-    dense, _, _ = apply(dense_cfg, ModelDef.create(dense_cfg).params_from_flat(base), toks)
+    dense, _, _ = apply(dense_cfg, ModelDef.create(dense_cfg).params_from_flat(base), toks, op_by_op=True)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(dense), atol=1e-4, rtol=1e-4)
 
 
@@ -197,7 +205,7 @@ def test_packed_documents_match_each_document_alone(method, variant):
 def test_packed_documents_do_not_see_each_other(method, variant):
     """The model (layer 0 dense, gates, block scores and SSA included): changing one packed
     document's tokens leaves the other documents' logits as they were."""
-    cfg = tiny(rule(method, variant))
+    cfg = model_config(rule(method, variant))
     params = with_method_params(cfg)
     seg = packed_segments()
     positions = jnp.asarray(document_positions(np.asarray(seg[0])))[None]
@@ -237,7 +245,7 @@ def test_a_bad_option_names_the_field(method, variant):
         dataclasses.replace(rule(method, variant), block_size=48)
     with pytest.raises(ConfigError, match=f"method '{method}' has no field"):
         method_options(method, no_such_field=1)
-    base = RunConfig(model=tiny(rule(method, variant)))
+    base = RunConfig(model=model_config(rule(method, variant)))
     with pytest.raises(ConfigError, match=rf"unknown key 'model.attention.1.nope'; .* \(method '{method}'\) has: layers, method"):
         apply_overrides(base, ["model.attention.1.nope=1"])
 
@@ -255,7 +263,7 @@ def test_sharded_on_8_devices_matches_one_device():
 @pytest.mark.parametrize("method,variant", CASES, ids=IDS)
 def test_export_round_trip_and_torch_parity(tmp_path, run_torch, method, variant):
     from tests.export.test_torch_parity import SEQ, check_parity
-    cfg = dataclasses.replace(tiny(rule(method, variant)), max_seq_len=512)
+    cfg = model_config(rule(method, variant), max_seq_len=512)
     params = with_method_params(cfg, seed=1)
     run = save_run(tmp_path, cfg, params)
     out = export_checkpoint(run, tmp_path / "hf", dtype="float32")
