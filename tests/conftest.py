@@ -26,18 +26,18 @@ import jax
 import pytest
 
 
-_CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+# Every compile is cached, however small or quick: the suite's programs are all tiny.
+_CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
 
 
 def pytest_configure(config):
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:   # a worker, or a caller who chose the cache
         return
     config._jax_cache = tempfile.mkdtemp(prefix="sparsetrain-jax-cache-")
-    os.environ.update(_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=config._jax_cache)
-    # This process imported JAX before the environment said so.
-    jax.config.update("jax_compilation_cache_dir", config._jax_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    options = {**_CACHE_OPTIONS, "jax_compilation_cache_dir": config._jax_cache}
+    os.environ.update({name.upper(): str(value) for name, value in options.items()})
+    for name, value in options.items():   # this process imported JAX before the environment said so
+        jax.config.update(name, value)
 
 
 def pytest_unconfigure(config):

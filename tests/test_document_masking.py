@@ -17,7 +17,7 @@ from sparsetrain.checkpoint.model_def import ModelDef, flatten
 from sparsetrain.data.pipeline import document_positions
 from sparsetrain.export import export_checkpoint
 from sparsetrain.sparse.pooling import pool_blocks
-from tests.sparse.helpers import TINY, qkv, tokens
+from tests.sparse.helpers import TINY, qkv, segment_positions, tokens
 
 
 def packed_segments(lengths: list[int], seq: int) -> np.ndarray:
@@ -114,7 +114,7 @@ def test_cross_document_attention_sees_the_earlier_documents():
     params = model.init(0)
     toks = jnp.asarray(tokens(64, batch=1))
     seg = jnp.asarray(packed_segments([24, 40], 64))[None]
-    positions = jnp.asarray(document_positions(np.asarray(seg[0])))[None]
+    positions = segment_positions(seg)
     with jax.default_matmul_precision("highest"):
         masked, _, _ = model.apply(params, toks, positions, seg)
         crossing, _, _ = model.apply(params, toks, None, None)
@@ -142,7 +142,7 @@ def test_export_runs_packed_rows_as_training_does(tmp_path, run_torch, rule):
                                                                            if "/attn/attend/" in k}})
     out = export_checkpoint(save_run(tmp_path, cfg, params), tmp_path / "hf", dtype="float32")
     seg = jnp.asarray(np.stack([packed_segments([64, 32, 32], 160), packed_segments([96, 32], 160)]))
-    positions = jnp.asarray(np.stack([document_positions(row) for row in np.asarray(seg)]))
+    positions = segment_positions(seg)
     toks = tokens(160, batch=2, seed=3)
     with jax.default_matmul_precision("highest"):
         logits, _, _ = ModelDef.create(cfg).apply(params, jnp.asarray(toks), positions, seg)

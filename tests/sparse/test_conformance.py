@@ -23,7 +23,6 @@ from sparsetrain.export import export_checkpoint
 from sparsetrain.export.import_hf import read_hf
 from sparsetrain.export.mapping import stack_layers
 from sparsetrain.config import RunConfig
-from sparsetrain.data.pipeline import document_positions
 from tests.export.helpers import jax_outputs, random_params, save_run
 from tests.fake_devices import run_script
 from tests.sparse.helpers import TINY, inputs, layer, qkv, segment_positions, tiny, tokens
@@ -208,7 +207,7 @@ def test_packed_documents_do_not_see_each_other(method, variant):
     cfg = model_config(rule(method, variant))
     params = with_method_params(cfg)
     seg = packed_segments()
-    positions = jnp.asarray(document_positions(np.asarray(seg[0])))[None]
+    positions = segment_positions(seg)
     ctx = StepContext(train=True, rng=jax.random.key(0))
     toks = tokens(PACKED, batch=1, seed=6)
     base, _, _ = apply(cfg, params, toks, positions=positions, segment_ids=seg, ctx=ctx)
