@@ -8,13 +8,15 @@ tokens, batch 1).
 Each `--case "NAME=CONFIG [OVERRIDE ...]"` takes the attention rules of a config (its
 `model.attention`, after the command-line style overrides) on the model of `--base` (default
 small_125m; NSA's cases need `--base configs/nsa_125m.py`, whose GQA groups the token kernel
-tiles); the dense case always runs first. Prints one line per case and a JSON summary (ms, ratio to dense, measured
+tiles); the dense case always runs first. `--case "NAME@ORDER=..."` (ORDER `query` or `key`) traces
+that case's token-level kernels in that loop order (`Tuning.token_order`; default `auto`). Prints one line per case and a JSON summary (ms, ratio to dense, measured
 density, model TFLOP/s).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import configs
+from pallas_kernels.block_sparse import kernel
 from sparsetrain.attention.spec import DenseOptions
 from sparsetrain.checkpoint.model_def import ModelDef, flatten
 from sparsetrain.configbase import apply_overrides
@@ -82,15 +85,18 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     base = configs.load(args.base)
-    cases = {"dense": (DenseOptions(),)}
+    cases = {"dense": ((DenseOptions(),), "auto")}
     for name, spec in (item.split("=", 1) for item in args.case):
         path, *overrides = spec.split()
-        cases[name] = apply_overrides(configs.load(path), overrides).model.attention
+        order = name.split("@")[1] if "@" in name else "auto"
+        cases[name] = (apply_overrides(configs.load(path), overrides).model.attention, order)
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "seq": args.seq,
            "remat": args.remat, "cases": {}}
-    for name, rules in cases.items():
+    for name, (rules, order) in cases.items():
         cfg = with_rules(base, args.seq, rules, args.remat)
-        ms, metrics = median_step_ms(cfg, args.seq)
+        # Read while the step is traced; "auto" keeps the default tuning of every kernel.
+        with kernel.tuning(kernel.Tuning(token_order=order)) if order != "auto" else contextlib.nullcontext():
+            ms, metrics = median_step_ms(cfg, args.seq)
         tflops = flops_per_token(cfg.model, args.seq) * args.seq / (ms * 1e-3) / 1e12
         out["cases"][name] = {"ms": ms, "ratio_to_dense": ms / out["cases"].get("dense", {"ms": ms})["ms"],
                               "density": metrics.get("density"), "model_tflops": tflops}

@@ -25,6 +25,11 @@ class Tuning:
     bwd_warps: int = 4
     bwd_stages: int = 2
     token_rows: int = 16  # token-level kernel: at least this many rows (heads x tokens) a tile
+    # Token-level loop order: "query" (token_kernel: tiles of consecutive tokens), "key"
+    # (token_gather_kernel: a key block gathers the rows that selected it), or "auto".
+    token_order: str = "auto"
+    gather_rows: int = 64    # key-block-outer: rows a chunk (the MMA M-dimension)
+    gather_chunks: int = 4   # key-block-outer: chunks a program, sharing one K/V block load
 
 
 def default_tuning(block: int, head_dim: int) -> Tuning:

@@ -136,3 +136,24 @@ def token_attention_dims(q, k, v, selection: Selection, block_size: int,
                          f"max_blocks]; got {tuple(selection.indices.shape)}")
     check_lists(selection, (b, heads, t), -(-s // block_size))
     return common.Dims(b, t, s, n, kh, heads, d, block_size)
+
+
+def clean_lists(sel: Selection, seg, dims: common.Dims, causal: bool, window: int | None):
+    """int32 [B, H, T, m]: each token's usable blocks (others -1; not compacted). Entries past
+    `counts`, blocks after the token (causal), blocks ending before its window and blocks holding
+    none of its document (seg: `common.SegmentIds` or None) are dropped, so that the token kernels
+    of either loop order do useful work at every step."""
+    idx, m = sel.indices, sel.indices.shape[-1]
+    ok = (jnp.arange(m) < sel.counts[..., None]) & (idx >= 0) & (idx < dims.n_k)
+    pos = (jnp.arange(dims.seq_q) + dims.offset)[:, None]
+    if causal:
+        ok = ok & (idx * dims.block <= pos)
+    if window is not None:  # the block's last key must lie inside the token's window
+        ok = ok & ((idx + 1) * dims.block - 1 > pos - window)
+    if seg is not None:  # the block's id range must hold the token's id
+        k_lo, k_hi = common.block_id_range(seg.kv, dims.block, dims.n_k)
+        safe = jnp.clip(idx, 0, dims.n_k - 1)
+        take = lambda r: jnp.take_along_axis(r[:, None, None, :], safe, axis=-1, mode="clip")  # noqa: E731
+        qid = seg.q[:, None, :, None]
+        ok = ok & (take(k_lo) <= qid) & (qid <= take(k_hi))
+    return jnp.where(ok, idx, -1)

@@ -38,7 +38,8 @@ from jax.experimental.pallas import triton as pltr
 from pallas_kernels.block_sparse import common, flash
 from pallas_kernels.block_sparse.common import LN2, LOG2E, Dims
 from pallas_kernels.block_sparse.launch import current_tuning, dot_precision, pallas
-from pallas_kernels.block_sparse.selection import Selection, token_attention_dims
+from pallas_kernels.block_sparse.selection import Selection, clean_lists, token_attention_dims
+from pallas_kernels.block_sparse.token_gather_kernel import gather_token_attention
 
 MAX_HEAD_DIM = 256
 # dk/dv grid target: enough programs to fill an H100's 132 SMs several times over.
@@ -62,31 +63,12 @@ def check_token_kernel(dims: Dims) -> None:
     gs = dims.mask_group
     if gs & (gs - 1):
         raise ValueError(f"query heads per selection head = {gs} (N={dims.q_heads}, H={dims.mask_heads}) "
-                         f"must be a power of two for the token-level Triton kernel")
-    if dims.head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim={dims.head_dim} exceeds the token-level Triton kernel's {MAX_HEAD_DIM}")
+                         f"must be a power of two for the query-outer token kernel (Tuning.token_order="
+                         f"'query'); the key-block-outer order ('key', or 'auto') runs any group")
 
 
 # ------------------------------------------------------------------------------------------------
 # Lists (jnp, outside the kernels).
-
-def clean_lists(sel: Selection, seg, dims: Dims, causal: bool, window: int | None):
-    """int32 [B, H, T, m]: each token's usable blocks (others -1; not compacted)."""
-    idx, m = sel.indices, sel.indices.shape[-1]
-    ok = (jnp.arange(m) < sel.counts[..., None]) & (idx >= 0) & (idx < dims.n_k)
-    pos = (jnp.arange(dims.seq_q) + dims.offset)[:, None]
-    if causal:
-        ok = ok & (idx * dims.block <= pos)
-    if window is not None:  # the block's last key must lie inside the token's window
-        ok = ok & ((idx + 1) * dims.block - 1 > pos - window)
-    if seg is not None:  # the block's id range must hold the token's id
-        k_lo, k_hi = common.block_id_range(seg.kv, dims.block, dims.n_k)
-        safe = jnp.clip(idx, 0, dims.n_k - 1)
-        take = lambda r: jnp.take_along_axis(r[:, None, None, :], safe, axis=-1, mode="clip")  # noqa: E731
-        qid = seg.q[:, None, :, None]
-        ok = ok & (take(k_lo) <= qid) & (qid <= take(k_hi))
-    return jnp.where(ok, idx, -1)
-
 
 def union_lists(lists, p: int, n_k: int):
     """Per group of p tokens, the sorted union of their lists: [B, H, nG, p*m] (-1 padded), and
@@ -435,16 +417,36 @@ def _attention_bwd(cfg: _Config, res, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def loop_order(dims: Dims) -> str:
+    """"query" (this file) or "key" (`token_gather_kernel`) for a token-level call: `Tuning.token_order`,
+    or with "auto" the measured-faster order (docs/benchmarks.md): key-block-outer whenever a
+    query-outer tile would take its rows from more than one token (Gs < 16), and always where the
+    query-outer kernel cannot tile the group (Gs not a power of two)."""
+    order = current_tuning(dims.block, dims.head_dim).token_order
+    if order not in ("auto", "query", "key"):
+        raise ValueError(f"Tuning.token_order={order!r}; choose one of 'auto', 'query', 'key'")
+    if order == "auto":
+        gs = dims.mask_group
+        return "query" if gs >= 16 and gs & (gs - 1) == 0 else "key"
+    return order
+
+
 def token_block_sparse_attention(q, k, v, selection: Selection, *, causal: bool, block_size: int,
                                  sm_scale, segment_ids, window, interpret: bool, return_lse: bool):
     """`kernel.block_sparse_attention` for a token-level `Selection` (validated here); the
-    arguments and results are that function's."""
+    arguments and results are that function's. The loop order is `loop_order`'s."""
     dims = token_attention_dims(q, k, v, selection, block_size)
-    check_token_kernel(dims)
     seg = common.segment_ids_pair(segment_ids, dims)
-    cfg = _Config(dims, bool(causal), common.check_window(window, causal, dims.seq_kv),
-                  common.default_scale(sm_scale, dims.head_dim), bool(interpret), segmented=seg is not None,
-                  p=tokens_per_tile(dims))
+    causal, scale = bool(causal), common.default_scale(sm_scale, dims.head_dim)
+    window = common.check_window(window, causal, dims.seq_kv)
+    if dims.head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={dims.head_dim} exceeds the token-level Triton kernels' {MAX_HEAD_DIM}")
+    if loop_order(dims) == "key":
+        o, lse = gather_token_attention(q, k, v, selection, seg, dims, causal=causal, scale=scale,
+                                        window=window, interpret=bool(interpret))
+        return (o, lse) if return_lse else o
+    check_token_kernel(dims)
+    cfg = _Config(dims, causal, window, scale, bool(interpret), segmented=seg is not None, p=tokens_per_tile(dims))
     if seg is None:  # unread placeholders keep one kernel signature
         seg = common.SegmentIds(jnp.zeros((dims.batch, dims.seq_q), jnp.int32),
                                 jnp.zeros((dims.batch, dims.seq_kv), jnp.int32))
