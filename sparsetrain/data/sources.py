@@ -82,7 +82,7 @@ def read_text_documents(files: Iterable[Path], jsonl_field: str, *, skip_empty: 
     for path in files:
         raw = _read_bytes(path)
         text = raw.decode("utf-8", errors="replace")
-        if reason := not_text_reason(raw, text):
+        if reason := _not_text_reason(raw, text):
             if on_bad_file == "error":
                 raise InputError(f"{path} is not text ({reason}); data.on_bad_file=error "
                                  f"('skip' trains without it)")
@@ -126,7 +126,7 @@ def iter_documents(cfg: DataConfig, vocab_size: int) -> Iterator[str] | Iterator
     return read_token_documents(find_files(cfg.path, TOKEN_SUFFIXES), vocab_size)
 
 
-def not_text_reason(raw: bytes, text: str) -> str | None:
+def _not_text_reason(raw: bytes, text: str) -> str | None:
     """Why a file's bytes are not text (`text`: them decoded with errors="replace"), or None."""
     if b"\0" in raw:
         return f"{raw.count(0)} NUL byte(s)"
