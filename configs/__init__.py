@@ -20,9 +20,10 @@ def load(name_or_path: str) -> RunConfig:
     ("experiments/mine.py"), or from a run's saved config.json ("runs/x/config.json"), which
     reproduces that run's config exactly."""
     path = Path(name_or_path)
+    # configs/NAME.py names a config from any directory; other paths must exist.
+    if not path.is_file() and (path.suffix == ".json" or (path.suffix == ".py" and path.stem not in available())):
+        raise ConfigError(f"--config {name_or_path}: no such file")
     if path.suffix == ".json":
-        if not path.is_file():
-            raise ConfigError(f"--config {name_or_path}: no such file")
         try:
             return from_dict(RunConfig, json.loads(path.read_text()))
         except json.JSONDecodeError as e:

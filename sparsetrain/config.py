@@ -112,6 +112,9 @@ class DataConfig(Config):
     # True: packed documents also attend to the earlier documents of their window (GPT-style);
     # False: each token attends within its own document and positions restart per document.
     cross_document_attention: bool = False
+    # A source file that is not text (NUL bytes, or too many undecodable bytes): "skip" it with a
+    # warning naming it, or stop with an "error".
+    on_bad_file: Literal["skip", "error"] = "skip"
 
     def validate(self) -> None:
         self.require(self.seq_len > 0, "seq_len", "must be > 0")
@@ -126,7 +129,7 @@ class DataConfig(Config):
 class OptimizerConfig(Config):
     learning_rate: float = 3e-3  # peak learning rate
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"   # after linear warmup
-    warmup_steps: int = 50       # linear warmup from 0
+    warmup_steps: int = 50       # linear warmup: step n of it gets n / (warmup_steps + 1) of the peak
     decay_fraction: float = 0.2   # wsd: fraction of steps spent decaying at the end
     min_lr_ratio: float = 0.1    # final learning rate / peak
     b1: float = 0.9              # Adam beta1
@@ -223,6 +226,9 @@ class TrainerConfig(Config):
     phases: tuple[PhaseConfig, ...] = ()
     # The evaluation suite (loss against length, passkey, MQAR, plots) at every validation pass.
     eval_suite: EvalSuiteConfig = EvalSuiteConfig()
+    # Bytes one device may use; the compiled step's estimate must fit before training starts.
+    # 0 = the device's own limit (GPUs report one; CPUs do not, so there is no check).
+    memory_limit_bytes: int = 0
 
     def validate(self) -> None:
         for name in ("steps", "grad_accum", "log_every", "eval_every", "eval_batches",
@@ -230,6 +236,7 @@ class TrainerConfig(Config):
             self.require(getattr(self, name) > 0, name, "must be > 0")
         self.require(self.z_loss >= 0, "z_loss", "must be >= 0")
         self.require(self.loss_chunk >= 0, "loss_chunk", "must be >= 0 (0 = unchunked)")
+        self.require(self.memory_limit_bytes >= 0, "memory_limit_bytes", "must be >= 0 (0 = the device's limit)")
         starts = [phase.start_step for phase in self.phases]
         self.require(starts == sorted(set(starts)), "phases", "start_step must increase from phase to phase")
 
@@ -260,6 +267,9 @@ class CheckpointConfig(Config):
     # With init_from: let parameters other than attention methods' own (gates) start fresh
     # (e.g. a deeper model); otherwise a base weight missing from the source is an error.
     init_missing_ok: bool = False
+    # A latest checkpoint that fails validation on resume: "fallback" moves it aside (to
+    # checkpoints/<step>.corrupt) and resumes from the newest good one; "fail" stops with an error.
+    on_corrupt: Literal["fallback", "fail"] = "fallback"
 
     def validate(self) -> None:
         self.require(self.every >= 0, "every", "must be >= 0")

@@ -249,6 +249,19 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+def reject_repeated_keys(overrides: list[str]) -> None:
+    """Raise ConfigError if a key is given twice: on a command line the second would silently win."""
+    seen: dict[str, str] = {}
+    repeated = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in seen:
+            repeated.append(f"{key} is given twice ({seen[key]!r} and {item!r}); give each key once")
+        seen[key] = item
+    if repeated:
+        raise ConfigError("\n".join(repeated))
+
+
 def to_dict(cfg: Any) -> Any:
     """Plain nested dict/list form, for JSON and checkpoint metadata."""
     if dataclasses.is_dataclass(cfg):

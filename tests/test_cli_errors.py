@@ -40,3 +40,23 @@ def test_bad_inputs_give_one_named_line_and_exit_2(tmp_path, case):
     # Nothing was trained: no run directory was written.
     assert not (tmp_path / "tiny" / "checkpoints").exists()
     assert "data: data:" not in done.stderr
+
+
+@pytest.mark.parametrize("case", ["no_such_config", "repeated_key", "on_corrupt"])
+def test_command_line_mistakes_give_one_named_line_and_exit_2(tmp_path, case):
+    args, expected = {
+        "no_such_config": (["--config", "nope.py"], "--config nope.py: no such file"),
+        "repeated_key": (["data.seq_len=64", "data.seq_len=128"],
+                         "data.seq_len is given twice ('data.seq_len=64' and 'data.seq_len=128')"),
+        "on_corrupt": (["checkpoint.on_corrupt=ignore"],
+                       "checkpoint.on_corrupt='ignore' is not allowed; choose one of 'fallback' | 'fail'"),
+    }[case]
+    done = run_train(*args, f"run_dir={tmp_path}")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {expected}"), done.stderr
+
+
+def test_options_and_overrides_go_in_any_order():
+    done = run_train("name=x", "--config", "configs/nsa_tiny.py", "data.seq_len=128", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "fields of configs/nsa_tiny.py" in done.stdout

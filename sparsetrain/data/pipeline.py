@@ -169,6 +169,13 @@ class Data:
         ds = ds.repeat()[self.process_index::self.process_count]
         return ds.batch(self.batch_size, drop_remainder=True).to_iter_dataset(READ_OPTIONS)
 
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """(shape, dtype) of each field of a global batch, without reading one: the step can be
+        compiled (and its memory checked) before the pipeline starts filling its buffers."""
+        example = self._train_windows[0]
+        rows = self.batch_size * self.process_count
+        return {key: ((rows, *value.shape), value.dtype) for key, value in example.items()}
+
     def train_iter(self) -> grain.DatasetIterator:
         """A new iterator from the first batch; `get_state()`/`set_state()` resume it exactly."""
         return iter(self.train_dataset)

@@ -2,7 +2,10 @@
 
 Every source yields documents in a deterministic order (sorted paths, then order within a file).
 Text is decoded as UTF-8 with errors="replace": undecodable bytes become U+FFFD instead of stopping a
-run over one odd file. Missing, unreadable, corrupt or empty inputs raise ValueError naming the file.
+run over one odd file. A file that is not text at all (a NUL byte, or more than
+MAX_REPLACEMENT_FRACTION of its characters undecodable: binary data, UTF-16, an image renamed .txt)
+is skipped with a warning naming it, or is an error with data.on_bad_file=error. Missing,
+unreadable, corrupt or empty inputs raise ValueError naming the file.
 
 Pre-tokenized layouts (ids must lie in [0, vocab_size); the pipeline appends eos, so files hold none):
   - `.npy`, 1-D integer array: one document.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -34,6 +38,9 @@ TOKEN_SUFFIXES = (".npy", *ARRAY_RECORD_SUFFIXES)
 # Installed packages are not the stdlib; test folders hold deliberately malformed and generated data.
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                               "__pycache__"})
+# Text in another 8-bit encoding has a few undecodable characters (accents); random bytes decode to
+# about half U+FFFD.
+MAX_REPLACEMENT_FRACTION = 0.25
 
 
 def stdlib_files() -> list[Path]:
@@ -64,14 +71,25 @@ def find_files(path: str, suffixes: tuple[str, ...]) -> list[Path]:
     return files
 
 
-def read_text_documents(files: Iterable[Path], jsonl_field: str, *,
-                        skip_empty: bool = False) -> Iterator[str]:
+def read_text_documents(files: Iterable[Path], jsonl_field: str, *, skip_empty: bool = False,
+                        on_bad_file: str = "skip") -> Iterator[str]:
     """One document per plain-text file, one per JSON line (its `jsonl_field`) for .jsonl/.json.
 
     A file without documents raises ValueError unless `skip_empty` (the stdlib has empty `__init__.py`s).
+    A file that is not text is skipped with a warning on stderr, or raises with on_bad_file="error".
     """
+    skipped = 0
     for path in files:
-        text = _read_text(path)
+        raw = _read_bytes(path)
+        text = raw.decode("utf-8", errors="replace")
+        if reason := _not_text_reason(raw, text):
+            if on_bad_file == "error":
+                raise InputError(f"{path} is not text ({reason}); data.on_bad_file=error "
+                                 f"('skip' trains without it)")
+            skipped += 1
+            print(f"warning: skipping {path}: not text ({reason}); {skipped} file(s) skipped so far "
+                  f"(data.on_bad_file=error stops instead)", file=sys.stderr)
+            continue
         if path.suffix in JSONL_SUFFIXES:
             documents = _jsonl_documents(path, text, jsonl_field)
         else:
@@ -104,16 +122,25 @@ def iter_documents(cfg: DataConfig, vocab_size: int) -> Iterator[str] | Iterator
     if cfg.source == "stdlib":
         return read_text_documents(stdlib_files(), cfg.jsonl_field, skip_empty=True)
     if cfg.source == "files":
-        return read_text_documents(find_files(cfg.path, TEXT_SUFFIXES), cfg.jsonl_field)
+        return read_text_documents(find_files(cfg.path, TEXT_SUFFIXES), cfg.jsonl_field, on_bad_file=cfg.on_bad_file)
     return read_token_documents(find_files(cfg.path, TOKEN_SUFFIXES), vocab_size)
 
 
-def _read_text(path: Path) -> str:
+def _not_text_reason(raw: bytes, text: str) -> str | None:
+    """Why a file's bytes are not text (`text`: them decoded with errors="replace"), or None."""
+    if b"\0" in raw:
+        return f"{raw.count(0)} NUL byte(s)"
+    undecodable = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if text and undecodable > MAX_REPLACEMENT_FRACTION * len(text):
+        return f"{undecodable / len(text):.0%} of its characters are not UTF-8"
+    return None
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}") from e
-    return raw.decode("utf-8", errors="replace")
 
 
 def _jsonl_documents(path: Path, text: str, field: str) -> list[str]:

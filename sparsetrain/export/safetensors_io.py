@@ -9,6 +9,7 @@ Above `max_shard_bytes` the tensors are split into `model-0000i-of-0000n.safeten
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import ml_dtypes
@@ -33,6 +34,15 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np
     return shards
 
 
+def _save(tensors: dict[str, np.ndarray], path: Path) -> None:
+    save_file(tensors, str(path), metadata=METADATA)
+    # safetensors writes through a private temporary file (mode 0600); give the file the mode every
+    # other file of the folder gets: 0666 less the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def write_tensors(tensors: dict[str, np.ndarray], directory: Path, filename: str,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Write `filename` ("model.safetensors"), sharded with an index above max_shard_bytes; returns
@@ -40,13 +50,13 @@ def write_tensors(tensors: dict[str, np.ndarray], directory: Path, filename: str
     directory = Path(directory)
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
-        save_file(tensors, str(directory / filename), metadata=METADATA)
+        _save(tensors, directory / filename)
         return [filename]
     stem = filename.removesuffix(".safetensors")
     names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        save_file(shard, str(directory / name), metadata=METADATA)
+        _save(shard, directory / name)
         weight_map.update({key: name for key in shard})
     index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())}, "weight_map": weight_map}
     (directory / f"{filename}.index.json").write_text(json.dumps(index, indent=2) + "\n")

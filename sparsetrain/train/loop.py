@@ -6,10 +6,8 @@ from `cfg.mesh`, the step is one `jax.jit` with explicit in/out shardings and do
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,11 +24,14 @@ from sparsetrain.checkpoint import load_params, merge_init_params, save_params
 from sparsetrain.checkpoint.params_io import locate_checkpoint
 from sparsetrain.errors import InputError
 from sparsetrain.train import checkpoint as ckpt_lib
+from sparsetrain.train import resume_config
+from sparsetrain.train.interrupt import StopRequests
+from sparsetrain.train.memory import check_fits, is_out_of_memory, out_of_memory
 from sparsetrain.train.metrics import MetricsWriter, Throughput, flops_per_token
 from sparsetrain.checkpoint.model_def import ModelDef, flatten, path_str
 from sparsetrain.train.optimizer import frozen_paths, learning_rate_schedule, make_optimizer
 from sparsetrain.train.sharding import (batch_sharding, global_batch, make_mesh, param_shardings,
-                                        replicated)
+                                        placed_like, replicated)
 from sparsetrain.train.step import make_eval_step, make_train_step
 
 
@@ -96,7 +97,9 @@ def run_phases(cfg: RunConfig, abstract_params) -> list[Phase]:
 class Trainer:
     """Owns the compiled steps, the state and the run directory of one run."""
 
-    def __init__(self, cfg: RunConfig, devices=None):
+    def __init__(self, cfg: RunConfig, devices=None, *, allow_config_change: bool = False):
+        """`allow_config_change`: resume even if the config differs from the saved one in more than
+        resume_config.RESUMABLE_FIELDS (train.py --allow_config_change)."""
         maybe_initialize_distributed()
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir) / cfg.name
@@ -125,9 +128,10 @@ class Trainer:
                                          self.mesh)
         self._compiled: dict[int, tuple] = {}
         self.checkpointer = ckpt_lib.Checkpointer(self.run_dir, cfg.checkpoint)
-        # The iterator to restore is the one of the phase that ran the last saved step.
-        self.data = self.data_for(self.phase_at(max((self.checkpointer.latest_step() or 0) - 1, 0)))
-        self.train_iter = self.data.train_iter()
+        latest = self.checkpointer.latest_step()
+        # Checked before anything is restored or compiled: a refused change fails in seconds.
+        self.config_changes = resume_config.check_resume(self.run_dir, cfg, latest, allow_config_change) \
+            if latest is not None else {}
         self.state = self._resume_or_init()
 
     def phase_at(self, step: int) -> int:
@@ -143,7 +147,8 @@ class Trainer:
         return self._data[data_cfg]
 
     def steps_for(self, phase: int):
-        """(train_step, eval_step) of a phase, compiled on first use."""
+        """(train_step, eval_step) of a phase, compiled on first use. The train step is compiled ahead
+        of its first batch, and refused (memory.OutOfMemory) if XLA's estimate exceeds device memory."""
         if phase not in self._compiled:
             model = self.phases[phase].model
             batch_shard = batch_sharding(self.mesh)
@@ -151,6 +156,10 @@ class Trainer:
                                                  self.trainable[phase], phase),
                                  in_shardings=(self.shardings, batch_shard),
                                  out_shardings=(self.shardings, replicated(self.mesh)), donate_argnums=0)
+            batch = {key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_shard)
+                     for key, (shape, dtype) in self.data_for(phase).batch_spec().items()}
+            train_step = train_step.lower(placed_like(self.abstract_state, self.shardings), batch).compile()
+            check_fits(train_step, self.cfg.trainer.memory_limit_bytes)
             eval_step = jax.jit(make_eval_step(model, self.cfg.trainer, phase),
                                 in_shardings=(self.shardings["params"], batch_shard),
                                 out_shardings=replicated(self.mesh))
@@ -162,12 +171,29 @@ class Trainer:
         return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.int32(0)}
 
     def _resume_or_init(self) -> dict:
-        latest = self.checkpointer.latest_step()
-        if latest is not None:
-            state, meta = self.checkpointer.restore(latest, self.abstract_state, self.shardings,
-                                                    self.train_iter)
-            self.log(f"resumed from {self.checkpointer.directory}/{latest} (step {meta['step']})")
+        """The newest checkpoint that restores intact (checkpoint.on_corrupt=fallback moves bad ones
+        aside, "fail" stops at the first), else a fresh or --init_from state."""
+        steps = self.checkpointer.all_steps()
+        for step in steps:
+            # The iterator to restore is the one of the phase that ran the saved step.
+            self.data = self.data_for(self.phase_at(max(step - 1, 0)))
+            self.train_iter = self.data.train_iter()
+            try:
+                state, meta = self.checkpointer.restore(step, self.abstract_state, self.shardings, self.train_iter)
+            except ckpt_lib.CorruptCheckpoint as e:
+                if self.cfg.checkpoint.on_corrupt == "fail":
+                    raise InputError(f"{e} (checkpoint.on_corrupt=fail; 'fallback' moves it aside and "
+                                     f"resumes from the newest good step)") from None
+                self.log(f"warning: {e}")
+                self.log(f"warning: moved it to {self.checkpointer.move_aside(step)}; trying the previous one")
+                continue
+            self.log(f"resumed from {self.checkpointer.directory}/{step} (step {meta['step']})")
             return state
+        if steps:   # starting over silently would discard the whole run
+            raise InputError(f"no intact checkpoint left in {self.checkpointer.directory} (the corrupt ones "
+                             f"were renamed to <step>.corrupt); remove or rename the run directory to start over")
+        self.data = self.data_for(0)
+        self.train_iter = self.data.train_iter()
         state = jax.jit(self._init_state, out_shardings=self.shardings)()
         if not self.cfg.checkpoint.init_from and any(s.param_policy == "own_only" for s in self.cfg.model.layer_specs):
             self.log("warning: a method trains only its own parameters (e.g. seer mode=distill) but the "
@@ -263,23 +289,21 @@ class Trainer:
         self.log(f"step {step}: eval suite -> {out}\n" + report.summary(results))
 
     def run(self) -> dict:
-        """Train to cfg.trainer.steps (or until SIGTERM/SIGINT); returns the last metrics."""
+        """Train to cfg.trainer.steps, or until SIGTERM/SIGINT (then "signal" in the result names it);
+        returns the last metrics. A step that runs out of device memory raises memory.OutOfMemory."""
         cfg, tcfg = self.cfg, self.cfg.trainer
+        step = int(self.state["step"])
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        writer = MetricsWriter(self.run_dir, cfg.tensorboard) if self.is_main else None
-        stop = {"signal": None}
-        handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
-                    for s in (signal.SIGTERM, signal.SIGINT)}
-        step = int(self.state["step"])
+            resume_config.record(self.run_dir, cfg, step, self.config_changes, self.log)
+        writer = MetricsWriter(self.run_dir, cfg.tensorboard, resumed_step=step) if self.is_main else None
         phase = None
         bar = tqdm(total=tcfg.steps, initial=step, disable=not (self.is_main and tcfg.progress_bar),
                    dynamic_ncols=True)
         self.bad_in_row, self.best_val, summary = 0, math.inf, {}
         try:
-            with jax.set_mesh(self.mesh):
-                while step < tcfg.steps and stop["signal"] is None:
+            with StopRequests(self.log) as stop, jax.set_mesh(self.mesh):
+                while step < tcfg.steps and stop.signum is None:
                     if self.phase_at(step) != phase:
                         phase, compile_step = self.phase_at(step), step + 1
                         run_cfg = self.phases[phase].cfg
@@ -293,8 +317,9 @@ class Trainer:
                         if cfg.trainer.phases:
                             self.log(f"step {step}: phase {phase} "
                                      f"({', '.join(cfg.trainer.phases[phase - 1].overrides) if phase else 'the run config'})")
+                        train_step = self.steps_for(phase)[0]   # before a batch is read: see steps_for
                     batch = global_batch(next(self.train_iter), self.mesh)
-                    self.state, metrics = self.steps_for(phase)[0](self.state, batch)
+                    self.state, metrics = train_step(self.state, batch)
                     step += 1
                     throughput.tick()
                     if step == compile_step:  # a phase's first step compiles: keep it out of tokens/s and MFU
@@ -324,20 +349,22 @@ class Trainer:
                     if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                         self.save(step)
                     bar.update(1)
-            if stop["signal"] is not None:
-                self.log(f"received signal {stop['signal']}: saving step {step} and exiting")
+            if stop.signum is not None:
+                self.log(f"received signal {stop.signum}: saving step {step} and exiting")
             if self.checkpointer.latest_step() != step:
                 self.save(step, force=True)
             self.checkpointer.wait()
+        except jax.errors.JaxRuntimeError as e:
+            if is_out_of_memory(e):
+                raise out_of_memory(e, step + 1) from None
+            raise
         finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
             bar.close()
             self.checkpointer.close()
             if writer:
                 writer.close()
-        return {**summary, "step": step, "interrupted": stop["signal"] is not None}
+        return {**summary, "step": step, "interrupted": stop.signum is not None, "signal": stop.signum}
 
 
-def train(cfg: RunConfig) -> dict:
-    return Trainer(cfg).run()
+def train(cfg: RunConfig, *, allow_config_change: bool = False) -> dict:
+    return Trainer(cfg, allow_config_change=allow_config_change).run()

@@ -70,14 +70,21 @@ class Throughput:
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a")
+    A run resumed from the checkpoint of `resumed_step` trains the later steps again, so the records
+    of those steps from before (a kill -9, a fall back past a corrupt checkpoint) are dropped first:
+    every step appears once."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resumed_step: int = 0):
+        path = Path(run_dir) / "metrics.jsonl"
+        drop_records_after(path, resumed_step)
+        self.file = open(path, "a")
         self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            # purge_step: TensorBoard hides events of the steps trained again.
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resumed_step + 1)
 
     def write(self, step: int, values: dict) -> None:
         values = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in values.items()}
@@ -92,3 +99,20 @@ class MetricsWriter:
         self.file.close()
         if self.tb:
             self.tb.close()
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite the metrics file without the records of steps after `step` (and without a line that a
+    kill cut short)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(kept))
+    partial.replace(path)   # atomic: a kill now leaves the old or the new file, never half of one

@@ -23,7 +23,9 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
         hold = max(total_steps - warmup - decay, 0)
         rest = optax.join_schedules([optax.constant_schedule(peak),
                                      optax.linear_schedule(peak, floor, decay)], [hold])
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), rest], [warmup])
+    # Step n (1-based) uses schedule(n - 1). Warming up from 0 would give step 1 no update at all, so
+    # step n of the warm-up gets n / (warmup + 1) of the peak (as nanoGPT does), reaching it after.
+    return optax.join_schedules([optax.linear_schedule(peak / (warmup + 1), peak, warmup), rest], [warmup])
 
 
 def _labels(params: Params, fn) -> Params:

@@ -60,3 +60,9 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """Assemble each process's slice of the batch into one global, sharded array per key."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def placed_like(tree, shardings):
+    """Abstract arrays (shape, dtype) of `tree` on `shardings`: what restoring or compiling for that
+    placement needs."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)

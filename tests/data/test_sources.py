@@ -67,6 +67,28 @@ def test_undecodable_bytes_become_replacement_characters(tmp_path):
     assert documents("files", tmp_path) == ["ok \ufffd\ufffd end"]
 
 
+def test_files_that_are_not_text_are_skipped_with_a_warning_naming_them(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "b.txt").write_bytes(bytes(range(256)) * 4)                        # binary: NUL bytes
+    (tmp_path / "c.txt").write_bytes(b"x" + bytes(range(0x80, 0x100)) * 2)   # no NUL, not UTF-8
+    (tmp_path / "d.txt").write_text("caf\u00e9 gamma")
+    assert documents("files", tmp_path) == ["alpha", "caf\u00e9 gamma"]
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'b.txt'}: not text (4 NUL byte(s)); 1 file(s) skipped so far" in err
+    assert f"skipping {tmp_path / 'c.txt'}: not text (" in err and "2 file(s) skipped so far" in err
+
+
+def test_on_bad_file_error_stops_at_a_binary_file(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(ValueError, match=r"a.txt is not text \(1 NUL byte\(s\)\); data.on_bad_file=error"):
+        documents("files", tmp_path, on_bad_file="error")
+
+
+def test_on_bad_file_names_its_allowed_values():
+    with pytest.raises(ValueError, match="on_bad_file='ignore' is not allowed; choose one of 'skip' | 'error'"):
+        DataConfig(on_bad_file="ignore")
+
+
 def test_npy_one_document_per_1d_file_and_per_padded_2d_row(tmp_path):
     np.save(tmp_path / "a.npy", np.array([5, 6, 7], dtype=np.int64))
     np.save(tmp_path / "b.npy", np.array([[1, 2, -1], [-1, -1, -1], [3, 4, 9]], dtype=np.int32))

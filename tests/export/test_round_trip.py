@@ -78,6 +78,8 @@ def test_names_and_shapes_are_the_llama_state_dict(tmp_path, variant):
     sparse_file = out / "sparse_attention.safetensors"
     assert sparse_file.exists() == (variant == "local_layers")   # "local" has no parameters: empty file
     assert not sparse_file.exists() or read_tensors(out, "sparse_attention.safetensors") == {}
+    # safetensors writes through a 0600 temporary file; the folder's files all get one mode.
+    assert len({path.stat().st_mode for path in out.iterdir() if path.is_file()}) == 1
 
 
 def test_arange_weights_land_where_torch_expects_them(tmp_path):

@@ -42,7 +42,7 @@ def test_context_axis_needs_whole_tiles_per_chunk(tmp_path):
 def test_trains_from_the_cli(tmp_path):
     # local layers: evaluation also measures their recall (block scores back in natural order).
     run_script("train.py", "--config", "tiny", *SMALL, f"run_dir={tmp_path}", "name=cp", "mesh.context=2",
-               "data.seq_len=64", "trainer.steps=2", "trainer.eval_every=2", "checkpoint.async_save=false",
+               "trainer.steps=2", "trainer.eval_every=2", "checkpoint.async_save=false",
                "model.attention.0.method=local", "model.attention.0.block_size=16")
     lines = [json.loads(line) for line in (tmp_path / "cp" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "loss" in line][-1] == 2

@@ -37,7 +37,9 @@ def assert_same_params(a, b):
 
 
 def launch(run_dir, *overrides):
-    args = [f"{o}" for o in SMALL] + [f"run_dir={run_dir}", *SAME_SCHEDULE, *overrides]
+    # The command line takes each key once: later overrides replace SMALL's, as small_config's do.
+    given = {o.split("=", 1)[0]: o for o in [*SMALL, f"run_dir={run_dir}", *SAME_SCHEDULE, *overrides]}
+    args = list(given.values())
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -61,14 +63,20 @@ def test_resume_after_normal_end_is_bitwise_identical(tmp_path):
                        final_params(small_config(tmp_path, "trainer.steps=8", "name=split", *SAME_SCHEDULE)))
 
 
-def test_sigterm_saves_and_resume_matches_straight_run(tmp_path):
-    proc = launch(tmp_path, "name=term", "trainer.steps=10000")
-    wait_for(lambda: (tmp_path / "term/metrics.jsonl").exists()
-             and len((tmp_path / "term/metrics.jsonl").read_text().splitlines()) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
+def interrupted(run_dir, sig, after_rows):
+    """Launch an endless run, send `sig` once metrics.jsonl has `after_rows` rows; (process, its output)."""
+    proc = launch(run_dir.parent, f"name={run_dir.name}", "trainer.steps=10000")
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists()
+             and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= after_rows, proc)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert "received signal" in out + err
+    return proc, out + err
+
+
+def test_sigterm_saves_and_resume_matches_straight_run(tmp_path):
+    proc, output = interrupted(tmp_path / "term", signal.SIGTERM, after_rows=3)
+    assert proc.returncode == 143, output[-3000:]   # 128 + SIGTERM, after the checkpoint is saved
+    assert "received signal" in output
     stopped = Checkpointer(tmp_path / "term", small_config(tmp_path).checkpoint).latest_step()
     assert stopped is not None and stopped >= 3
     end = stopped + 3
@@ -78,6 +86,28 @@ def test_sigterm_saves_and_resume_matches_straight_run(tmp_path):
     assert losses(tmp_path / "term") == losses(tmp_path / "straight")
     assert_same_params(final_params(straight), final_params(
         small_config(tmp_path, f"trainer.steps={end}", "name=term", *SAME_SCHEDULE)))
+
+
+def test_sigint_saves_and_exits_130(tmp_path):
+    proc, output = interrupted(tmp_path / "int", signal.SIGINT, after_rows=2)
+    assert proc.returncode == 130, output[-3000:]   # 128 + SIGINT, as a shell reports Ctrl-C
+    logged = max(losses(tmp_path / "int"))
+    assert Checkpointer(tmp_path / "int", small_config(tmp_path).checkpoint).latest_step() == logged
+
+
+def test_a_second_signal_exits_at_once_without_waiting_for_the_main_thread():
+    # The main thread blocks in C (a lock that is never released), as in a long compile.
+    script = ("import os, signal, threading, time\n"
+              "from sparsetrain.train.interrupt import StopRequests\n"
+              "with StopRequests(print):\n"
+              "    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+              "    threading.Timer(0.6, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+              "    lock = threading.Lock(); lock.acquire(); lock.acquire()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 130, done.stderr
+    assert "received signal 2: saving a checkpoint" in done.stdout
+    assert "received signal 2 again: exiting now" in done.stderr
 
 
 def test_kill_during_async_save_keeps_last_complete_checkpoint(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sparsetrain.attention import spec as spec_lib
+from sparsetrain.config import OptimizerConfig
 from sparsetrain.configbase import apply_overrides
 from sparsetrain.attention.dense import DenseAttention
 from sparsetrain.attention.method import AuxLoss, StepContext
@@ -116,3 +117,9 @@ def test_z_loss_adds_squared_log_normaliser():
     lse = jax.nn.logsumexp(logits, -1)
     np.testing.assert_allclose(token_losses(logits, targets, 0.1) - token_losses(logits, targets, 0.0),
                                0.1 * lse ** 2, rtol=1e-5)
+
+
+def test_warm_up_gives_the_first_step_a_learning_rate():
+    schedule = learning_rate_schedule(OptimizerConfig(warmup_steps=4, learning_rate=1e-3), 100)
+    # Step n uses schedule(n - 1): step 1 already trains, step 5 reaches the peak.
+    np.testing.assert_allclose([float(schedule(n)) for n in range(5)], [2e-4, 4e-4, 6e-4, 8e-4, 1e-3], rtol=1e-6)
