@@ -33,8 +33,22 @@ class Windows:
         return self.size // self.stride
 
 
-def check(q, fine, coarse, w: Windows, doc_start=None) -> None:
+POOLS = ("max", "overlap")
+
+
+def overlap_weight(offset, w: Windows):
+    """The stride-chunks window c shares with block j, for offset = c - j * per_block (NSA's
+    importance mapping with overlapping windows, paper §2.1: l and l' multiples of d); 0 outside
+    the overlapping offsets [1 - per_window, per_block - 1]. Works on ints and on arrays."""
+    r, u = w.per_block, w.per_window
+    shared = jnp.minimum(offset + u, r) - jnp.maximum(offset, 0)
+    return jnp.maximum(shared, 0).astype(jnp.float32)
+
+
+def check(q, fine, coarse, w: Windows, doc_start=None, pool: str = "max") -> None:
     """ValueError naming the argument for inputs the scores are not defined on."""
+    if pool not in POOLS:
+        raise ValueError(f"pool={pool!r}; choose one of {POOLS}")
     if q.ndim != 4 or fine.ndim != 4 or coarse.ndim != 4:
         raise ValueError(f"q, fine and coarse must be [batch, seq, heads, head_dim]; got q{q.shape}, "
                          f"fine{fine.shape}, coarse{coarse.shape}")

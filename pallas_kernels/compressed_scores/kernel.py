@@ -1,5 +1,5 @@
-"""InfLLM-V2's stage 1, fused (Pallas Triton lowering): every token's score of every key block from
-compressed keys, without materialising the [T, nW] window scores (which at T=32k cost more than
+"""InfLLM-V2's stage 1 (and NSA's block importance), fused (Pallas Triton lowering): every token's
+score of every key block from compressed keys, without materialising the [T, nW] window scores (which at T=32k cost more than
 the sparse attention they select for, measured in docs/benchmarks.md).
 
 Grid (nQ, B, K): one query tile of `block_size` tokens and one KV head. The G query heads of the
@@ -7,8 +7,9 @@ group are G operands (Triton tiles are powers of two, G need not be):
   pass 1  per head, the base-2 LSE of the logits over the coarse windows each token has seen
           (online, W2 windows per step, only the steps holding windows the tile can see);
   pass 2  per step, the fine windows of M key blocks: P = sum over the heads of exp2(s - lse),
-          zero where unseen; each block's max over the windows overlapping it (the window before
-          the step's first block is carried from the previous step); one output row per block.
+          zero where unseen; each block's max (or overlap-weighted sum) over the windows
+          overlapping it (the windows before the step's first block are carried from the previous
+          step); one output row per block.
 Output f32 [B, K, nK, T] (block-major, so each store is one contiguous row), steps up to the
 tile's own block; the later blocks, which no window a token has seen overlaps, are zeroed outside.
 """
@@ -26,13 +27,14 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.block_sparse.common import LOG2E, pad_axis, padded_head_dim
 from pallas_kernels.block_sparse.launch import dot_precision, pallas
-from pallas_kernels.compressed_scores.common import Windows, check
+from pallas_kernels.compressed_scores.common import Windows, check, overlap_weight
 
 COARSE_STEP = 64    # coarse windows per pass-1 step
 FINE_STEP = 64      # fine windows per pass-2 step (at least; a whole number of blocks)
 
 
-def _kernel(*refs, group: int, w: Windows, blocks_per_step: int, n_coarse: int, scale: float, precision):
+def _kernel(*refs, group: int, w: Windows, blocks_per_step: int, n_coarse: int, scale: float, pool: str,
+            precision):
     q_refs, (doc_ref, fine_ref, coarse_ref, out_ref) = refs[:group], refs[group:]
     bq, r, u = w.block, w.per_block, w.per_window
     i = pl.program_id(0)
@@ -75,18 +77,27 @@ def _kernel(*refs, group: int, w: Windows, blocks_per_step: int, n_coarse: int, 
         p = jnp.where(seen, p, 0.0)
         for m in range(blocks_per_step):
             lo, hi = r * m - u + 1, r * m + r - 1     # the windows overlapping block m of the step
-            score = jnp.where(((cols >= lo) & (cols <= hi))[None, :], p, 0.0).max(axis=1)
-            if lo < 0:
-                score = jnp.maximum(score, carry)
+            inside = ((cols >= lo) & (cols <= hi))[None, :]
+            if pool == "max":
+                score = jnp.where(inside, p, 0.0).max(axis=1)
+                score = jnp.maximum(score, carry) if lo < 0 else score
+            else:
+                score = jnp.where(inside, p * overlap_weight(cols - r * m, w)[None, :], 0.0).sum(axis=1)
+                score = score + carry if lo < 0 else score
             out_ref[t * blocks_per_step + m, :] = score
-        return jnp.where((cols > width - u)[None, :], p, 0.0).max(axis=1)
+        # The windows of this step that overlap the next step's first block.
+        tail = (cols > width - u)[None, :]
+        if pool == "max":
+            return jnp.where(tail, p, 0.0).max(axis=1)
+        return jnp.where(tail, p * overlap_weight(cols - width, w)[None, :], 0.0).sum(axis=1)
 
     lax.fori_loop(0, i // blocks_per_step + 1, score_step, jnp.zeros((bq,), jnp.float32))
 
 
 def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_stride, coarse_size,
-                       coarse_stride, doc_start=None, sm_scale=None, query_chunk=512, interpret=False):
-    """Per query token and KV head, each key block's InfLLM-V2 score: f32 [B, K, T, nK].
+                       coarse_stride, doc_start=None, sm_scale=None, query_chunk=512, pool="max",
+                       interpret=False):
+    """Per query token and KV head, each key block's InfLLM-V2 (or NSA) score: f32 [B, K, T, nK].
 
     q: [B, T, N, D] post-RoPE queries at positions 0..T-1; fine: [B, nW, K, D] the means of the
     post-RoPE keys over the complete windows of `kernel_size` at `kernel_stride`; coarse: [B, nW2,
@@ -94,13 +105,15 @@ def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_strid
     over its GQA group of exp(q . fine_c * scale - lse), lse the log-sum-exp of its logits over the
     coarse windows it has seen (0 everywhere if none); windows count once ended by t and, with
     doc_start (int32 [B, T], the first token of each token's document in packed rows), only when
-    they start inside its document; a block scores the max over the windows overlapping it (0 for
-    blocks after the token's). Not differentiable (a selection). `query_chunk` is the
+    they start inside its document. A block scores, with pool="max" (InfLLM-V2), the max over the
+    windows overlapping it; with pool="overlap" (NSA, coarse = fine), the sum over those windows,
+    each weighted by the stride-chunks it shares with the block (`common.overlap_weight`). Blocks
+    after the token's score 0. Not differentiable (a selection). `query_chunk` is the
     reference's memory bound (the kernel tiles queries by block); `interpret`: Pallas interpreter.
     """
     del query_chunk
     w = Windows(block_size, kernel_size, kernel_stride, coarse_size, coarse_stride)
-    check(q, fine, coarse, w, doc_start)
+    check(q, fine, coarse, w, doc_start, pool)
     b, t, n, d = q.shape
     kv, group = fine.shape[2], n // fine.shape[2]
     n_k = -(-t // block_size)
@@ -118,7 +131,7 @@ def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_strid
     key_spec = lambda x: pl.BlockSpec((None, x.shape[1], None, dh), lambda i, bb, h: (bb, 0, h, 0))  # noqa: E731
     rows = n_steps * blocks_per_step
     kernel = functools.partial(_kernel, group=group, w=w, blocks_per_step=blocks_per_step, n_coarse=n_coarse,
-                               scale=1.0 / math.sqrt(d) if sm_scale is None else sm_scale,
+                               scale=1.0 / math.sqrt(d) if sm_scale is None else sm_scale, pool=pool,
                                precision=dot_precision(q.dtype))
     doc_spec = pl.BlockSpec((None, block_size), lambda i, bb, h: (bb, i))
     out = pallas(kernel, grid=(n_k, b, kv), in_specs=[*q_specs, doc_spec, key_spec(fine_p), key_spec(coarse_p)],

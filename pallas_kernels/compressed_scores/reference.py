@@ -11,7 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.compressed_scores.common import Windows, check
+from pallas_kernels.compressed_scores.common import Windows, check, overlap_weight
 
 
 def visible_windows(positions: jax.Array, n_windows: int, size: int, stride: int) -> jax.Array:
@@ -36,13 +36,27 @@ def pool_to_blocks(window_scores: jax.Array, n_blocks: int, w: Windows) -> jax.A
     return covering.reshape(*covering.shape[:-1], n_blocks, r).max(-1)
 
 
+def overlap_pool(window_scores: jax.Array, n_blocks: int, w: Windows) -> jax.Array:
+    """f32 [..., nW] -> [..., nK]: each key block's sum over the windows overlapping it, weighted by
+    the stride-chunks each shares with the block (NSA's importance, `common.overlap_weight`)."""
+    r, u = w.per_block, w.per_window
+    left = u - 1
+    padded = jnp.pad(window_scores, [(0, 0)] * (window_scores.ndim - 1)
+                     + [(left, max(0, n_blocks * r - window_scores.shape[-1]))])
+    total = 0.0
+    for offset in range(1 - u, r):   # window j*r + offset of block j, for every block at once
+        begin = offset + left
+        total = total + overlap_weight(offset, w) * padded[..., begin:begin + n_blocks * r:r]
+    return total
+
+
 def _seen(positions, doc_start, n_windows: int, size: int, stride: int):
     """bool [B, 1, 1, C, nW]: windows ended by each token and starting in its document."""
     inside = jnp.arange(n_windows)[None, None, :] * stride >= doc_start[:, :, None]
     return (visible_windows(positions, n_windows, size, stride)[None] & inside)[:, None, None]
 
 
-def _chunk_scores(q, positions, doc_start, fine, coarse, n_blocks: int, w: Windows, scale: float):
+def _chunk_scores(q, positions, doc_start, fine, coarse, n_blocks: int, w: Windows, scale: float, pool: str):
     """f32 [B, K, C, nK] for the queries q [B, C, N, D] at `positions` [C], whose documents start
     at doc_start [B, C]."""
     b, c, n, d = q.shape
@@ -54,15 +68,17 @@ def _chunk_scores(q, positions, doc_start, fine, coarse, n_blocks: int, w: Windo
     has_lse = jnp.isfinite(lse)[..., None]
     fine_seen = _seen(positions, doc_start, fine.shape[1], w.size, w.stride)
     p = jnp.exp(dot(fine) - jnp.where(has_lse, lse[..., None], 0.0))
-    return pool_to_blocks(jnp.where(fine_seen & has_lse, p, 0.0).sum(2), n_blocks, w)
+    return (pool_to_blocks if pool == "max" else overlap_pool)(jnp.where(fine_seen & has_lse, p, 0.0).sum(2),
+                                                               n_blocks, w)
 
 
 def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_stride, coarse_size,
-                       coarse_stride, doc_start=None, sm_scale=None, query_chunk=512, interpret=False):
+                       coarse_stride, doc_start=None, sm_scale=None, query_chunk=512, pool="max",
+                       interpret=False):
     """Reference of `kernel.token_block_scores` (same arguments, shapes and semantics)."""
     del interpret
     w = Windows(block_size, kernel_size, kernel_stride, coarse_size, coarse_stride)
-    check(q, fine, coarse, w, doc_start)
+    check(q, fine, coarse, w, doc_start, pool)
     b, t, n, d = q.shape
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     n_blocks = -(-t // block_size)
@@ -74,6 +90,6 @@ def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_strid
     doc_chunks = jnp.pad(doc_start, ((0, 0), (0, n_chunks * chunk - t))).reshape(b, n_chunks, chunk).swapaxes(0, 1)
     fine, coarse = fine.astype(q.dtype), coarse.astype(q.dtype)
     one = lambda args: _chunk_scores(args[0], args[1] + jnp.arange(chunk), args[2], fine, coarse, n_blocks, w,
-                                     scale)
+                                     scale, pool)
     out = jax.lax.map(one, (q_chunks, jnp.arange(n_chunks) * chunk, doc_chunks))   # [nC, B, K, C, nK]
     return out.transpose(1, 2, 0, 3, 4).reshape(b, fine.shape[2], n_chunks * chunk, n_blocks)[:, :, :t]

@@ -1,4 +1,4 @@
-"""InfLLM-V2's per-token block scores from compressed keys: one dispatch between the fused Pallas
+"""InfLLM-V2's (and NSA's, pool="overlap") per-token block scores from compressed keys: one dispatch between the fused Pallas
 kernel (GPU) and its pure-jnp reference (elsewhere, and `impl="xla"`). The TPU has no Mosaic
 version yet, so it runs the reference."""
 
@@ -16,13 +16,13 @@ _BACKENDS = {"reference": _reference.token_block_scores, "triton": _kernel.token
 
 
 def token_block_scores(q, fine, coarse, *, block_size, kernel_size, kernel_stride, coarse_size,
-                       coarse_stride, doc_start=None, sm_scale=None, query_chunk=512, impl="auto",
-                       interpret=None):
+                       coarse_stride, doc_start=None, sm_scale=None, query_chunk=512, pool="max",
+                       impl="auto", interpret=None):
     """f32 [B, K, T, nK]: see `pallas_kernels.compressed_scores.kernel.token_block_scores`.
     impl/interpret as for `sparsetrain.ops.block_sparse_attention`. No gradient (a selection)."""
     backend, interpret = kernel_backend(impl, interpret)
     q, fine, coarse = jax.lax.stop_gradient((q, fine, coarse))
     return _BACKENDS[backend](q, fine, coarse, block_size=block_size, kernel_size=kernel_size,
                               kernel_stride=kernel_stride, coarse_size=coarse_size, coarse_stride=coarse_stride,
-                              doc_start=doc_start, sm_scale=sm_scale, query_chunk=query_chunk,
+                              doc_start=doc_start, sm_scale=sm_scale, query_chunk=query_chunk, pool=pool,
                               interpret=interpret)

@@ -46,8 +46,8 @@ from sparsetrain.attention.documents import document_starts, token_candidate_blo
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
 from sparsetrain.attention.sharded import block_sparse_attention
 from sparsetrain.attention.spec import MethodExport
-from sparsetrain.sparse.nsa_compression import (block_importance, compress,
-                                                compressed_attention, compressor_shapes)
+from sparsetrain.ops.compressed_scores import token_block_scores
+from sparsetrain.sparse.nsa_compression import compress, compressed_attention, compressor_shapes
 
 BRANCHES = ("cmp", "slc", "win")   # order of the gate's last axis
 PROJECTIONS = ("k_cmp_proj", "v_cmp_proj", "k_win_proj", "v_win_proj")   # with separate_kv
@@ -65,7 +65,7 @@ class NsaOptions(BlockSparseOptions):
     local_blocks: int = 2        # the token's own block and the one before
     window: int = 512            # w: sliding-window tokens (the token itself included)
     separate_kv: bool = True     # own K/V projections for the compression and window branches
-    score_chunk: int = 1024      # queries per step of the compression pass (memory: chunk x T/stride per head)
+    score_chunk: int = 1024      # queries per step of the scores' XLA reference (memory: chunk x T/stride per head)
 
     # The suite runs at block_size 16 and ~100 tokens: every case scales l, d, n and w to that.
     conformance_base = {"kernel_size": 8, "kernel_stride": 4, "topk": 4, "window": 24, "score_chunk": 32,
@@ -180,18 +180,18 @@ class NsaAttention(SparseMethod):
         its probabilities, each token's selected blocks per kv head."""
         o = self.options
         seq = inp.q.shape[1]
-        n_blocks = -(-seq // o.block_size)
         kc, vc = self.compressed_kv(inp)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        compressed, _ = compressed_attention(inp.q, kc, vc, size=o.kernel_size, stride=o.kernel_stride,
+                                             sm_scale=scale, segment_ids=inp.segment_ids, impl=o.impl)
         doc_start = None if inp.segment_ids is None else document_starts(inp.segment_ids)
-
-        def choose(probs, rows, doc_start):       # probs [B, K, C, I] -> lists [B, K, C, topk]
-            scores = block_importance(probs, o.kernel_size, o.kernel_stride, o.block_size, n_blocks)
-            return select_blocks(scores, rows, o, doc_start)
-
-        compressed, (indices, counts) = compressed_attention(
-            inp.q, kc, vc, size=o.kernel_size, stride=o.kernel_stride, sm_scale=1.0 / math.sqrt(self.head_dim),
-            chunk=o.score_chunk, doc_start=doc_start, importance_to=choose)
-        return ops.Selection(indices, counts, n_blocks, {"compressed": compressed}, "token")
+        # The same probabilities, summed over each GQA group and pooled onto blocks (no gradient).
+        scores = token_block_scores(
+            inp.q, kc, kc, block_size=o.block_size, kernel_size=o.kernel_size, kernel_stride=o.kernel_stride,
+            coarse_size=o.kernel_size, coarse_stride=o.kernel_stride, doc_start=doc_start, sm_scale=scale,
+            query_chunk=o.score_chunk, pool="overlap", impl=o.impl)
+        indices, counts = select_blocks(scores, jnp.arange(seq), o, doc_start)
+        return ops.Selection(indices, counts, -(-seq // o.block_size), {"compressed": compressed}, "token")
 
     def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
         gates = self.gates(inp.x)

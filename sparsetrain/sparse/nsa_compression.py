@@ -6,10 +6,11 @@ only: nC = (T - size) // stride + 1, possibly 0). Query t sees compressed token 
 has ended, t >= i*stride + size - 1, and (packed documents) starts inside t's document. Rows that
 see none output 0.
 
-`compressed_attention` runs in chunks of queries, each under `jax.checkpoint` and over only the
-windows its queries can see, so memory is [chunk, nC] logits per head, never [T, T/stride]: at
-T=32k and stride 16 the full map would be 2048 keys per query. The per-chunk softmax probabilities, summed over each GQA group, are what NSA's
-selection scores, so a chunk hands them to `importance_to` and only its (small) result is kept.
+`compressed_attention` runs on the block-sparse flash kernel (see its docstring): no [T, T/stride]
+map is materialised (at T=32k and stride 16 that would be 2048 keys per query and head). The
+selection's block importance, the same softmax probabilities summed over each GQA group and pooled
+onto blocks, comes from `ops.token_block_scores(..., pool="overlap")`, a flash-style kernel that
+writes only [T, nK] per kv head.
 
 Axis legend: B batch, T sequence, C chunk of queries, I compressed tokens, K kv heads, G query heads
 per kv head, H head dim, F = size * H (a flattened window).
@@ -17,13 +18,13 @@ per kv head, H head dim, F = size * H (a flattened window).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
+from sparsetrain import ops
+from sparsetrain.attention.sharded import block_sparse_attention
 
-BANDS = 4   # lax.map passes of the compression branch per layer (see compressed_attention)
+TILE = 64   # query and key tile of the compressed attention's kernel calls
 
 
 def num_windows(seq_len: int, size: int, stride: int) -> int:
@@ -71,101 +72,56 @@ def compressor_shapes(kind: str, size: int, head_dim: int, kv_heads: int, hidden
     return shapes
 
 
-def visible_windows(rows: jax.Array, n_windows: int, size: int, stride: int,
-                    doc_start: jax.Array | None) -> jax.Array:
-    """bool [B or 1, C, I]: compressed token i visible to the query at index t (rows [C]) when
-    its window has ended by t and, with doc_start [B, C] (each row's document start), begins
-    inside the query's document."""
-    start = jnp.arange(n_windows) * stride
-    seen = (start + size - 1 <= rows[:, None])[None]
-    if doc_start is not None:
-        seen = seen & (start[None, None, :] >= doc_start[:, :, None])
-    return seen
-
-
-def compressed_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, *, size: int, stride: int,
-                         sm_scale: float, chunk: int, doc_start: jax.Array | None = None,
-                         importance_to: Callable | None = None):
-    """Softmax attention of every query over the compressed tokens it sees.
+def compressed_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, *, size: int, stride: int, sm_scale: float,
+                         segment_ids: jax.Array | None = None, impl: str = "auto"):
+    """Softmax attention of every query over the compressed tokens it sees: (o [B, T, N, H] in q's
+    dtype, differentiable in q, kc and vc; natural LSE f32 [B, N, T], -inf for rows that see none).
 
     q [B, T, N, H] (after RoPE); kc, vc [B, I, K, H] (kc after RoPE at each window's start);
-    doc_start [B, T] for packed documents. Returns o [B, T, N, H] in q's dtype (differentiable in
-    q, kc, vc), and, with `importance_to`, its results concatenated over the chunks: it is called
-    per chunk as importance_to(probs [B, K, C, I_c] f32, the probabilities summed over each kv
-    head's G query heads, without gradient, over the chunk's I_c visible windows (a prefix of kc's);
-    rows [C], the chunk's query indices; the chunk's doc_start [B, C] or None) and returns arrays
-    with C on axis 2 (or a tuple of them).
+    segment_ids [B, T] for packed documents. Query t sees compressed token i iff its window has
+    ended, i*stride + size - 1 <= t, and (documents) starts in t's document. Rows that see none
+    output 0.
+
+    The block-sparse flash kernel at full density runs it, with no [T, I] map anywhere: query t =
+    a*stride + r sees i <= a - size/stride + (1 if r == stride - 1 else 0), so the queries of each
+    residue r are plain end-aligned causal attention over a prefix of the compressed keys. The
+    stride - 1 residues that share a prefix go as one batch (K/V repeated: I * stride rows, the
+    size of the uncompressed keys), the last residue as a second call.
     """
     b, t, n, h = q.shape
-    k_heads = kc.shape[2]
-    qg = q.reshape(b, t, k_heads, n // k_heads, h)
+    segs = size // stride
+    rows = -(-t // stride)                                     # a = 0 .. rows - 1
+    by_residue = lambda x: jnp.swapaxes(  # noqa: E731  [B, T, ...] -> [B, stride, A, ...]
+        jnp.pad(x, [(0, 0), (0, rows * stride - t)] + [(0, 0)] * (x.ndim - 2),
+                mode="edge").reshape(b, rows, stride, *x.shape[2:]), 1, 2)
+    qr = by_residue(q)
+    seg = None if segment_ids is None else by_residue(segment_ids)
 
-    def one_chunk(q_c, kc, vc, first, start_c):
-        # q_c [B, C, K, G, H]; kc/vc hold only the windows its band's last query can see.
-        rows = first + jnp.arange(q_c.shape[1])
-        logits = jnp.einsum("BCKGH,BIKH->BKGCI", q_c, kc, preferred_element_type=jnp.float32) * sm_scale
-        seen = visible_windows(rows, kc.shape[1], size, stride, start_c)[:, None, None]   # [B, 1, 1, C, I]
-        logits = jnp.where(seen, logits, -jnp.inf)
-        top = jnp.max(logits, axis=-1, keepdims=True)
-        e = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0))
-        total = e.sum(-1, keepdims=True)
-        probs = e / jnp.where(total > 0, total, 1.0)                    # rows seeing nothing: 0
-        o = jnp.einsum("BKGCI,BIKH->BCKGH", probs.astype(vc.dtype), vc)
-        extra = () if importance_to is None else importance_to(jax.lax.stop_gradient(probs).sum(2), rows, start_c)
-        return o.reshape(*o.shape[:2], n, h), extra
+    def attend(residues: slice, n_keys: int):
+        """Queries of the residues in `residues` [B, R, A, N, H]; they see compressed token i iff
+        i <= a - (rows - n_keys)."""
+        q_part = qr[:, residues]
+        r = q_part.shape[1]
+        if n_keys <= 0:
+            return jnp.zeros(q_part.shape, q.dtype), jnp.full((b, r, n, rows), -jnp.inf, jnp.float32)
+        keys, values = (jnp.repeat(jnp.pad(x[:, :n_keys], ((0, 0), (0, max(0, n_keys - x.shape[1])), (0, 0), (0, 0))),
+                                   r, axis=0) for x in (kc, vc))
+        ids = None
+        if seg is not None:
+            # A compressed token belongs to the document of its window's first token (windows past
+            # the end, which no real query sees, take the last id).
+            starts = jnp.minimum(jnp.arange(n_keys) * stride, t - 1)
+            ids = ops.SegmentIds(seg[:, residues].reshape(b * r, rows), jnp.repeat(segment_ids[:, starts], r, axis=0))
+        tiles = jnp.broadcast_to(ops.causal_block_mask(rows, n_keys, TILE), (b * r, kc.shape[2], -(-rows // TILE),
+                                                                            -(-n_keys // TILE)))
+        o, lse = block_sparse_attention(
+            q_part.reshape(b * r, rows, n, h), keys, values, tiles,
+            block_size=TILE, sm_scale=sm_scale, segment_ids=ids, impl=impl, return_lse=True)
+        return o.reshape(q_part.shape), lse.reshape(b, r, n, rows)
 
-    # Chunks go in a few bands, each a lax.map over its chunks against the windows its last query
-    # can see: causal work is about half of all, and a band per chunk (exactly half) would unroll
-    # T/chunk passes per layer, which takes minutes to compile at 32k.
-    n_chunks = -(-t // chunk)
-    pad = n_chunks * chunk - t
-    qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-    starts = None if doc_start is None else jnp.pad(doc_start, ((0, 0), (0, pad)), mode="edge")
-    per_band = -(-n_chunks // BANDS)
-    outs, extras = [], []
-    for band in range(0, n_chunks, per_band):
-        count = min(per_band, n_chunks - band)
-        first, last = band * chunk, min((band + count) * chunk, t)
-        width = num_windows(last, size, stride)
-        q_band = qg[:, first:first + count * chunk].reshape(b, count, chunk, *qg.shape[2:]).swapaxes(0, 1)
-        s_band = None if starts is None else starts[:, first:first + count * chunk].reshape(b, count, chunk).swapaxes(0, 1)
-        rows0 = first + jnp.arange(count) * chunk
-        if width == 0:   # no window has ended yet: every row outputs 0 and scores nothing
-            o = jnp.zeros((count, b, chunk, n, h), q.dtype)
-            extra = () if importance_to is None else jax.vmap(
-                lambda r, st: importance_to(jnp.zeros((b, k_heads, chunk, 0), jnp.float32), r + jnp.arange(chunk), st)
-            )(rows0, s_band)
-        else:
-            kc_b, vc_b = kc[:, :width], vc[:, :width]
-            o, extra = jax.lax.map(
-                jax.checkpoint(lambda args: one_chunk(args[0], kc_b, vc_b, args[1], args[2])), (q_band, rows0, s_band))
-        outs.append(o)
-        extras.append(extra)
-    # [count, B, C, ...] per band -> [B, T, ...]
-    merge = lambda parts, axis: jnp.concatenate([jnp.moveaxis(p_, 0, axis).reshape(
-        *p_.shape[1:axis + 1], -1, *p_.shape[axis + 2:]) for p_ in parts], axis=axis)
-    o = merge(outs, 1)[:, :t]
-    if importance_to is None:
-        return o
-    return o, jax.tree.map(lambda *parts: merge(parts, 2)[:, :, :t], *extras)
-
-
-def overlap_weights(size: int, stride: int, block_size: int) -> dict[int, int]:
-    """{offset o: weight}: block j's score is the sum over o of weight * p[j * block_size/stride + o],
-    the number of stride-long segments compressed token j*r + o shares with block j (r =
-    block_size/stride). This is the paper's mapping with overlapping windows (§2.1, d | l, d | l')."""
-    segs, r = size // stride, block_size // stride
-    return {o: min(o + segs, r) - max(o, 0) for o in range(1 - segs, r)}
-
-
-def block_importance(probs: jax.Array, size: int, stride: int, block_size: int, n_blocks: int) -> jax.Array:
-    """[..., I] compressed-token probabilities -> [..., n_blocks] selection-block scores."""
-    segs, r = size // stride, block_size // stride
-    n_win = probs.shape[-1]
-    left, right = segs - 1, max(0, n_blocks * r - n_win)
-    padded = jnp.pad(probs, [(0, 0)] * (probs.ndim - 1) + [(left, right)])
-    total = 0.0
-    for offset, weight in overlap_weights(size, stride, block_size).items():
-        begin = offset + left
-        total = total + weight * padded[..., begin:begin + n_blocks * r:r]
-    return total
+    parts = [attend(slice(stride - 1, stride), rows - segs + 1)]
+    if stride > 1:
+        parts.insert(0, attend(slice(0, stride - 1), rows - segs))
+    o = jnp.swapaxes(jnp.concatenate([o for o, _ in parts], axis=1), 1, 2).reshape(b, rows * stride, n, h)[:, :t]
+    lse = jnp.concatenate([lse for _, lse in parts], axis=1)   # [B, stride, N, A]
+    return o, lse.transpose(0, 2, 3, 1).reshape(b, n, rows * stride)[:, :, :t]

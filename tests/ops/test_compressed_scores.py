@@ -29,17 +29,22 @@ class Case:
     head_dim: int = 16
     dtype: str = "float32"
     documents: bool = False   # packed rows: random document starts
+    pool: str = "max"         # "overlap": NSA's importance (coarse windows = fine ones)
 
     def __str__(self):
         return (f"T{self.seq}-bs{self.block}-w{'_'.join(map(str, self.windows))}-h{self.heads}_{self.kv_heads}"
-                f"-d{self.head_dim}-{self.dtype}{'-docs' if self.documents else ''}")
+                f"-d{self.head_dim}-{self.dtype}{'-docs' if self.documents else ''}-{self.pool}")
 
 
 CASES = [Case(100), Case(128, windows=(8, 4, 32, 16)), Case(75, windows=(12, 4, 16, 8), heads=4, kv_heads=4),
          Case(200, block=32, windows=(16, 8, 32, 16), heads=4, kv_heads=1), Case(130, block=64, windows=(32, 16, 128, 64), heads=6, kv_heads=2),
          Case(300, block=128, windows=(32, 16, 128, 64), heads=2, kv_heads=2, head_dim=64),
          Case(257, block=64, windows=(32, 16, 128, 64), heads=12, kv_heads=4, head_dim=64, dtype="bfloat16"),
-         Case(150, documents=True), Case(200, block=32, windows=(16, 8, 32, 16), heads=8, kv_heads=2, documents=True)]
+         Case(150, documents=True), Case(200, block=32, windows=(16, 8, 32, 16), heads=8, kv_heads=2, documents=True),
+         # NSA: overlapping windows (2 per stride-chunk pair), packed rows, and fla-org's one-block windows.
+         Case(100, windows=(8, 4, 8, 4), pool="overlap"),
+         Case(130, block=64, windows=(32, 16, 32, 16), heads=6, kv_heads=2, documents=True, pool="overlap"),
+         Case(70, windows=(16, 16, 16, 16), pool="overlap")]
 
 
 def inputs(rng, c: Case):
@@ -47,7 +52,7 @@ def inputs(rng, c: Case):
     k = jnp.asarray(rng.normal(size=(2, c.seq, c.kv_heads, c.head_dim)), c.dtype)
     size, stride, coarse, coarse_stride = c.windows
     kw = dict(block_size=c.block, kernel_size=size, kernel_stride=stride, coarse_size=coarse,
-              coarse_stride=coarse_stride)
+              coarse_stride=coarse_stride, pool=c.pool)
     if c.documents:   # each row: documents starting at a few random tokens
         starts = np.zeros((2, c.seq), np.int32)
         for row in starts:
@@ -149,7 +154,7 @@ def test_kernel_and_reference_signatures_match():
 @pytest.mark.parametrize("change,match", [
     (dict(kernel_size=10), "kernel_stride must divide"), (dict(kernel_stride=3, kernel_size=9), "kernel_stride must divide"),
     (dict(coarse_size=20), "coarse_stride must divide"), (dict(kernel_size=28), "kernel_size=28 may overlap"),
-    (dict(fine_heads=3), "must share batch, kv heads")])
+    (dict(fine_heads=3), "must share batch, kv heads"), (dict(pool="mean"), r"pool='mean'; choose one of")])
 @pytest.mark.parametrize("fn", [kernel.token_block_scores, reference.token_block_scores], ids=["kernel", "reference"])
 def test_bad_inputs_raise_value_error(fn, change, match):
     q = jnp.zeros((1, 64, 4, 16))

@@ -21,7 +21,9 @@ from sparsetrain.attention.method import SparseMethod
 from sparsetrain.attention.spec import method_options
 from sparsetrain.configbase import ConfigError
 from sparsetrain.sparse.nsa import parameter_shapes, select_blocks
-from sparsetrain.sparse.nsa_compression import block_importance, compress, compressed_attention, visible_windows
+from pallas_kernels.compressed_scores.common import Windows
+from pallas_kernels.compressed_scores.reference import overlap_pool
+from sparsetrain.sparse.nsa_compression import compress, compressed_attention
 from tests.sparse.helpers import inputs, layer, qkv
 from tests.tolerances import assert_close_to_scale
 
@@ -163,16 +165,42 @@ def test_compressed_keys_and_values_match_the_definition(kind, seq):
     assert_close_to_scale(got, want, 1e-6)
 
 
-def test_visibility_rule():
-    rows = jnp.arange(40)
-    seen = np.asarray(visible_windows(rows, 9, 8, 4, None))[0]
-    want = np.array([[t >= i * 4 + 8 - 1 for i in range(9)] for t in range(40)])
-    np.testing.assert_array_equal(seen, want)
-    # Packed: a document starting at 13 sees only windows starting at or after 13.
-    doc_start = jnp.where(rows >= 13, 13, 0)[None]
-    seen = np.asarray(visible_windows(rows, 9, 8, 4, doc_start))[0]
-    want &= np.array([[i * 4 >= (13 if t >= 13 else 0) for i in range(9)] for t in range(40)])
-    np.testing.assert_array_equal(seen, want)
+@pytest.mark.parametrize("size,stride,seq,docs", [(8, 4, 40, False), (8, 4, 37, True), (16, 4, 50, False),
+                                                   (16, 16, 70, True), (4, 1, 23, False)])
+def test_compressed_attention_is_softmax_over_the_windows_each_query_sees(size, stride, seq, docs):
+    """The residue-split kernel calls equal a masked softmax over compressed tokens: token i is seen by
+    query t iff its window has ended (i*stride + size - 1 <= t) and, packed, starts in t's document;
+    rows that see none give 0 and LSE -inf. Gradients too."""
+    q, k, v = qkv(seq, seed=seq)
+    n_win = (seq - size) // stride + 1
+    kc, vc = k[:, :n_win], v[:, :n_win]
+    seg = jnp.asarray(np.where(np.arange(seq) >= 13, 1, 0)[None].repeat(2, 0)) if docs else None
+    start = jnp.arange(n_win) * stride
+    seen = start[None, :] + size - 1 <= jnp.arange(seq)[:, None]                         # [T, I]
+    if docs:
+        seen = seen[None] & (seg[:, start][:, None, :] == seg[:, :, None])              # [B, T, I]
+    seen = jnp.broadcast_to(seen, (2, seq, n_win))[:, None]                               # [B, 1, T, I]
+
+    def naive(q, kc, vc):
+        logits = jnp.einsum("btnh,binh->bnti", q, jnp.repeat(kc, 2, axis=2)) * 0.25
+        logits = jnp.where(seen, logits, -jnp.inf)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        p = jnp.where(seen, jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+        return jnp.einsum("bnti,binh->btnh", p, jnp.repeat(vc, 2, axis=2)), lse
+
+    def ours(q, kc, vc):
+        return compressed_attention(q, kc, vc, size=size, stride=stride, sm_scale=0.25, segment_ids=seg, impl="xla")
+
+    cot = jax.random.normal(jax.random.key(7), q.shape)
+    (o, lse), vjp = jax.vjp(ours, q, kc, vc)
+    (o_want, lse_want), vjp_want = jax.vjp(naive, q, kc, vc)
+    assert_close_to_scale(o, o_want, 1e-5)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), np.isfinite(np.asarray(lse_want)))
+    np.testing.assert_allclose(np.asarray(jnp.where(jnp.isfinite(lse), lse, 0)),
+                               np.asarray(jnp.where(jnp.isfinite(lse_want), lse_want, 0)), atol=1e-5)
+    zero = jnp.zeros_like(lse)
+    for got, want in zip(vjp((cot, zero)), vjp_want((cot, zero))):
+        assert_close_to_scale(got, want, 1e-5)
 
 
 @pytest.mark.parametrize("size,stride,block", [(8, 4, 16), (16, 4, 16), (4, 4, 16), (32, 16, 64), (16, 16, 16)])
@@ -181,7 +209,7 @@ def test_importance_overlap_mapping(size, stride, block):
     seq = 5 * block + 3
     n_win, n_k = (seq - size) // stride + 1, -(-seq // block)
     probs = jax.random.uniform(jax.random.key(0), (2, 3, n_win))
-    got = block_importance(probs, size, stride, block, n_k)
+    got = overlap_pool(probs, n_k, Windows(block, size, stride, size, stride))
     weight = np.array([[overlap(i, j, o) for j in range(n_k)] for i in range(n_win)])
     np.testing.assert_allclose(np.asarray(got), np.asarray(probs) @ weight, rtol=1e-6)
     if size == block == stride:   # non-overlapping windows of one block: the identity (fla-org)
@@ -294,14 +322,3 @@ def test_density_counts_the_three_branches():
     assert dataclasses.replace(o, topk=8).density(t) < o.density(t)
 
 
-def test_compression_pass_is_the_same_in_any_chunking():
-    """Bands of chunks against their visible windows (and a ragged last chunk) change nothing."""
-    q, k, v = qkv(150, seed=4)
-    kc, vc = k[:, :35], v[:, :35]                      # (150 - 8) // 4 + 1 = 36 windows, fewer is fine
-    run = lambda chunk: compressed_attention(q, kc, vc, size=8, stride=4, sm_scale=0.25, chunk=chunk,
-                                             importance_to=lambda p, rows, _: jnp.pad(p, [(0, 0)] * 3 + [(0, 35 - p.shape[-1])]))
-    whole, probs = run(150)
-    for chunk in (16, 40):
-        o, p = run(chunk)
-        assert_close_to_scale(o, whole, 1e-6)
-        np.testing.assert_allclose(np.asarray(p), np.asarray(probs), atol=1e-6)
