@@ -419,15 +419,15 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def loop_order(dims: Dims) -> str:
     """"query" (this file) or "key" (`token_gather_kernel`) for a token-level call: `Tuning.token_order`,
-    or with "auto" the measured-faster order (docs/benchmarks.md): key-block-outer whenever a
-    query-outer tile would take its rows from more than one token (Gs < 16), and always where the
-    query-outer kernel cannot tile the group (Gs not a power of two)."""
+    or with "auto" the query-outer order wherever it can tile the group (Gs a power of two) and the
+    key-block-outer order elsewhere (Gs = 3, 6, ..., which only it runs). A default on the hot path
+    moves only with a GPU measurement showing it no slower (docs/benchmarks.md)."""
     order = current_tuning(dims.block, dims.head_dim).token_order
     if order not in ("auto", "query", "key"):
         raise ValueError(f"Tuning.token_order={order!r}; choose one of 'auto', 'query', 'key'")
     if order == "auto":
         gs = dims.mask_group
-        return "query" if gs >= 16 and gs & (gs - 1) == 0 else "key"
+        return "query" if gs & (gs - 1) == 0 else "key"
     return order
 
 

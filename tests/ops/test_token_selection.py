@@ -184,7 +184,7 @@ def test_bad_token_selections_raise_value_error(change, match):
 
 
 def test_query_order_names_its_power_of_two_groups_and_bad_orders_are_named():
-    """G = 3 runs in key-block-outer order (the default for it); the query-outer order refuses it."""
+    """G = 3 runs in key-block-outer order ("auto" picks it); the query-outer order refuses it."""
     q = jnp.zeros((1, 64, 3, 32), jnp.float32)
     k = jnp.zeros((1, 64, 1, 32), jnp.float32)
     sel = _selection(GOOD, COUNTS)

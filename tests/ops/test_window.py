@@ -38,8 +38,8 @@ CASES = [  # (case, window, segment ids, None = a tile mask or the max blocks pe
     (Case(40, seq_kv=90, block=16, head_dim=32, q_heads=4, kv_heads=2, lse=True), 5, False, None),  # S > T, w < bs
     (Case(80, block=16, head_dim=32, q_heads=2, kv_heads=1, mask="empty_rows", per_q_head=True, lse=True), 37,
      True, None),
-    (Case(40, seq_kv=70, block=16, head_dim=32, q_heads=4, kv_heads=1, lse=True), 21, True, 3),  # key order
-    (Case(40, block=16, head_dim=32, q_heads=16, kv_heads=1), 21, True, 3),  # G=16: query order
+    (Case(40, seq_kv=70, block=16, head_dim=32, q_heads=4, kv_heads=1, lse=True), 21, True, 3),  # query order
+    (Case(40, block=16, head_dim=32, q_heads=6, kv_heads=2), 21, True, 3),  # G=3: key-block-outer order
 ]
 
 
