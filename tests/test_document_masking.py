@@ -126,7 +126,7 @@ def test_cross_document_attention_sees_the_earlier_documents():
 
 @pytest.mark.parametrize("rule", [method_options("local", block_size=16, local_blocks=2, initial_blocks=1),
                                   method_options("seer", block_size=16, mode="sparse", topk=2),
-                                  method_options("moba", block_size=16, moba_block=32, topk=2)],
+                                  method_options("moba", block_size=16, moba_block=32, topk=2, granularity="token")],
                          ids=["local", "seer", "moba"])
 def test_export_runs_packed_rows_as_training_does(tmp_path, run_torch, rule):
     """Packed rows (documents aligned to the routing blocks) through the exported model, given as

@@ -11,11 +11,14 @@ The gate gets no gradient (top-k is not differentiable), as in the paper. `dense
 the paper's hybrid recipe: the last fraction of query positions attends densely; the layer-wise
 hybrid (the last layers dense) is a second rule with `method="dense"` (configs/moba_*.py).
 
-Granularity: `granularity="token"` (default) routes every query token with its own query, as the
-paper, and hands the token-level kernel one list of key tiles per token and query head.
-`granularity="tile"` routes per query tile of `block_size` tokens for the tile kernel, with the mean
-query of a group of tokens (the gate is linear in q: that is the mean of the tokens' scores); what
-that costs is measured by tests/sparse/test_moba.py and reported in docs/sparse_methods.md:
+Granularity (a deviation from the paper by default): `granularity="tile"` (default) routes per query
+tile of `block_size` tokens for the tile kernel, with the mean query of a group of tokens (the gate
+is linear in q: that is the mean of the tokens' scores). `granularity="token"` routes every query
+token with its own query, as the paper, and hands the token-level kernel one list of key tiles per
+token and query head. Per-token routing was the default until a GPU measurement (H200, 125M model
+at 32k, docs/benchmarks.md) put its training step 1.29x slower than dense attention and the tile
+form's 2.03x faster. What the tile form costs in routing quality is measured by
+tests/sparse/test_moba.py and reported in docs/sparse_methods.md:
   * `query_pool="lagged"` (default): tile i uses the mean query of tile i-1 (the tokens strictly
     before the tile), so a token's selection never depends on later tokens: causal per token, and
     the exported model decodes exactly with a KV cache;
@@ -58,13 +61,15 @@ class MobaOptions(BlockSparseOptions):
     moba_block: int = 512               # routing block in tokens; a multiple of block_size (the tile)
     topk: int = 3                       # routing blocks per query, the current one included
     dense_last_fraction: float = 0.0    # the last fraction of query positions attends densely
-    granularity: Literal["token", "tile"] = "token"   # route each query token (the paper) or each tile
+    # Route each query tile (measured 2.6x faster than per token at 32k, docs/benchmarks.md) or each
+    # query token with its own query (the paper; slower than dense attention on the GPU so far).
+    granularity: Literal["token", "tile"] = "tile"
     query_pool: Literal["lagged", "tile"] = "lagged"   # with granularity="tile": the query a tile is routed with
 
     conformance_variants = {
         # Several routing blocks at the suite's lengths; lagged pooling decodes exactly.
-        "blocks32": {"moba_block": 32, "topk": 2},
-        "hybrid": {"moba_block": 32, "topk": 3, "dense_last_fraction": 0.25},
+        "blocks32": {"moba_block": 32, "topk": 2, "granularity": "token"},
+        "hybrid": {"moba_block": 32, "topk": 3, "dense_last_fraction": 0.25, "granularity": "token"},
         "lagged_tiles": {"moba_block": 32, "topk": 2, "granularity": "tile"},
         # A tile's own queries cannot be known while decoding it; with the hybrid recipe the last
         # tiles (where the suite decodes) are dense, so cached decoding still matches.

@@ -108,10 +108,11 @@ def test_layer_attends_to_the_routed_blocks(seq, fraction, query_pool):
 
 @pytest.mark.parametrize("seq,fraction", [(128, 0.0), (100, 0.25), (75, 0.0)])
 def test_per_token_routing_is_the_papers(seq, fraction):
-    """The default granularity: every token routed with its own query, as `token_routing` (float64)."""
+    """granularity="token": every token routed with its own query, as `token_routing` (float64)."""
     q, k, v = qkv(seq, seed=7)
     inp = inputs(q, k, v)
-    options = method_options("moba", block_size=16, moba_block=32, topk=2, dense_last_fraction=fraction)
+    options = method_options("moba", block_size=16, moba_block=32, topk=2, dense_last_fraction=fraction,
+                             granularity="token")
     got = layer(options)(inp)
     dense_from = math.floor((1 - fraction) * -(-seq // 16))
     want = reference_output(inp.q, inp.k, v, token_routing(inp.q, inp.k, 32, 2), 16, 32, dense_from, rows=1)
@@ -147,7 +148,8 @@ def test_options_validate():
                          ({"topk": 0}, "topk"), ({"dense_last_fraction": 1.0}, "dense_last_fraction"),
                          ({"dense_last_fraction": -0.1}, "dense_last_fraction"),
                          ({"query_pool": "block", "granularity": "tile"}, "query_pool"),
-                         ({"query_pool": "tile"}, "query_pool"), ({"granularity": "row"}, "granularity")]:
+                         ({"query_pool": "tile", "granularity": "token"}, "query_pool"),
+                         ({"granularity": "row"}, "granularity")]:
         with pytest.raises(ConfigError, match=name):
             method_options("moba", block_size=16, **fields)
     with pytest.raises(ConfigError, match="multiple of block_size=64"):

@@ -15,9 +15,9 @@ from sparsetrain import ops
 from tests.sparse.helpers import inputs, layer, qkv
 from tests.sparse.test_conformance import rule
 
-# (method, variant): token granularity (InfLLM-V2 with dense rows, then sparse ones); G = 2 (4 query heads over 2 kv heads), so the
+# (method, variant): token granularity (MoBA per token, InfLLM-V2 with dense rows, then sparse ones); G = 2 (4 query heads over 2 kv heads), so the
 # query-outer kernel can tile it too.
-TOKEN_METHODS = [("nsa", "default"), ("moba", "default"), ("infllm_v2", "switch")]
+TOKEN_METHODS = [("nsa", "default"), ("moba", "blocks32"), ("infllm_v2", "switch")]
 
 
 @pytest.mark.parametrize("method,variant", TOKEN_METHODS, ids=[m for m, _ in TOKEN_METHODS])
