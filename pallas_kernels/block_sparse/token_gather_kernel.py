@@ -174,7 +174,7 @@ def _fwd_kernel(block_ref, offset_ref, row0_ref, end_ref, order_ref, qseg_ref, k
     start = pl.multiple_of(blk * cfg.dims.block, cfg.dims.block)
     k, v = k_ref[pl.ds(start, cfg.dims.block), :], v_ref[pl.ds(start, cfg.dims.block), :]
 
-    def chunk(w, _):
+    def chunk(w, carry):   # no state; the carry is passed through (a constant cannot be yielded)
         valid, f, token, head = _chunk_rows(order_ref, prog, w, cfg)
         q = q_ref[token, head, :]
         keep = _visible(blk, valid, token, qseg_ref, kseg_ref, cfg)
@@ -186,9 +186,9 @@ def _fwd_kernel(block_ref, offset_ref, row0_ref, end_ref, order_ref, qseg_ref, k
         empty = l == 0.0
         o_ref[f, head, :] = (o / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
         lse_ref[f, head] = jnp.where(empty, -jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
-        return 0
+        return carry
 
-    lax.fori_loop(0, prog.n_chunks, chunk, 0)
+    lax.fori_loop(0, prog.n_chunks, chunk, prog.row0)
 
 
 def _bwd_kernel(block_ref, offset_ref, row0_ref, end_ref, order_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref,
