@@ -4,7 +4,8 @@ The torch environment (Python 3.11 with torch and transformers, no JAX) is built
 `.venv-torch/` at the repository root (git-ignored) by the first test that needs it; an fcntl lock
 keeps pytest-xdist workers from building it twice, and a marker file holding the pinned requirements
 says the build finished (a changed pin rebuilds it). torch's CPU wheel comes from the machine's
-local wheel directory through pip's own configuration.
+local wheel directory through pip's own configuration. Each worker starts one torch process for all
+its checks: importing torch and transformers costs more than most checks do.
 
 One persistent XLA compilation cache serves the whole run: the controller makes it before the
 xdist workers start, and they and every subprocess (CLI runs, 8-device scripts) inherit it through
@@ -20,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -30,7 +32,21 @@ import pytest
 _CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
 
 
+# Most of a CPU compile is LLVM optimising machine code, for programs that then run a few steps:
+# unoptimised code compiles ~25% faster, and runs the suite's training tests no slower on balance
+# (tests/sparse/test_nsa_training.py: 65 -> 55 CPU-s, the same losses). The HLO, and so what the
+# tests check, is the same; XLA's CPU backend does no fast-math at any level.
+CPU_XLA_FLAG = "--xla_backend_optimization_level=0"
+
+
+def add_xla_flag(flag: str) -> None:
+    """Append flag to XLA_FLAGS (read when JAX starts its backend; subprocesses inherit it)."""
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
 def pytest_configure(config):
+    add_xla_flag(CPU_XLA_FLAG)
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:   # a worker, or a caller who chose the cache
         return
     config._jax_cache = tempfile.mkdtemp(prefix="sparsetrain-jax-cache-")
@@ -82,17 +98,44 @@ def torch_python() -> Path:
     return TORCH_VENV / "bin" / "python"
 
 
-@pytest.fixture
-def run_torch(torch_python, tmp_path):
-    """run_torch("parity", DIR, ...) -> the JSON the check printed; fails the test with its output."""
-    def run(*args) -> dict:
-        env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1",
+class TorchChecks:
+    """One `torch_checks.py serve` process per pytest worker, answering the checks in turn (see serve)."""
+
+    def __init__(self, python: Path, workdir: Path):
+        env = {**os.environ, "HF_HOME": str(workdir / "hf_home"), "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-        # No stdin: transformers then refuses remote code at once instead of prompting for it.
-        done = subprocess.run([str(torch_python), str(SCRIPT), *map(str, args)], capture_output=True,
-                              text=True, env=env, stdin=subprocess.DEVNULL, timeout=600)
-        if done.returncode != 0:
-            pytest.fail(f"torch check {args[0]} failed:\n{done.stdout}\n{done.stderr}")
-        result = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-        return json.loads(result[-1][len(RESULT_MARKER):])
-    return run
+        self.stderr = workdir / "stderr.log"
+        with open(self.stderr, "w") as stderr:
+            self.process = subprocess.Popen([str(python), str(SCRIPT), "serve"], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+
+    def run(self, *args) -> dict:
+        """The JSON the check returned; fails the test with the check's output and traceback."""
+        if self.process.poll() is not None:
+            pytest.fail(f"the torch checks process exited earlier:\n{self.stderr.read_text()[-4000:]}")
+        self.process.stdin.write(json.dumps(list(map(str, args))) + "\n")
+        self.process.stdin.flush()
+        output = []
+        watchdog = threading.Timer(600, self.process.kill)   # a hung check fails instead of hanging the run
+        watchdog.start()
+        try:
+            while (line := self.process.stdout.readline()) and not line.startswith(RESULT_MARKER):
+                output.append(line)
+        finally:
+            watchdog.cancel()
+        reply = json.loads(line[len(RESULT_MARKER):]) if line else {"error": self.stderr.read_text()[-4000:]}
+        if "error" in reply:
+            pytest.fail(f"torch check {args[0]} failed:\n{''.join(output)}\n{reply['error']}")
+        return reply["result"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def run_torch(torch_python, tmp_path_factory):
+    """run_torch("parity", DIR, ...) -> the JSON the check printed; fails the test with its output."""
+    checks = TorchChecks(torch_python, tmp_path_factory.mktemp("torch_checks"))
+    yield checks.run
+    checks.close()

@@ -17,12 +17,14 @@ from tests.train.helpers import small_config
 TOLERANCE = 1e-4   # max |difference| over max |logit|, float32
 
 
-@pytest.fixture
-def torch_llama(tmp_path, run_torch):
-    """Folders written by transformers: f32/ (one file) and bf16_sharded/ (bfloat16 shards + index)."""
-    result = run_torch("make_llama", tmp_path)
+@pytest.fixture(scope="module")
+def torch_llama(tmp_path_factory, run_torch):
+    """Folders written by transformers: f32/ (one file) and bf16_sharded/ (bfloat16 shards + index).
+    Read-only to the tests, so made once for all of them."""
+    out = tmp_path_factory.mktemp("torch_llama")
+    result = run_torch("make_llama", out)
     assert "model.safetensors.index.json" in result["bf16_files"]
-    return tmp_path
+    return out
 
 
 def test_imported_transformers_llama_gives_the_same_logits(torch_llama, tmp_path):

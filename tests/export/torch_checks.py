@@ -7,6 +7,7 @@
     python torch_checks.py bf16 DIR REFERENCE_NPZ
     python torch_checks.py make_llama OUT_DIR [ROPE_JSON]  # a random transformers Llama for the import test
     python torch_checks.py rope_frequencies JSON # {name: config.json dict} -> transformers' RoPE per name
+    python torch_checks.py serve                 # the checks above, one request per stdin line (see serve)
 
 Each prints one line "torch_checks result: {JSON of measurements}"; the pytest side (tests/export/test_torch_*.py) asserts on
 them, so thresholds live with the tests.
@@ -15,9 +16,11 @@ them, so thresholds live with the tests.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -219,9 +222,31 @@ def rope_frequencies(configs_file: str) -> dict:
 
 
 RESULT_MARKER = "torch_checks result: "   # on its own line; transformers' prompts also write to stdout
+CHECKS = {"parity": parity, "packed": packed, "sparse_refusals": sparse_refusals, "tokenizer": tokenizer, "bf16": bf16,
+          "make_llama": make_llama, "rope_frequencies": rope_frequencies}
+
+
+def serve() -> None:
+    """Run checks until stdin closes: each stdin line a JSON list [command, *args], each answered by a result
+    line {"result": ...} or {"error": traceback}. Importing torch and transformers costs ~5 CPU-s, more than
+    most checks: the test suite pays it once per worker instead of once per check."""
+    requests = os.fdopen(os.dup(0), "r")
+    # Nothing else reads the requests: a check that prompts (remote code without trust_remote_code) gets
+    # end of file and refuses at once, as it does in a one-check run without stdin.
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    sys.stdin = open(os.devnull)
+    for line in requests:
+        command, *args = json.loads(line)
+        try:
+            reply = {"result": CHECKS[command](*args)}
+        except Exception:  # the test shows it; the next check still runs
+            reply = {"error": traceback.format_exc()}
+        print(f"\n{RESULT_MARKER}{json.dumps(reply)}", flush=True)
+
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    result = {"parity": parity, "packed": packed, "sparse_refusals": sparse_refusals, "tokenizer": tokenizer, "bf16": bf16,
-              "make_llama": make_llama, "rope_frequencies": rope_frequencies}[command](*args)
-    print(f"\n{RESULT_MARKER}{json.dumps(result)}")
+    if command == "serve":
+        serve()
+    else:
+        print(f"\n{RESULT_MARKER}{json.dumps(CHECKS[command](*args))}")

@@ -17,8 +17,8 @@ from sparsetrain.attention.method import StepContext
 from sparsetrain.checkpoint.model_def import ModelDef
 from sparsetrain.partitioning import MESH_AXES
 from sparsetrain.train.sharding import batch_sharding, param_shardings
-from tests.sparse.helpers import tiny, tokens
-from tests.sparse.test_conformance import SHARDED_CASES, rule, with_method_params
+from tests.sparse.helpers import tokens
+from tests.sparse.test_conformance import SHARDED_CASES, model_config, rule, with_method_params
 
 
 def relative_error(a, b) -> float:
@@ -31,7 +31,7 @@ def main():
     mesh = jax.make_mesh((2, 2, 1, 2), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))  # no context split
     results = {}
     for method, variant in SHARDED_CASES:
-        cfg = tiny(rule(method, variant))
+        cfg = model_config(rule(method, variant))   # a dense layer and one of the method
         model = ModelDef.create(cfg)
         params = with_method_params(cfg)
         toks = jnp.asarray(tokens(96, batch=4, seed=6))
