@@ -10,6 +10,7 @@ position p = i + (S - T) and sees keys j <= p; a sliding window of w keys also h
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -281,3 +282,20 @@ def pad_axis(x, axis: int, size: int):
 def padded_head_dim(head_dim: int) -> int:
     """Triton tiles need power-of-two sizes and dots need K >= 16: zero columns change no dot product."""
     return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def token_lists_vjp(fwd_impl, bwd):
+    """The differentiable (q, k, v, indices, counts, seg, cfg) -> (o, lse) of a token-level kernel
+    (either loop order): `fwd_impl` returns (o, natural lse, internal base-2 lse); `bwd(cfg,
+    residuals, (do, dlse))` gets residuals (q, k, v, indices, counts, seg, o, base-2 lse)."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+    def attention(q, k, v, indices, counts, seg, cfg):
+        o, lse, _ = fwd_impl(q, k, v, indices, counts, seg, cfg)
+        return o, lse
+
+    def forward(q, k, v, indices, counts, seg, cfg):
+        o, lse, lse2 = fwd_impl(q, k, v, indices, counts, seg, cfg)
+        return (o, lse), (q, k, v, indices, counts, seg, o, lse2)
+
+    attention.defvjp(forward, bwd)
+    return attention

@@ -387,17 +387,6 @@ def _fwd_impl(q, k, v, indices, counts, seg, cfg: _Config):
     return o, lse, lse2
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, indices, counts, seg, cfg: _Config):
-    o, lse, _ = _fwd_impl(q, k, v, indices, counts, seg, cfg)
-    return o, lse
-
-
-def _attention_fwd(q, k, v, indices, counts, seg, cfg: _Config):
-    o, lse, lse2 = _fwd_impl(q, k, v, indices, counts, seg, cfg)
-    return (o, lse), (q, k, v, indices, counts, seg, o, lse2)
-
-
 def _attention_bwd(cfg: _Config, res, cotangents):
     q, k, v, indices, counts, seg, o, lse2 = res
     do, dlse = cotangents
@@ -414,7 +403,7 @@ def _attention_bwd(cfg: _Config, res, cotangents):
     return dq, cut(dk), cut(dv), None, None, None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = common.token_lists_vjp(_fwd_impl, _attention_bwd)
 
 
 def loop_order(dims: Dims) -> str:
