@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 JOBS_DIR = Path("runs/_jobs")
+# What the retrieval comparisons measure (docs/results.md): loss and every RULER-style task.
+RETRIEVAL_TASKS = "loss,passkey,niah_single,niah_multikey,niah_multivalue,mqar,vartrack"
 SAVE_GRACE_S = 90      # after SIGTERM, time for the loop to write its checkpoint
 MIN_START_S = 45       # a job is not started with less budget left than this
 
@@ -56,7 +58,7 @@ def _train(config: str, tiny: bool) -> Job:
 
 
 def _evaluate(name: str, run: str, lengths: tuple[int, int], tasks: str, tiny: bool, *overrides: str) -> Job:
-    samples = ("--passkey_samples", "1", "--depths", "0,1", "--loss_tokens", "2048") if tiny else ()
+    samples = ("--samples", "1", "--depths", "0,1", "--loss_tokens", "2048") if tiny else ("--samples", "8")
     argv = ("-m", "sparsetrain.eval", run, *overrides, "--out", f"runs/_results/{name}", "--tasks", tasks,
             "--min_len", str(lengths[0]), "--max_len", str(lengths[1]), "--no_progress", *samples)
     return Job(name, argv, run, evaluation=True)
@@ -76,14 +78,14 @@ def workflow_jobs(workflow: str, tiny: bool = False) -> list[Job]:
         lengths = (short // 2 if tiny else 1024, long)
         factor = long // short
         pretrained = _train("pretrain_short_dense", tiny)
-        jobs = [pretrained, _evaluate("no_adaptation", pretrained.run, lengths, "loss,passkey", tiny)]
+        jobs = [pretrained, _evaluate("no_adaptation", pretrained.run, (short // 4, 4 * short), RETRIEVAL_TASKS, tiny)]
         for scaling in ("linear", "ntk", "yarn"):
             jobs.append(_evaluate(f"rope_{scaling}", pretrained.run, lengths, "loss,passkey", tiny,
                                   f"model.rope.scaling={scaling}", f"model.rope.factor={factor}",
                                   *((f"model.rope.original_max_len={short}",) if scaling == "yarn" else ())))
         for variant in ("dense", "infllm_v2", "seer"):
             train = _train(f"long_{variant}", tiny)
-            jobs += [train, _evaluate(f"eval_{train.name}", train.run, lengths, "loss,passkey", tiny)]
+            jobs += [train, _evaluate(f"eval_{train.name}", train.run, (short, long), RETRIEVAL_TASKS, tiny)]
         return jobs
     raise ValueError(f"workflow {workflow!r}: choose pretrain or long")
 
@@ -234,12 +236,40 @@ def long_table(dirs: list[Path], tiny: bool = False) -> list[str]:
             losses = [_fmt(r["loss"][mode].get(str(n), {}).get("loss"), ".3f") for n in lengths]
             keys = []
             for n in lengths:
-                by_depth = r["passkey"].get(mode, {}).get(str(n))
-                keys.append(_fmt(statistics.mean(by_depth.values()), ".0%") if by_depth else "—")
+                by_depth = r.get("retrieval", {}).get("passkey", {}).get(mode, {}).get(str(n))
+                keys.append(_fmt(statistics.mean(c["exact"] for c in by_depth.values()), ".0%") if by_depth else "—")
             density = r["layers"].get(str(lengths[-1]), {}).get("density") if mode == "sparse" else None
             mean_density = statistics.mean(density.values()) if density else None
             lines.append(f"| {job.name} | {mode} | {' | '.join(losses)} | {' | '.join(keys)} | "
                          f"{_fmt(mean_density, '.3f')} |")
+    return lines
+
+
+def retrieval_table(dirs: list[Path], tiny: bool = False) -> list[str]:
+    """Every evaluation with retrieval results: per mode and length, each task's exact match (mean
+    over depths), the document-aligned loss and the measured density."""
+    tasks = [t for t in RETRIEVAL_TASKS.split(",") if t != "loss"]
+    lines = [f"| run | mode | length | loss | density | {' | '.join(tasks)} |",
+             "| --- | --- | --- | --- | --- |" + " --- |" * len(tasks)]
+    for workflow in ("pretrain", "long"):
+        for job in workflow_jobs(workflow, tiny):
+            r = _eval_results(dirs, job.name) if job.evaluation else None
+            if not r or not r.get("retrieval"):
+                continue
+            modes = dict.fromkeys(m for per_mode in r["retrieval"].values() for m in per_mode)
+            for mode in modes:
+                lengths = sorted({n for per_mode in r["retrieval"].values() for n in per_mode.get(mode, {})}, key=int)
+                for n in lengths:
+                    cells = []
+                    for task in tasks:
+                        by_depth = r["retrieval"].get(task, {}).get(mode, {}).get(n)
+                        cells.append(_fmt(statistics.mean(c["exact"] for c in by_depth.values()), ".0%")
+                                     if by_depth else "skipped")
+                    density = r["layers"].get(n, {}).get("density") if mode == "sparse" else None
+                    loss = r["loss"].get(mode, {}).get(n, {}).get("loss")
+                    lines.append(f"| {job.name} | {mode} | {n} | {_fmt(loss, '.4f')} | "
+                                 f"{_fmt(statistics.mean(density.values()) if density else None, '.3f')} | "
+                                 f"{' | '.join(cells)} |")
     return lines
 
 
@@ -261,7 +291,8 @@ def main() -> None:
         run(args.workflow, args.out, args.budget, args.tiny, args.only)
     else:
         print("\n".join(["## Pretraining", "", *pretrain_table(args.dirs, args.tiny), "",
-                         "## Short to long", "", *long_table(args.dirs, args.tiny)]))
+                         "## Short to long", "", *long_table(args.dirs, args.tiny), "",
+                         "## Retrieval", "", *retrieval_table(args.dirs, args.tiny)]))
 
 
 if __name__ == "__main__":

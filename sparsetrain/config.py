@@ -94,6 +94,27 @@ class ModelConfig(Config):
         return tuple(spec_for_layer(self.attention, i, self.num_layers) for i in range(self.num_layers))
 
 
+RetrievalTask = Literal["passkey", "niah_single", "niah_multikey", "niah_multivalue", "mqar", "vartrack", "copy"]
+RETRIEVAL_TASKS: tuple[str, ...] = RetrievalTask.__args__
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalDataConfig(Config):
+    # Synthetic retrieval documents mixed into the training windows (sparsetrain/data/
+    # retrieval_windows.py): a `weight` share of the windows, the rest text. Validation stays text.
+    weight: float = 0.0          # share of training windows made of retrieval documents; 0 = off
+    tasks: tuple[RetrievalTask, ...] = RETRIEVAL_TASKS   # drawn uniformly per document
+    min_doc_len: int = 128       # shortest document in tokens; lengths spread log-uniformly up to seq_len
+    # Share of needle documents whose haystack is training text rather than filler sentences.
+    text_haystack: float = 0.5
+
+    def validate(self) -> None:
+        self.require(0.0 <= self.weight < 1.0, "weight", "must be in [0, 1) (0 = no retrieval documents)")
+        self.require(bool(self.tasks), "tasks", f"give one or more of {', '.join(RETRIEVAL_TASKS)}")
+        self.require(self.min_doc_len >= 32, "min_doc_len", "must be >= 32 tokens")
+        self.require(0.0 <= self.text_haystack <= 1.0, "text_haystack", "must be in [0, 1]")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Config):
     # "stdlib": the running interpreter's standard library source (embedded default, no download);
@@ -115,6 +136,7 @@ class DataConfig(Config):
     # A source file that is not text (NUL bytes, or too many undecodable bytes): "skip" it with a
     # warning naming it, or stop with an "error".
     on_bad_file: Literal["skip", "error"] = "skip"
+    retrieval: RetrievalDataConfig = RetrievalDataConfig()
 
     def validate(self) -> None:
         self.require(self.seq_len > 0, "seq_len", "must be > 0")
@@ -181,24 +203,35 @@ class PhaseConfig(Config):
                      f"give one or more model.* or {'/'.join(PHASE_DATA_FIELDS)} overrides (key=value)")
 
 
+EvalTask = Literal["loss", "passkey", "niah_single", "niah_multikey", "niah_multivalue", "mqar", "vartrack", "copy"]
+EVAL_TASKS: tuple[str, ...] = EvalTask.__args__
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSuiteConfig(Config):
     # At every validation pass also run the eval command's suite, written to RUN/eval/step_<N>/.
     # It measures the current parameters as the current phase attends (docs/eval.md); the fields
     # below are the command's options, and 0 or empty ones take its defaults.
     enabled: bool = False
-    min_len: int = 0              # shortest length (lengths are powers of two); 0 = 1024, or max_len if less
-    max_len: int = 0              # longest length; 0 = model.max_seq_len
+    min_len: int = 0              # shortest length (lengths are powers of two); 0 = data.seq_len / 4
+    max_len: int = 0              # longest length; 0 = 4 x data.seq_len
     modes: tuple[Literal["sparse", "dense"], ...] = ()   # sparse (as configured), dense (every layer dense)
-    tasks: tuple[Literal["loss", "passkey", "mqar"], ...] = ()   # what to measure
+    tasks: tuple[EvalTask, ...] = ()   # what to measure: loss and the retrieval tasks
     loss_tokens: int = 0          # held-out tokens per length
-    depths: tuple[float, ...] = ()   # passkey needle depths in [0, 1]
-    passkey_samples: int = 0      # passkey probes per length x depth
-    mqar_pairs: tuple[int, ...] = ()  # key-value pairs per MQAR probe
-    mqar_samples: int = 0         # MQAR probes per pair count
+    depths: tuple[float, ...] = ()   # needle depths in [0, 1]
+    samples: int = 0              # probes per task x length x depth
+    mqar_pairs: tuple[int, ...] = ()  # key-value pairs per MQAR probe (empty: sized to each length)
+
+    @classmethod
+    def migrate(cls, data: dict) -> dict:
+        # Before the retrieval tasks, passkey and MQAR had their own sample counts.
+        data = dict(data)
+        counts = [data.pop(name, 0) for name in ("passkey_samples", "mqar_samples")]
+        data.setdefault("samples", max(counts))
+        return data
 
     def validate(self) -> None:
-        for name in ("min_len", "max_len", "loss_tokens", "passkey_samples", "mqar_samples"):
+        for name in ("min_len", "max_len", "loss_tokens", "samples"):
             self.require(getattr(self, name) >= 0, name, "must be >= 0 (0 = the eval command's default)")
         self.require(self.min_len != 1, "min_len", "must be >= 2 (or 0)")
         self.require(all(0.0 <= d <= 1.0 for d in self.depths), "depths", "must lie in [0, 1]")
@@ -323,10 +356,10 @@ class RunConfig(Config):
                          f"seq_len={self.data.seq_len} must be a multiple of 2 x mesh.context x {tile} "
                          f"= {2 * self.mesh.context * tile} (two chunks per device, whole kernel tiles)")
         suite = self.trainer.eval_suite
-        max_len = suite.max_len or self.model.max_seq_len
+        max_len = suite.max_len or 4 * self.data.seq_len
         self.require(suite.min_len <= max_len, "trainer",
                      f"eval_suite.min_len={suite.min_len} exceeds its longest length {max_len} "
-                     "(eval_suite.max_len, or model.max_seq_len when 0)")
+                     "(eval_suite.max_len, or 4 x data.seq_len when 0)")
         micro_tokens = self.data.batch_size // self.trainer.grad_accum * self.data.seq_len
         self.require(micro_tokens % max(self.trainer.loss_chunk, 1) == 0, "trainer",
                      f"loss_chunk={self.trainer.loss_chunk} must divide the {micro_tokens} tokens of a "

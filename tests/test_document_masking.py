@@ -14,7 +14,7 @@ from sparsetrain.attention.documents import (block_document_tokens, document_blo
                                              same_document)
 from sparsetrain.attention.spec import method_options
 from sparsetrain.checkpoint.model_def import ModelDef, flatten
-from sparsetrain.data.pipeline import document_positions
+from sparsetrain.data.examples import document_positions
 from sparsetrain.export import export_checkpoint
 from sparsetrain.sparse.pooling import pool_blocks
 from tests.sparse.helpers import TINY, qkv, segment_positions, tokens

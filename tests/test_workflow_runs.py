@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.workflow_runs import long_table, pretrain_table, selected_jobs, workflow_jobs
+from bench.workflow_runs import long_table, pretrain_table, retrieval_table, selected_jobs, workflow_jobs
 from sparsetrain.eval.__main__ import parse_args
 
 
@@ -46,11 +46,18 @@ def test_report_tables_hold_the_collected_numbers(tmp_path):
 
     _write(first / "rope_yarn" / "results.json", {
         "loss": {"dense": {"2048": {"loss": 1.2}, "16384": {"loss": 1.9}}},
-        "passkey": {"dense": {"2048": {"0.0": 1.0, "1.0": 0.5}, "16384": {"0.0": 0.0, "1.0": 0.0}}},
+        "retrieval": {"passkey": {"dense": {"2048": {"0.0": {"exact": 1.0}, "1.0": {"exact": 0.5}},
+                                            "16384": {"0.0": {"exact": 0.0}, "1.0": {"exact": 0.0}}}}},
         "layers": {}})
     table = "\n".join(long_table([first]))
     assert "| rope_yarn | dense | 1.200 | 1.900 | 75% | 0% | — |" in table
     assert "| no_adaptation | not run |" in table
+    _write(first / "eval_long_infllm_v2" / "results.json", {
+        "loss": {"sparse": {"2048": {"loss": 1.1}}}, "layers": {"2048": {"density": {"0": 0.2, "1": 0.4}}},
+        "retrieval": {"passkey": {"sparse": {"2048": {"0.0": {"exact": 1.0}, "1.0": {"exact": 0.5}}}},
+                      "mqar": {"sparse": {"2048": {"-": {"exact": 0.25}}}}}})
+    table = "\n".join(retrieval_table([first]))
+    assert "| eval_long_infllm_v2 | sparse | 2048 | 1.1000 | 0.300 | 75% | skipped | skipped | skipped | 25% | skipped |" in table
 
 
 def test_only_runs_the_named_jobs_in_workflow_order_and_names_unknown_ones():

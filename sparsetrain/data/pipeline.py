@@ -34,10 +34,10 @@ import numpy as np
 
 from sparsetrain.config import DataConfig
 from sparsetrain.errors import InputError
+from sparsetrain.data.examples import Batch, window_example
+from sparsetrain.data.retrieval_windows import RetrievalWindows
 from sparsetrain.data.sources import iter_documents
 from sparsetrain.data.tokenizers import Tokenizer, load_tokenizer
-
-Batch = dict[str, np.ndarray]
 
 # Threads that assemble whole batches ahead of the trainer, and how many batches they may hold.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
@@ -99,25 +99,7 @@ class PackedWindows:
         window[:len(real)] = real
         # Document number of every real token; the eos ending a document belongs to that document.
         doc = np.searchsorted(self.stream.doc_starts, np.arange(start, start + len(real)), side="right")
-        segment_ids = np.zeros(width, dtype=np.int32)
-        segment_ids[:len(real)] = doc - doc[:1] + 1
-        # Train on target t+1 only if it is real and in the same document as input t. Across a
-        # boundary the input is the previous document's eos and the target the next document's first
-        # token, which nothing in the window lets the model predict (documents are unrelated), so
-        # that prediction is masked. Predicting eos itself, at the end of a document, is trained.
-        loss_mask = np.zeros(self.seq_len, dtype=np.float32)
-        loss_mask[:max(len(real) - 1, 0)] = doc[1:] == doc[:-1]
-        example = {"inputs": window[:-1], "targets": window[1:], "loss_mask": loss_mask}
-        if self.cross_document_attention:
-            return {**example, "positions": np.arange(self.seq_len, dtype=np.int32)}
-        return {**example, "segment_ids": segment_ids[:-1], "positions": document_positions(segment_ids[:-1])}
-
-
-def document_positions(segment_ids: np.ndarray) -> np.ndarray:
-    """int32 [L]: each token's offset from the first token of its run of equal segment ids."""
-    index = np.arange(len(segment_ids))
-    starts = np.flatnonzero(np.diff(segment_ids, prepend=-1))      # first token of every run
-    return (index - starts[np.searchsorted(starts, index, side="right") - 1]).astype(np.int32)
+        return window_example(window, doc, cross_document_attention=self.cross_document_attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +129,14 @@ class Data:
         self.process_index = process_index
         self.process_count = process_count
         self.cross_document_attention = cfg.cross_document_attention
+        self.retrieval = cfg.retrieval
         self._train_windows = self._windows(train)
+        self._retrieval_windows = None
+        if cfg.retrieval.weight:
+            self._retrieval_windows = RetrievalWindows(
+                cfg.retrieval, tokenizer, cfg.seq_len, cfg.seed,
+                text=train.tokens[train.tokens != tokenizer.eos_id].astype(np.int32),
+                cross_document_attention=cfg.cross_document_attention)
         self._val = val
         self.stats = DataStats(
             num_train_documents=train.num_documents, num_val_documents=val.num_documents,
@@ -166,7 +155,13 @@ class Data:
             ds = ds.shuffle(_grain_seed(shuffle_seed))
         # Endless epochs, each reshuffled. Slicing the global order per process keeps the global batch
         # independent of process_count: step k covers global examples [k*batch_size, (k+1)*batch_size).
-        ds = ds.repeat()[self.process_index::self.process_count]
+        ds = ds.repeat()
+        if self._retrieval_windows is not None:
+            # grain's mix interleaves by weight deterministically: example i's source and index are a
+            # function of i, so the mix resumes from the iterator's index like the text alone.
+            weight = self.retrieval.weight
+            ds = grain.MapDataset.mix([ds, grain.MapDataset.source(self._retrieval_windows)], [1 - weight, weight])
+        ds = ds[self.process_index::self.process_count]
         return ds.batch(self.batch_size, drop_remainder=True).to_iter_dataset(READ_OPTIONS)
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -3,8 +3,10 @@
 Evaluates a run directory (its latest checkpoint), a checkpoint folder, or a Hugging Face Llama
 folder, and writes results.json, results.md and PNG plots to --out (default RUN_OR_CHECKPOINT/eval).
 Sparse models run twice: as configured ("sparse") and with every layer dense ("dense"); --modes
-picks one. Lengths are powers of two from --min_len up to --max_len (default: model.max_seq_len;
-lengths past it measure how RoPE and the attention extrapolate). `model.FIELD=VALUE` arguments
+picks one. Lengths are powers of two from --min_len up to --max_len (default: a quarter of the
+length the weights were trained at, data.seq_len, up to four times it; lengths past it measure how
+RoPE and the attention extrapolate). Retrieval probes (passkey, NIAH, MQAR, variable tracking,
+copy) are scored by exact match, per-token accuracy and answer loss (docs/eval.md). `model.FIELD=VALUE` arguments
 evaluate the weights under another model config, e.g. a RoPE scaling they were not trained with.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from sparsetrain.errors import InputError
 from sparsetrain.eval import report
 from sparsetrain.eval.measure import load_subject
-from sparsetrain.eval.suite import EvalOptions, default_lengths, evaluate
+from sparsetrain.eval.suite import TASKS, EvalOptions, default_lengths, evaluate
 
 
 def _numbers(kind):
@@ -37,18 +39,18 @@ def parse_args(argv: list[str] | None):
                         help="evaluate the weights under another model config, e.g. model.rope.scaling=yarn "
                              "model.rope.factor=8 model.rope.original_max_len=2048")
     parser.add_argument("--out", help="output directory (default: CHECKPOINT/eval)")
-    parser.add_argument("--min_len", type=int, help="shortest length (default 1024, or max_len if less)")
-    parser.add_argument("--max_len", type=int, help="longest context length (default model.max_seq_len)")
+    parser.add_argument("--min_len", type=int, help="shortest length (default data.seq_len / 4)")
+    parser.add_argument("--max_len", type=int, help="longest context length (default 4 x data.seq_len)")
     parser.add_argument("--modes", type=_numbers(str), default=("sparse", "dense"),
                         help="sparse (as configured) and/or dense (every layer dense); default both")
-    parser.add_argument("--tasks", type=_numbers(str), default=("loss", "passkey", "mqar"),
-                        help="loss, passkey, mqar (default all)")
+    parser.add_argument("--tasks", type=_numbers(str), default=TASKS,
+                        help=f"{', '.join(TASKS)} (default all)")
     parser.add_argument("--loss_tokens", type=int, default=32768, help="held-out tokens per length")
     parser.add_argument("--depths", type=_numbers(float), default=(0.0, 0.25, 0.5, 0.75, 1.0),
-                        help="passkey needle depths in [0, 1]")
-    parser.add_argument("--passkey_samples", type=int, default=4, help="passkey probes per length x depth")
-    parser.add_argument("--mqar_pairs", type=_numbers(int), default=(8, 32, 128), help="pairs per MQAR probe")
-    parser.add_argument("--mqar_samples", type=int, default=4, help="MQAR probes per pair count")
+                        help="needle depths in [0, 1] (passkey and NIAH)")
+    parser.add_argument("--samples", type=int, default=4, help="probes per task x length x depth")
+    parser.add_argument("--mqar_pairs", type=_numbers(int), default=(),
+                        help="pairs per MQAR probe (default: length // 32 at each length)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic probes")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the run's)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -59,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         subject = load_subject(args.checkpoint, dtype=args.dtype, overrides=args.overrides)
-        lengths = default_lengths(args.min_len, args.max_len, subject.cfg.model.max_seq_len)
+        lengths = default_lengths(args.min_len, args.max_len, subject.cfg.data.seq_len)
         options = EvalOptions(lengths=lengths, modes=args.modes, tasks=args.tasks, loss_tokens=args.loss_tokens,
-                              depths=args.depths, passkey_samples=args.passkey_samples,
-                              mqar_pairs=args.mqar_pairs, mqar_samples=args.mqar_samples, seed=args.seed)
+                              depths=args.depths, samples=args.samples, mqar_pairs=args.mqar_pairs,
+                              seed=args.seed)
         out = Path(args.out or Path(args.checkpoint) / "eval")
         out.mkdir(parents=True, exist_ok=True)
         results = evaluate(subject, options, progress=not args.no_progress)

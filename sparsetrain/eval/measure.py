@@ -88,26 +88,36 @@ class Runner:
         self.params = self.model_def.params_from_flat({k: jnp.asarray(v) for k, v in flat.items()})
         self._forward = jax.jit(self._losses_and_predictions)
 
-    def _losses_and_predictions(self, params, tokens):
-        logits, _, metrics = self.model_def.apply(params, tokens, ctx=StepContext(train=False))
+    def _losses_and_predictions(self, params, tokens, targets, segment_ids, positions):
+        logits, _, metrics = self.model_def.apply(params, tokens, positions, segment_ids,
+                                                  ctx=StepContext(train=False))
         # logsumexp - target logit: XLA reduces without a second [B, T, V] array (log_softmax's).
-        target = jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
-        nll = jax.nn.logsumexp(logits[:, :-1], axis=-1) - target                        # [B, T-1]
+        target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - target                                 # [B, T]
         return nll, jnp.argmax(logits, axis=-1).astype(jnp.int32), metrics
 
-    def __call__(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """tokens int32 [B, T] -> (next-token losses [B, T-1], argmax predictions [B, T], metrics
-        averaged over the batch: density, recall and the rest, overall and per layer `name/<i>`)."""
-        nll, predicted, metrics = self._forward(self.params, jnp.asarray(tokens, jnp.int32))
-        return np.asarray(nll), np.asarray(predicted), {k: float(v) for k, v in metrics.items()}
+    def __call__(self, tokens: np.ndarray, *, targets: np.ndarray | None = None, segment_ids: np.ndarray | None = None,
+                 positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """tokens int32 [B, T] -> (next-token losses, argmax predictions [B, T], metrics averaged
+        over the batch: density, recall and the rest, overall and per layer `name/<i>`).
+
+        The losses are [B, T-1], of tokens[:, 1:], or [B, T] of `targets` when given.
+        segment_ids / positions [B, T]: packed documents, as training batches hold them."""
+        shifted = targets is None
+        if shifted:
+            targets = np.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)   # the last column is unused
+        as_array = lambda x: None if x is None else jnp.asarray(x, jnp.int32)   # noqa: E731
+        nll, predicted, metrics = self._forward(self.params, as_array(tokens), as_array(targets),
+                                                as_array(segment_ids), as_array(positions))
+        nll = np.asarray(nll)
+        return nll[:, :-1] if shifted else nll, np.asarray(predicted), {k: float(v) for k, v in metrics.items()}
 
 
-def held_out_tokens(subject: Subject) -> np.ndarray:
+def held_out(subject: Subject) -> TokenStream:
     """The run's validation documents (its data config's split), joined with eos as training packs
-    them: int32 [n]."""
+    them."""
     data = subject.cfg.data
     documents = tokenize_documents(data, subject.tokenizer)
     _, val_ids = split_documents(len(documents), data.val_fraction, data.seed)
-    stream = TokenStream.concat([documents[i] for i in val_ids], subject.tokenizer.eos_id,
-                                subject.tokenizer.vocab_size)
-    return np.asarray(stream.tokens, np.int32)
+    return TokenStream.concat([documents[i] for i in val_ids], subject.tokenizer.eos_id,
+                              subject.tokenizer.vocab_size)

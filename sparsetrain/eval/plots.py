@@ -32,24 +32,27 @@ def loss_vs_length(results: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def passkey_heatmap(results: dict, path: Path) -> Path:
-    """Passkey accuracy, length (rows) x depth (columns), one panel per mode."""
-    modes = list(results["passkey"])
+def retrieval_heatmap(results: dict, task: str, path: Path) -> Path:
+    """Exact match of one retrieval task, length (rows) x needle depth (columns), one panel per mode."""
+    per_mode = results["retrieval"][task]
+    modes = list(per_mode)
     fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.5), squeeze=False,
                              layout="constrained")
     for ax, mode in zip(axes[0], modes):
-        per_length = results["passkey"][mode]
+        per_length = per_mode[mode]
         lengths = sorted(per_length, key=int)
-        depths = sorted({d for per_depth in per_length.values() for d in per_depth}, key=float)
-        grid = np.array([[per_length[n].get(d, np.nan) for d in depths] for n in lengths])
+        depths = sorted({d for per_depth in per_length.values() for d in per_depth},
+                        key=lambda d: -1.0 if d == "-" else float(d.split()[0]))
+        grid = np.array([[per_length[n][d]["exact"] if d in per_length[n] else np.nan for d in depths]
+                         for n in lengths])
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(depths)), depths)
         ax.set_yticks(range(len(lengths)), lengths)
         for (i, j), value in np.ndenumerate(grid):
             if not np.isnan(value):
                 ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
-        ax.set(xlabel="needle depth", ylabel="length (tokens)", title=f"passkey, {mode}")
-    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
+        ax.set(xlabel="needle depth", ylabel="length (tokens)", title=f"{task}, {mode}")
+    fig.colorbar(image, ax=axes[0].tolist(), label="exact match")
     return _save(fig, path)
 
 
@@ -92,8 +95,8 @@ def write_all(results: dict, out_dir: Path) -> list[Path]:
     written = []
     if results["loss"]:
         written.append(loss_vs_length(results, out_dir / "loss_vs_length.png"))
-    if results["passkey"]:
-        written.append(passkey_heatmap(results, out_dir / "passkey.png"))
+    for task in results["retrieval"]:
+        written.append(retrieval_heatmap(results, task, out_dir / f"{task}.png"))
     if results["layers"]:
         written.append(layer_bars(results, out_dir / "layers.png"))
     if results.get("selection_map"):

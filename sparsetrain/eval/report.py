@@ -29,24 +29,27 @@ def loss_table(results: dict) -> list[str]:
     return _table(["length", *(f"{m} loss (ppl)" for m in modes)], rows)
 
 
-def passkey_tables(results: dict) -> list[str]:
+def _depth_key(depth: str) -> float:
+    return -1.0 if depth == "-" else float(depth.split()[0])
+
+
+def retrieval_tables(results: dict) -> list[str]:
+    """Per task and mode: exact match per length (rows) and depth (columns), then per length the
+    per-token accuracy and answer loss over every depth."""
     out = []
-    for mode, per_length in results["passkey"].items():
-        depths = sorted({d for per_depth in per_length.values() for d in per_depth}, key=float)
-        rows = [[length, *(f"{per_length[length][d]:.0%}" if d in per_length[length] else "-" for d in depths)]
-                for length in sorted(per_length, key=int)]
-        out += [f"Passkey accuracy, {mode} (rows: length, columns: depth)", "",
-                *_table(["length", *depths], rows)]
+    for task, per_mode in results["retrieval"].items():
+        for mode, per_length in per_mode.items():
+            depths = sorted({d for per_depth in per_length.values() for d in per_depth}, key=_depth_key)
+            rows = []
+            for length in sorted(per_length, key=int):
+                cells = per_length[length]
+                mean = lambda key: np.mean([c[key] for c in cells.values()])   # noqa: E731
+                rows.append([length, *(f"{cells[d]['exact']:.0%}" if d in cells else "-" for d in depths),
+                             f"{mean('token_accuracy'):.0%}", f"{mean('answer_nll'):.3f}"])
+            out += [f"{task}, {mode}: exact match (rows: length, columns: needle depth), per-token "
+                    "accuracy and answer loss (nats/token) over all depths", "",
+                    *_table(["length", *depths, "per token", "answer loss"], rows)]
     return out
-
-
-def mqar_table(results: dict) -> list[str]:
-    modes = list(results["mqar"])
-    pairs = sorted({p for per_mode in results["mqar"].values() for p in per_mode}, key=int)
-    rows = [[p, str(next(results["mqar"][m][p]["length"] for m in modes if p in results["mqar"][m])),
-             *(f"{results['mqar'][m][p]['accuracy']:.0%}" if p in results["mqar"][m] else "-" for m in modes)]
-            for p in pairs]
-    return _table(["pairs", "tokens", *(f"{m} accuracy" for m in modes)], rows)
 
 
 def layers_table(results: dict) -> list[str]:
@@ -77,32 +80,31 @@ def markdown(results: dict) -> str:
              f"RoPE: {rope['scaling']} (theta {rope['theta']:g}, factor {rope['factor']:g})  ",
              f"Evaluated with: {' '.join(results['overrides']) or 'the run config as trained'}", ""]
     if results["loss"]:
-        lines += ["## Loss against context length", "", *loss_table(results)]
+        lines += ["## Loss against context length", "", f"Windows: {results['loss_windows']}.", "",
+                  *loss_table(results)]
     lines += layers_table(results)
-    if results["passkey"]:
-        lines += ["## Passkey retrieval", "", *passkey_tables(results)]
-    if results["mqar"]:
-        lines += ["## Multi-query associative recall", "", *mqar_table(results)]
+    if results["retrieval"]:
+        lines += ["## Retrieval", "", *retrieval_tables(results)]
     if results["skipped"]:
         lines += ["## Skipped", "", *(f"- {reason}" for reason in results["skipped"]), ""]
     return "\n".join(lines)
 
 
 def summary(results: dict) -> str:
-    """A few lines for the console: loss at the longest length, mean passkey and MQAR accuracy per mode."""
+    """A few lines for the console: per mode, the loss at the longest length and each retrieval
+    task's exact match over every length and depth."""
     lines = []
-    for mode in dict.fromkeys([*results["loss"], *results["passkey"], *results["mqar"]]):
+    modes = [*results["loss"], *(m for per_mode in results["retrieval"].values() for m in per_mode)]
+    for mode in dict.fromkeys(modes):
         parts = [mode]
         losses = results["loss"].get(mode, {})
         if losses:
             longest = max(losses, key=int)
             parts.append(f"loss@{longest} {losses[longest]['loss']:.4f}")
-        cells = [v for per_depth in results["passkey"].get(mode, {}).values() for v in per_depth.values()]
-        if cells:
-            parts.append(f"passkey {sum(cells) / len(cells):.0%}")
-        mqar = results["mqar"].get(mode, {})
-        if mqar:
-            parts.append(f"mqar {sum(v['accuracy'] for v in mqar.values()) / len(mqar):.0%}")
+        for task, per_mode in results["retrieval"].items():
+            cells = [c["exact"] for per_depth in per_mode.get(mode, {}).values() for c in per_depth.values()]
+            if cells:
+                parts.append(f"{task} {sum(cells) / len(cells):.0%}")
         lines.append("  ".join(parts))
     if results["layers"]:
         length = max(results["layers"], key=int)

@@ -279,7 +279,7 @@ class Trainer:
         cfg = self.phases[self.phase_at(step - 1)].cfg
         subject = Subject(str(self.run_dir), cfg, {k: np.asarray(v) for k, v in flatten(params).items()}, step,
                           self.data.tokenizer)
-        options = options_for(cfg.trainer.eval_suite, cfg.model.max_seq_len)
+        options = options_for(cfg.trainer.eval_suite, cfg.data.seq_len)
         out = self.run_dir / "eval" / f"step_{step}"
         # The suite runs on one device, as the eval command does: outside the training mesh, which
         # would shard the models it builds and its batches.

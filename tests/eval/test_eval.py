@@ -12,42 +12,35 @@ from sparsetrain.config import PhaseConfig
 from sparsetrain.data import ByteTokenizer
 from sparsetrain.eval.__main__ import main
 from sparsetrain.eval.measure import Runner, load_subject
-from sparsetrain.eval.probes import PASSKEY_INTRO, PASSKEY_QUESTION, answers_correct, mqar, passkey
-from sparsetrain.eval.suite import _predict, powers_of_two
+from sparsetrain.data.retrieval_tasks import DEPTH_TASKS, EVAL, PASSKEY_INTRO, PASSKEY_QUESTION, Haystack, generate
+from sparsetrain.eval.probes import score_answers
+from sparsetrain.eval.suite import RETRIEVAL, _forward_probes, powers_of_two
 from tests.export.helpers import LOCAL_REST, random_params, save_run, tiny
 
 TOK = ByteTokenizer()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+HAY = Haystack(TOK, EVAL)
 
 
-def test_passkey_is_deterministic_and_its_needle_sits_at_the_depth():
-    a, b = passkey(TOK, 600, 0.5, seed=3), passkey(TOK, 600, 0.5, seed=3)
-    assert np.array_equal(a.tokens, b.tokens) and a.info == b.info
-    assert passkey(TOK, 600, 0.5, seed=4).info["key"] != a.info["key"]
+def probe(task, length=600, depth=None, seed=0, size=None):
+    return generate(task, TOK, length, EVAL.rng(seed), EVAL, HAY, depth=depth,
+                    size=size if size or task != "mqar" else 5)
+
+
+def test_passkey_needle_starts_exactly_at_its_token_depth():
+    a = probe("passkey", depth=0.5, seed=3)
+    assert np.array_equal(a.tokens, probe("passkey", depth=0.5, seed=3).tokens)
     assert len(a.tokens) == 600 and a.tokens.dtype == np.int32
     key = a.info["key"]
     start, end = a.answers[0]
     assert (start, end) == (600 - len(key), 600) and TOK.decode(a.tokens[start:end]) == key
-    assert TOK.decode(a.tokens[a.info["needle_start"]:]).startswith(f"The pass key is {key}.")
     assert TOK.decode(a.tokens[:start]).endswith(PASSKEY_QUESTION)
-    first, last = passkey(TOK, 600, 0.0, seed=3), passkey(TOK, 600, 1.0, seed=3)
-    assert first.info["needle_start"] == len(PASSKEY_INTRO)
-    needle_end = TOK.decode(last.tokens).index("is the pass key.\n") + len("is the pass key.\n")
-    assert TOK.decode(last.tokens)[needle_end:].startswith(PASSKEY_QUESTION)
-    middle = (a.info["needle_start"] - len(PASSKEY_INTRO)) / (600 - 250)
-    assert abs(middle - 0.5) < 0.2
-
-
-def test_mqar_is_deterministic_and_its_answers_are_the_values():
-    probe = mqar(TOK, 12, seed=1)
-    assert np.array_equal(probe.tokens, mqar(TOK, 12, seed=1).tokens)
-    assert not np.array_equal(probe.tokens, mqar(TOK, 12, seed=2).tokens)
-    text = TOK.decode(probe.tokens)
-    facts = dict(pair.split("=") for pair in text.split("\n")[1].split("; "))
-    assert len(facts) == 12 and len(probe.answers) == 12
-    for start, end in probe.answers:
-        key = TOK.decode(probe.tokens[start - 4:start - 1])
-        assert TOK.decode(probe.tokens[start:end]) == facts[key]
+    needle = len(TOK.encode(f"The pass key is {key}. Remember it. {key} is the pass key.\n"))
+    budget = 600 - len(PASSKEY_INTRO) - needle - len(PASSKEY_QUESTION) - len(key)
+    for depth in (0.0, 0.1, 0.25, 0.5, 0.77, 1.0):   # every depth a distinct token, even at 600
+        p = probe("passkey", depth=depth, seed=3)
+        assert p.info["needle_starts"] == [len(PASSKEY_INTRO) + round(depth * budget)]
+        assert TOK.decode(p.tokens[p.info["needle_starts"][0]:]).startswith(f"The pass key is {key}.")
 
 
 class Oracle:
@@ -58,18 +51,46 @@ class Oracle:
 
     def __call__(self, tokens):
         predicted = np.roll(tokens, -1, axis=1)
-        return None, (predicted + 1) % TOK.vocab_size if self.wrong else predicted, {}
+        nll = np.zeros((tokens.shape[0], tokens.shape[1] - 1))
+        return nll, (predicted + 1) % TOK.vocab_size if self.wrong else predicted, {}
 
 
-def test_scorers_are_exact():
-    probes = [passkey(TOK, 400, d, seed=0) for d in (0.0, 1.0)] + [mqar(TOK, 5, seed=0)]
-    assert all(all(row) for row in _predict(Oracle(), probes))
-    assert not any(any(row) for row in _predict(Oracle(wrong=True), probes))
-    probe = probes[0]
-    start, end = probe.answers[0]
-    predicted = np.roll(probe.tokens, -1)
+@pytest.mark.parametrize("task", RETRIEVAL)
+def test_every_task_is_deterministic_and_an_oracle_scores_it_exactly(task):
+    depth = 0.3 if task in DEPTH_TASKS else None
+    a, b = probe(task, depth=depth, seed=1), probe(task, depth=depth, seed=1)
+    assert np.array_equal(a.tokens, b.tokens) and a.answers == b.answers and len(a.tokens) == 600
+    assert not np.array_equal(a.tokens, probe(task, depth=depth, seed=2).tokens)
+    assert a.answers and all(0 < s < e <= 600 for s, e in a.answers)
+    right, wrong = _forward_probes(Oracle(), [a])[0], _forward_probes(Oracle(wrong=True), [a])[0]
+    assert all(s.exact and s.token_accuracy == 1.0 for s in right)
+    assert not any(s.exact for s in wrong) and all(s.token_accuracy == 0.0 for s in wrong)
+
+
+def test_answers_are_the_hidden_values():
+    multi = probe("niah_multivalue", depth=0.2)
+    assert [TOK.decode(multi.tokens[s:e]) for s, e in multi.answers] == multi.info["values"]
+    chain = probe("vartrack")
+    text = TOK.decode(chain.tokens)
+    assert [TOK.decode(chain.tokens[s:e]) for s, e in chain.answers] == chain.info["names"]
+    assert f"VAR {chain.info['names'][0]} = {chain.info['value']}." in text
+    assert all(f"VAR {b} = VAR {a}." in text for a, b in zip(chain.info["names"], chain.info["names"][1:]))
+    recall = probe("mqar", size=12)
+    facts = dict(pair.split("=") for pair in TOK.decode(recall.tokens).split("\n")[1].split("; "))
+    assert len(facts) == 12 and len(recall.answers) == 12
+    for start, end in recall.answers:
+        assert TOK.decode(recall.tokens[start:end]) == facts[TOK.decode(recall.tokens[start - 4:start - 1])]
+
+
+def test_a_near_miss_scores_per_token_but_not_exact():
+    p = probe("passkey", depth=0.5)
+    start, end = p.answers[0]
+    predicted = np.roll(p.tokens, -1)
     predicted[end - 2] = (predicted[end - 2] + 1) % 10   # only the last digit wrong
-    assert answers_correct(probe, predicted) == [False]
+    nll = np.zeros(599)
+    nll[start - 1:end - 1] = np.log(10)
+    [score] = score_answers(p, predicted, nll)
+    assert not score.exact and score.token_accuracy == pytest.approx(0.8) and score.nll == pytest.approx(np.log(10))
 
 
 def test_lengths_are_powers_of_two():
@@ -116,8 +137,8 @@ def test_a_checkpoint_is_evaluated_in_the_phase_it_was_saved_in(tmp_path):
 def test_command_writes_json_markdown_and_plots_that_agree(sparse_run, tmp_path, capsys):
     out = tmp_path / "out"
     assert main([str(sparse_run), "--out", str(out), "--min_len", "256", "--max_len", "512",
-                 "--loss_tokens", "1024", "--depths", "0,1", "--passkey_samples", "2", "--mqar_pairs", "4",
-                 "--mqar_samples", "2", "--no_progress"]) == 0
+                 "--loss_tokens", "1024", "--tasks", "loss,passkey,mqar,niah_multivalue", "--depths", "0,1",
+                 "--samples", "1", "--no_progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     markdown = (out / "results.md").read_text()
     assert set(results["loss"]) == {"sparse", "dense"} and set(results["loss"]["dense"]) == {"256", "512"}
@@ -126,17 +147,34 @@ def test_command_writes_json_markdown_and_plots_that_agree(sparse_run, tmp_path,
             assert f"{value['loss']:.4f} ({value['perplexity']:.2f})" in markdown
     assert set(results["layers"]["512"]["density"]) == {"1", "2"}
     assert f"| 1 | {results['layers']['512']['density']['1']:.3f} |" in markdown
-    assert set(results["passkey"]["sparse"]["512"]) == {"0.0", "1.0"}
-    assert results["mqar"]["dense"]["4"]["length"] > 0
+    assert set(results["retrieval"]["passkey"]["sparse"]["512"]) == {"0.0", "1.0"}
+    assert "256" not in results["retrieval"]["niah_multivalue"]["sparse"]   # too short, and said so
+    assert any(reason.startswith("niah_multivalue at length 256") for reason in results["skipped"])
+    mqar = results["retrieval"]["mqar"]["dense"]
+    assert [mqar[n]["-"]["size"] for n in ("256", "512")] == [8, 16]   # sized to the length
     view = results["selection_map"]
     assert (view["layer"], view["length"]) == (1, 512) and f"hold {view['covered']:.1%}" in markdown
     blocks = np.load(out / "selection_map.npz")
     assert blocks["selected"].shape == blocks["scores"].shape == (16, 16)
     assert view["covered"] == pytest.approx((blocks["scores"] * blocks["selected"]).sum() / blocks["scores"].sum())
-    for name in ("loss_vs_length.png", "passkey.png", "layers.png", "selected_blocks.png"):
+    for name in ("loss_vs_length.png", "layers.png", "selected_blocks.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000
     assert "sparse  loss@512" in capsys.readouterr().out
+
+
+def test_every_retrieval_task_writes_its_table_and_heatmap(sparse_run, tmp_path):
+    out = tmp_path / "out"
+    assert main([str(sparse_run), "--out", str(out), "--modes", "dense", "--min_len", "512", "--max_len", "512",
+                 "--tasks", ",".join(RETRIEVAL), "--depths", "0.5", "--samples", "1", "--no_progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    markdown = (out / "results.md").read_text()
+    assert set(results["retrieval"]) == set(RETRIEVAL) and not results["loss"]
+    for task in RETRIEVAL:
+        cell = next(iter(results["retrieval"][task]["dense"]["512"].values()))
+        assert set(cell) == {"exact", "token_accuracy", "answer_nll", "answers", "size"}
+        assert f"{task}, dense: exact match" in markdown
+        assert (out / f"{task}.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_dense_flag_and_bad_inputs(sparse_run, tmp_path, capsys):
@@ -144,7 +182,7 @@ def test_dense_flag_and_bad_inputs(sparse_run, tmp_path, capsys):
     assert main([str(sparse_run), "--out", str(out), "--modes", "dense", "--tasks", "loss", "--min_len", "256",
                  "--max_len", "256", "--loss_tokens", "256", "--no_progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results["loss"]) == ["dense"] and results["layers"] == {} and results["passkey"] == {}
+    assert list(results["loss"]) == ["dense"] and results["layers"] == {} and results["retrieval"] == {}
     for argv, message in [
         ([str(tmp_path / "missing")], "does not exist"),
         ([str(sparse_run), "--modes", "fast", "--max_len", "256"], "--modes fast: choose from sparse,dense"),
@@ -177,3 +215,29 @@ def test_overrides_evaluate_the_weights_under_another_model_config(sparse_run, t
         assert main([str(sparse_run), override, "--out", str(tmp_path / "x"), *options]) == 2
         err = capsys.readouterr().err
         assert message in err, err
+
+
+def test_loss_windows_never_cross_a_document(sparse_run):
+    """The loss at a length is each held-out document's own loss: the same as running every
+    document alone."""
+    from sparsetrain.eval.measure import held_out
+    from sparsetrain.eval.suite import EvalOptions, _loss_job
+
+    subject = load_subject(sparse_run)
+    runner = Runner(subject, "dense")
+    stream = held_out(subject)
+    value, _ = _loss_job(runner, stream, TOK.pad_id, 256, EvalOptions(lengths=(256,), loss_tokens=512))
+    tokens = np.asarray(stream.tokens, np.int32)
+    ends = [*stream.doc_starts[1:], len(tokens)]
+    total, count, budget = 0.0, 0, 2 * 257   # the two windows cover the stream's first 514 tokens
+    for start, end in zip(stream.doc_starts, ends):
+        piece = tokens[start:min(end, budget)]
+        if start >= budget:
+            break
+        # A document cut by a window edge continues in the next window as a new document.
+        for first in range(start, start + len(piece), 257):
+            cut = tokens[first:min(first - first % 257 + 257, end, budget)]
+            if len(cut) > 1:
+                total += float(runner(cut[None])[0].sum())
+                count += len(cut) - 1
+    assert value["loss"] == pytest.approx(total / count, rel=1e-4) and value["tokens"] == count

@@ -14,7 +14,7 @@ from models.rope import apply_rope
 from sparsetrain.attention.method import AttentionInputs, StepContext
 from sparsetrain.attention.spec import DenseOptions
 from sparsetrain.config import ModelConfig, RopeConfig
-from sparsetrain.data.pipeline import document_positions
+from sparsetrain.data.examples import document_positions
 
 TINY = ModelConfig(vocab_size=320, d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
                    mlp_dim=128, max_seq_len=512, dtype="float32")

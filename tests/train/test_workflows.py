@@ -53,13 +53,14 @@ def test_eval_suite_at_eval_every_writes_its_files(tmp_path):
     cfg = fast(tmp_path, "pretrain_tiny_moba", "trainer.steps=2", "trainer.eval_every=2", "data.batch_size=4",
                "trainer.eval_suite.enabled=true", "trainer.eval_suite.modes=sparse",
                "trainer.eval_suite.tasks=loss,passkey", "trainer.eval_suite.loss_tokens=256",
-               "trainer.eval_suite.depths=1.0", "trainer.eval_suite.passkey_samples=1")
+               "trainer.eval_suite.depths=1.0", "trainer.eval_suite.samples=1",
+               "trainer.eval_suite.min_len=256", "trainer.eval_suite.max_len=256")
     train(cfg)
     out = tmp_path / "pretrain_tiny_moba" / "eval"
     assert [p.name for p in out.iterdir()] == ["step_2"]
     results = json.loads((out / "step_2" / "results.json").read_text())
-    assert results["step"] == 2 and set(results["loss"]) == {"sparse"} and not results["mqar"]
-    assert set(results["loss"]["sparse"]) == {"256"} and set(results["passkey"]["sparse"]["256"]) == {"1.0"}
+    assert results["step"] == 2 and set(results["loss"]) == {"sparse"} and set(results["retrieval"]) == {"passkey"}
+    assert set(results["loss"]["sparse"]) == {"256"} and set(results["retrieval"]["passkey"]["sparse"]["256"]) == {"1.0"}
     assert set(results["layers"]["256"]["density"]) == {"0"}   # layer 1 is dense
     for name in ("results.md", "loss_vs_length.png", "passkey.png", "layers.png", "selected_blocks.png",
                  "selection_map.npz"):
