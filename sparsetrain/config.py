@@ -105,6 +105,10 @@ class RetrievalDataConfig(Config):
     weight: float = 0.0          # share of training windows made of retrieval documents; 0 = off
     tasks: tuple[RetrievalTask, ...] = RETRIEVAL_TASKS   # drawn uniformly per document
     min_doc_len: int = 128       # shortest document in tokens; lengths spread log-uniformly up to seq_len
+    # Share of retrieval windows holding one document as long as the window: log-uniform lengths
+    # alone make retrieval across the whole trained length rare (a dense model then failed the
+    # needles furthest back, docs/results.md).
+    whole_window: float = 0.5
     # Share of needle documents whose haystack is training text rather than filler sentences.
     text_haystack: float = 0.5
 
@@ -113,6 +117,7 @@ class RetrievalDataConfig(Config):
         self.require(bool(self.tasks), "tasks", f"give one or more of {', '.join(RETRIEVAL_TASKS)}")
         self.require(self.min_doc_len >= 32, "min_doc_len", "must be >= 32 tokens")
         self.require(0.0 <= self.text_haystack <= 1.0, "text_haystack", "must be in [0, 1]")
+        self.require(0.0 <= self.whole_window <= 1.0, "whole_window", "must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,9 +3,9 @@
 Window i is generated from (data.seed, i) alone, so the source is endless, random-access and
 stateless: a grain iterator over the mix resumes exactly from its saved index, as the text
 source's does. Each window holds whole documents, each a task instance (`retrieval_tasks`) plus
-eos. Their lengths are drawn log-uniformly between `min_doc_len` and the window, so short and
-window-long retrievals both occur; the last document stretches to fill the window, so no token is
-padding. The examples have the text windows' layout (`examples.window_example`): with documents
+eos. A `whole_window` share of the windows is one document as long as the window; the others
+draw lengths log-uniformly between `min_doc_len` and the window, the last document stretching to
+fill it, so no token is padding and retrievals of every distance up to the trained length occur. The examples have the text windows' layout (`examples.window_example`): with documents
 masked (data.cross_document_attention=False) each document attends only to itself, with restarted
 positions, and every document is trained on whole, answers included.
 """
@@ -51,6 +51,8 @@ class RetrievalWindows:
         width = self.seq_len + 1
         shortest = min(self.cfg.min_doc_len, width)
         documents, remaining = [], width
+        if rng.random() < self.cfg.whole_window:
+            return [self._document(width - 1, rng)]
         while remaining:
             size = int(np.exp(rng.uniform(np.log(shortest), np.log(width))))
             if remaining - size < shortest:   # too little left for another document: take it all

@@ -17,7 +17,8 @@ SEQ_LEN = 512
 
 
 def windows(**overrides):
-    return RetrievalWindows(RetrievalDataConfig(weight=0.5, **overrides), TOK, SEQ_LEN, seed=0)
+    return RetrievalWindows(RetrievalDataConfig(**{"weight": 0.5, "whole_window": 0.0, **overrides}), TOK,
+                            SEQ_LEN, seed=0)
 
 
 def test_training_and_evaluation_never_share_keys_filler_or_seeds():
@@ -43,6 +44,16 @@ def test_windows_are_deterministic_whole_documents():
     assert a["segment_ids"].max() == len(docs)
     lengths = [len(d) for i in range(200) for d in source.documents(i)]
     assert min(lengths) >= 128 and max(lengths) > SEQ_LEN // 2   # spread up to the window
+
+
+def test_a_share_of_windows_is_one_document_of_the_whole_length():
+    def whole_share(share):
+        source = windows(whole_window=share)
+        return np.mean([len(source.documents(i)) == 1 for i in range(400)])
+    # Log-uniform packing alone also gives some one-document windows (a first document that leaves
+    # too little room for a second): share s adds s of the rest.
+    packed = whole_share(0.0)
+    assert whole_share(0.5) == pytest.approx(packed + 0.5 * (1 - packed), abs=0.08)
 
 
 def test_every_task_appears_in_training_windows():
