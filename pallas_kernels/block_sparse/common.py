@@ -165,6 +165,16 @@ def segment_tile_classes(seg: SegmentIds, dims: Dims):
     return possible, uniform
 
 
+def check_key_bias(key_bias, dims: Dims):
+    """Validates an additive per-key bias (float [B, K, S], one value per kv head and key) and
+    returns it; ValueError naming `key_bias` otherwise."""
+    want = (dims.batch, dims.kv_heads, dims.seq_kv)
+    if not jnp.issubdtype(key_bias.dtype, jnp.floating) or tuple(key_bias.shape) != want:
+        raise ValueError(f"key_bias must be a float array of shape [batch, kv_heads, seq_kv] = {want}; "
+                         f"got {key_bias.dtype} {tuple(key_bias.shape)}")
+    return key_bias
+
+
 def default_scale(sm_scale: float | None, head_dim: int) -> float:
     return float(head_dim) ** -0.5 if sm_scale is None else float(sm_scale)
 

@@ -62,7 +62,7 @@ def _selected_keys(q, k, v, block_mask, block_size: int):
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, window=None, interpret=False, return_lse=False):
+                           segment_ids=None, window=None, key_bias=None, interpret=False, return_lse=False):
     """Reference of `kernel.block_sparse_attention` (same arguments, shapes and semantics)."""
     del interpret
     d, elem = _selected_keys(q, k, v, block_mask, block_size)
@@ -72,7 +72,10 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     # Element mask [B, K, 1 or G, T, S].
     elem = elem.reshape(d.batch, d.kv_heads, d.mask_heads // d.kv_heads, d.seq_q, d.seq_kv)
     elem = elem & _visible(d, causal, seg, window)
-    p, lse = _masked_softmax(_logits(q, k, d, scale), elem)
+    s = _logits(q, k, d, scale)
+    if key_bias is not None:   # [B, K, S] -> every group member and query row of kv head k
+        s = s + common.check_key_bias(key_bias, d).astype(jnp.float32)[:, :, None, None, :]
+    p, lse = _masked_softmax(s, elem)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32), precision=_HI)
     o = o.reshape(q.shape).astype(q.dtype)
     lse = lse.reshape(d.batch, d.q_heads, d.seq_q)

@@ -37,8 +37,13 @@ _BACKENDS = {
 }
 
 
+# Backends whose attention takes `key_bias` (the others raise NotImplementedError when one is given).
+_KEY_BIAS_BACKENDS = ("reference", "triton")
+
+
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, window=None, impl="auto", interpret=None, return_lse=False):
+                           segment_ids=None, window=None, key_bias=None, impl="auto", interpret=None,
+                           return_lse=False):
     """Softmax attention restricted to the selected (query block, key block) tiles.
 
     Args:
@@ -70,6 +75,11 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         to keep the lists short. The Triton kernel skips selected tiles below every row's window,
         runs tiles inside the band unmasked and compares positions only in tiles crossing the
         window's lower edge (or the diagonal); the TPU kernel raises NotImplementedError.
+      key_bias: None, or float [B, K, S]: an additive bias per kv head and key, added to the
+        scaled logits of every query head of that kv head's group (DMA's and NOSA's learned key
+        scores). Differentiable: its gradient is the row sum of dS over the group's queries,
+        written by the dk/dv kernel. Tile selections on the Triton kernel and the reference only
+        (NotImplementedError for token selections, "pallas_tpu" and "mosaic_gpu").
       impl: "auto" | "pallas" | "pallas_tpu" | "mosaic_gpu" | "xla" (see
         `sparsetrain.ops.platform.kernel_backend`; the TPU kernel takes block_size 128 only of
         these). "mosaic_gpu" (opt-in, Hopper GPU only): a Mosaic GPU forward with the Triton
@@ -81,12 +91,18 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     Returns:
       o [B, T, N, D] in q's dtype, exactly softmax attention over the visible keys; rows with no
       visible key are 0 (never NaN). With return_lse, (o, lse). Differentiable in q, k, v (and
-      through lse); the mask gets no gradient.
+      through lse) and in key_bias; the mask gets no gradient.
     """
     backend, interpret = kernel_backend(impl, interpret)
     fn = _BACKENDS[backend][0]
+    extra = {}
+    if key_bias is not None:
+        if backend not in _KEY_BIAS_BACKENDS:
+            raise NotImplementedError(f"key_bias is not supported by the {backend!r} backend; use impl='pallas' "
+                                      f"(Triton) or impl='xla'")
+        extra["key_bias"] = key_bias
     return fn(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
-              segment_ids=segment_ids, window=window, interpret=interpret, return_lse=return_lse)
+              segment_ids=segment_ids, window=window, interpret=interpret, return_lse=return_lse, **extra)
 
 
 def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,
