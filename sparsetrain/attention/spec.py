@@ -33,6 +33,7 @@ METHODS: dict[str, str] = {
     "infllm_v2": "sparsetrain.sparse.infllm_v2:InfllmV2Options",
     "nsa": "sparsetrain.sparse.nsa:NsaOptions",
     "dma": "sparsetrain.sparse.dma:DmaOptions",
+    "nosa": "sparsetrain.sparse.nosa:NosaOptions",
 }
 
 # Fields of the flat AttentionSpec that checkpoints written before per-method options carry on
@@ -54,6 +55,7 @@ class MethodExport:
     torch_impl: str
     fields: tuple[str, ...] = ()
     params: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    torch_requires: tuple[str, ...] = ()   # other method files its torch file imports (shipped too)
 
 
 def options_class(method: str) -> type["MethodOptions"]:

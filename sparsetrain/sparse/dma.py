@@ -40,10 +40,14 @@ from sparsetrain.sparse import key_scores
 class DmaOptions(BlockSparseOptions):
     method: str = "dma"
     window: int = 2048           # keys per query (as whole blocks, the forced ones included)
+    # Add the key bias to the logits (the paper). False: it only chooses blocks, A and W_delta get
+    # no gradient (an ablation; and the suite's full-budget check against dense attention).
+    logit_bias: bool = True
 
     # The suite's ~100-token sequences at 16-token blocks: 3 blocks a query keeps it sparse.
     conformance_base = {"window": 48}
-    export = MethodExport(torch_impl="dma", fields=("block_size", "local_blocks", "initial_blocks", "window"),
+    export = MethodExport(torch_impl="dma",
+                          fields=("block_size", "local_blocks", "initial_blocks", "window", "logit_bias"),
                           params={name: (name, "identity") for name in (key_scores.SCALE, key_scores.PROJECTION)})
 
     def validate(self) -> None:
@@ -60,7 +64,7 @@ class DmaOptions(BlockSparseOptions):
         return self.window // self.block_size
 
     def full_budget(self) -> "DmaOptions":
-        return dataclasses.replace(self, window=self.block_size << 16)
+        return dataclasses.replace(self, window=self.block_size << 16, logit_bias=False)
 
     def build(self, *, num_heads, num_kv_heads, head_dim, model_dim, rngs) -> "DmaAttention":
         return DmaAttention(self, num_heads, num_kv_heads, head_dim, rngs)
@@ -72,16 +76,14 @@ class DmaOptions(BlockSparseOptions):
         return float(ops.selection_density(mask, seq_len, seq_len, self.block_size))
 
 
-def select_blocks(scores: jax.Array, seq_len: int, o: BlockSparseOptions, topk: int | None = None,
-                  documents=True) -> jax.Array:
+def select_blocks(scores: jax.Array, seq_len: int, o: "DmaOptions", documents=True) -> jax.Array:
     """bool [B, K, nQ, nK]: per query tile, the forced blocks plus the causal blocks of highest
-    score, `topk` (default `o.topk`) in all. scores f32 [B, K, nK] are query-agnostic (block-max
-    key scores); documents: `document_tiles` of packed rows, or True."""
-    n_k = scores.shape[-1]
+    score, `o.topk` in all. scores f32 [B, K, nK] are query-agnostic (block-max key scores);
+    documents: `document_tiles` of packed rows, or True."""
     valid = ops.causal_block_mask(seq_len, seq_len, o.block_size) & documents
-    rows = jnp.broadcast_to(scores[:, :, None, :], (*scores.shape[:2], n_k, n_k))
-    return ops.topk_block_mask(rows, o.topk if topk is None else topk, force_first=o.initial_blocks,
-                               force_local=o.local_blocks, valid=valid)
+    forced = ops.forced_block_mask(jnp.broadcast_to(valid, (*scores.shape[:2], *valid.shape[-2:])),
+                                   force_first=o.initial_blocks, force_local=o.local_blocks)
+    return key_scores.fill_blocks(forced, scores, o.topk, valid)
 
 
 class DmaAttention(SparseMethod):
@@ -103,7 +105,8 @@ class DmaAttention(SparseMethod):
 
 
 def biased_attention(inp: AttentionInputs, sel: ops.Selection, o: BlockSparseOptions) -> jax.Array:
-    """The tile kernel over a selection whose extras hold the key bias [B, K, S] (DMA, NOSA)."""
+    """The tile kernel over a selection whose extras hold the key bias [B, K, S] (DMA, NOSA), added
+    to the logits when `o.logit_bias`."""
     return block_sparse_attention(inp.q, inp.k, inp.v, sel.to_mask(), segment_ids=inp.segment_ids,
-                                  key_bias=sel.extras["key_bias"], causal=True, block_size=o.block_size,
-                                  impl=o.impl)
+                                  key_bias=sel.extras["key_bias"] if o.logit_bias else None, causal=True,
+                                  block_size=o.block_size, impl=o.impl)

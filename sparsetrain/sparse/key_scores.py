@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsetrain import ops
+
 # Parameter names, shared with the export tables and the torch files (upstream: `A`, `dt_proj`).
 SCALE, PROJECTION = "key_score_scale", "key_score_proj"
 
@@ -50,3 +52,13 @@ def block_max(bias: jax.Array, block_size: int) -> jax.Array:
     padded = jnp.pad(jax.lax.stop_gradient(bias), ((0, 0), (0, 0), (0, n_k * block_size - s)),
                      constant_values=-jnp.inf)
     return padded.reshape(b, kh, n_k, block_size).max(-1)
+
+
+def fill_blocks(chosen: jax.Array, scores: jax.Array, budget: int, valid) -> jax.Array:
+    """bool [B, K, nQ, nK]: the `chosen` blocks of each query tile plus its valid others of highest
+    score (query-agnostic scores f32 [B, K, nK]; ties to the lower block) up to `budget` blocks in
+    all; rows already over budget keep what they chose."""
+    valid = valid & ~chosen
+    rows = jnp.broadcast_to(scores[:, :, None, :], chosen.shape)
+    room = budget - chosen.sum(-1)
+    return chosen | ops.budget_block_mask(rows, room, force_first=0, force_local=0, valid=valid)

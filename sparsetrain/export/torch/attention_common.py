@@ -64,20 +64,24 @@ def ranked(key):
     return torch.sort(key, dim=-1, descending=True, stable=True).indices
 
 
-def topk_blocks(scores, valid, initial_blocks: int, local_blocks: int, topk: int):
-    """bool [..., rows, nK]: per row (rows are query tiles of the key blocks' size, row i ending at
-    block i), the valid blocks among the first `initial_blocks` and the last `local_blocks` up to
-    block i, plus the best-scoring other valid blocks, `topk` in all (ties to the lower index, as
-    sparsetrain's top-k). scores float broadcastable to [..., rows, nK]; valid bool [rows, nK]."""
-    n_k = valid.shape[-1]
+def forced_blocks(valid, initial_blocks: int, local_blocks: int):
+    """bool [rows, nK]: the valid blocks among the first `initial_blocks` and the last `local_blocks`
+    up to row i's own block i (rows are query tiles of the key blocks' size)."""
     i = torch.arange(valid.shape[-2], device=valid.device)[:, None]
-    j = torch.arange(n_k, device=valid.device)[None, :]
-    forced = valid & ((j < initial_blocks) | (j > i - local_blocks))
-    rest = torch.where(valid & ~forced, scores, -torch.inf)
+    j = torch.arange(valid.shape[-1], device=valid.device)[None, :]
+    return valid & ((j < initial_blocks) | (j > i - local_blocks))
+
+
+def fill_blocks(chosen, scores, valid, budget: int):
+    """bool [..., rows, nK]: the `chosen` blocks plus, per row, the valid others of highest score up
+    to `budget` blocks in all (ties to the lower index, as sparsetrain's top-k). scores float
+    broadcastable to chosen's shape; valid bool [rows, nK]."""
+    rest = torch.where(valid & ~chosen, scores, -torch.inf)
     order = ranked(rest)
-    room = topk - forced.sum(-1, keepdim=True)
+    room = budget - chosen.sum(-1, keepdim=True)
+    j = torch.arange(rest.shape[-1], device=rest.device)
     take = (j < room) & (torch.gather(rest, -1, order) > -torch.inf)
-    return forced | torch.zeros_like(rest, dtype=torch.bool).scatter(-1, order, take)
+    return chosen | torch.zeros_like(rest, dtype=torch.bool).scatter(-1, order, take)
 
 
 def block_max(x, k_pos, block_size: int):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention_common import (block_max, key_positions, key_score_bias, softmax_attention, token_mask,
-                               topk_blocks, with_padding)
+from .attention_common import (block_max, fill_blocks, forced_blocks, key_positions, key_score_bias,
+                               softmax_attention, token_mask, with_padding)
 
 
 class DmaAttention(nn.Module):
@@ -22,6 +22,7 @@ class DmaAttention(nn.Module):
         super().__init__()
         for name in ("block_size", "local_blocks", "initial_blocks", "window"):
             setattr(self, name, int(spec[name]))
+        self.logit_bias = bool(spec["logit_bias"])
         kv, n = config.num_key_value_heads, config.num_attention_heads
         h = getattr(config, "head_dim", None) or config.hidden_size // n
         self.group = n // kv
@@ -39,11 +40,11 @@ class DmaAttention(nn.Module):
         n_k = scores.shape[-1]
         tiles = torch.arange(n_k, device=q.device)
         valid = tiles[None, :] <= tiles[:, None]                            # query tile i, key block j
-        kept = topk_blocks(scores[:, :, None, :], valid, self.initial_blocks, self.local_blocks,
-                           self.window // bs)                               # [B, K, nQ, nK]
+        forced = forced_blocks(valid, self.initial_blocks, self.local_blocks)
+        kept = fill_blocks(forced, scores[:, :, None, :], valid, self.window // bs)   # [B, K, nQ, nK]
         allowed = (k_pos[:, None, None, :] <= q_pos[:, None, :, None]) & token_mask(kept, q_pos, k_pos, bs, bs)
         allowed = with_padding(allowed.repeat_interleave(self.group, 1), attention_mask, seq)
-        return softmax_attention(q, k, v, allowed, scaling, key_bias=bias)
+        return softmax_attention(q, k, v, allowed, scaling, key_bias=bias if self.logit_bias else None)
 
 
 ATTENTION = DmaAttention
