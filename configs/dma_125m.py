@@ -7,16 +7,9 @@ steps keep the lowest blocks (ties); continue a dense run, as for InfLLM-V2:
     python train.py --config configs/dma_125m.py model.attention.0.window=1024   # sparser
 """
 
-import dataclasses
-
-from configs.small_125m import get_config as small_125m
+from configs._method_125m import method_125m
 from sparsetrain.sparse.dma import DmaOptions
-
-SEQ = 16384
 
 
 def get_config():
-    cfg = small_125m()
-    model = dataclasses.replace(cfg.model, max_seq_len=SEQ, attention=(DmaOptions(),))
-    data = dataclasses.replace(cfg.data, seq_len=SEQ, batch_size=4)
-    return dataclasses.replace(cfg, name="dma_125m", model=model, data=data)
+    return method_125m("dma_125m", DmaOptions())

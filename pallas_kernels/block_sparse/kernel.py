@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,10 @@ class _Config:
     segmented: bool  # segment ids given: masked tiles also compare document ids
     # A key bias is added to the logits (DMA, NOSA) and the dk/dv kernel also writes its gradient.
     biased: bool = False
+    # BLASST: log2(lambda), or None (off). The forward skips a tile's exp, V load and PV product
+    # when every row's tile maximum is below its running maximum + log2(lambda), and records which
+    # tiles it skipped; the backward runs over the tiles it did not skip (per query head).
+    skip_log2: float | None = None
     # The forward also writes each row's maximum base-2 logit per visited key block (the block
     # ground truth's by-product, `attention_with_block_scores`).
     row_maxima: bool = False
@@ -133,7 +138,7 @@ def _bias(bias_ref, cfg: _Config):
 
 
 def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, bias_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                *maxima_ref, cfg: _Config, precision):
+                *extra_refs, cfg: _Config, precision):
     d, bs = cfg.dims, cfg.dims.block
     qi = query_block(pl.program_id(0), d.n_q, cfg.causal)
     q = q_ref[...]
@@ -150,9 +155,20 @@ def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, bias_ref, q_ref, k_ref, v_
         if cfg.row_maxima:
             # maxima [nK, bs]: one contiguous row of bs floats a visited tile (a coalesced store).
             row_max = s.max(axis=1)
-            maxima_ref[0][kb, :] = row_max
-        return flash.softmax_update(carry, s, v_ref[pl.ds(start, bs), :], may_be_empty=masked,
-                                    precision=precision, row_max=row_max)
+            extra_refs[0][kb, :] = row_max
+
+        def update(carry):
+            return flash.softmax_update(carry, s, v_ref[pl.ds(start, bs), :], may_be_empty=masked,
+                                        precision=precision, row_max=row_max)
+
+        if cfg.skip_log2 is None:
+            return update(carry)
+        # BLASST: exp2(tile max - running max) < lambda in every real row. A row that has seen
+        # nothing yet (running max -inf) never skips, nor does one whose tile is all hidden (both -inf).
+        row_max = s.max(axis=1)
+        skip = jnp.all((row_max < carry[1] + cfg.skip_log2) | (rows >= d.seq_q))
+        extra_refs[-1][kb] = skip.astype(jnp.int32)
+        return lax.cond(skip, lambda c: c, update, carry)
 
     carry = run_two_loops(cnt_ref, step, flash.softmax_init(bs, q.shape[-1]), masked_first=False)
     o, lse = flash.softmax_finish(*carry)
@@ -260,6 +276,9 @@ def _forward(q, k, v, idx, cnt, seg, bias2, cfg: _Config):
     if cfg.row_maxima:  # f32 [B, N, nK, T_p], written only in the visited tiles
         out_specs.append(pl.BlockSpec((None, None, d.n_k, bs), lambda i, b, h: (b, h, 0, qb(i))))
         out_shape.append(jax.ShapeDtypeStruct((b, n, d.n_k, t_p), jnp.float32))
+    if cfg.skip_log2 is not None:  # int32 [B, N, nQ, nK]: 1 = skipped, written only in the visited tiles
+        out_specs.append(pl.BlockSpec((None, None, None, d.n_k), lambda i, b, h: (b, h, qb(i), 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, n, d.n_q, d.n_k), jnp.int32))
     return pallas(
         functools.partial(_fwd_kernel, cfg=cfg, precision=dot_precision(q.dtype)),
         grid=(d.n_q, b, n),
@@ -332,15 +351,8 @@ def _pad(x, seq: int, dh: int):
 
 
 def _restricted(block_mask, seg: common.SegmentIds, cfg: _Config):
-    """The selection without impossible tiles, and the full-tile classes: static numpy for the
-    causal (and window) classes alone, [B, 1, nQ, nK] arrays with documents (tiles crossing a
-    document boundary are masked, tiles of two different documents dropped)."""
-    possible, full = common.tile_classes(cfg.dims, cfg.causal, cfg.window)
-    mask = block_mask & possible
-    if cfg.segmented:
-        doc_possible, doc_uniform = common.segment_tile_classes(seg, cfg.dims)
-        mask, full = mask & doc_possible, full & doc_uniform
-    return mask, full
+    """`common.restricted_tiles` of this call (ids only when segmented)."""
+    return common.restricted_tiles(block_mask, seg if cfg.segmented else None, cfg.dims, cfg.causal, cfg.window)
 
 
 def _padded_ids(seg: common.SegmentIds, cfg: _Config) -> common.SegmentIds:
@@ -378,39 +390,55 @@ def no_bias(dims: Dims):
 
 
 def _fwd_impl(q, k, v, block_mask, seg, bias, cfg: _Config):
-    """(o, natural LSE, base-2 padded LSE, block scores or None); the scores only with
-    cfg.row_maxima, pooled from the kernel's row maxima in XLA."""
+    """(o, natural LSE, base-2 padded LSE, block scores or None, skipped tiles or None); the scores
+    only with cfg.row_maxima, pooled from the kernel's row maxima in XLA; the skipped tiles (bool
+    [B, N, nQ, nK]) only with cfg.skip_log2."""
     d = cfg.dims
     dh = common.padded_head_dim(d.head_dim)
     mask, full = _restricted(block_mask, seg, cfg)
     idx, cnt = common.block_lists(mask, full)
     qp = _pad(q, d.n_q * d.block, dh)
     kp, vp = (_pad(x, d.n_k * d.block, dh) for x in (k, v))
-    o, lse2, *maxima = _forward(qp, kp, vp, idx, cnt, _padded_ids(seg, cfg), _padded_bias(bias, cfg), cfg)
-    scores = None
+    o, lse2, *extra = _forward(qp, kp, vp, idx, cnt, _padded_ids(seg, cfg), _padded_bias(bias, cfg), cfg)
+    scores = skipped = None
+    visited = jnp.repeat(jnp.broadcast_to(mask, block_mask.shape), d.mask_group, axis=1)
     if cfg.row_maxima:
-        visited = jnp.repeat(jnp.broadcast_to(mask, block_mask.shape), d.mask_group, axis=1)
-        scores = _scores_from_row_maxima(maxima[0], lse2, visited, d.seq_q)
+        scores = _scores_from_row_maxima(extra[0], lse2, visited, d.seq_q)
+    if cfg.skip_log2 is not None:
+        skipped = visited & (extra[-1] == 1)  # unvisited tiles were never written
     o = o[:, :d.seq_q, :, :d.head_dim]
     lse = jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * LN2)[..., :d.seq_q]
-    return o, lse, lse2, scores
+    return o, lse, lse2, scores, skipped
+
+
+def _per_query_head(cfg: _Config) -> _Config:
+    """cfg for a mask with one head per query head (the backward of a BLASST forward)."""
+    return dataclasses.replace(cfg, dims=dataclasses.replace(cfg.dims, mask_heads=cfg.dims.q_heads))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, block_mask, seg, bias, cfg: _Config):
-    o, lse, _, scores = _fwd_impl(q, k, v, block_mask, seg, bias, cfg)
-    return o, lse, scores
+    o, lse, _, scores, skipped = _fwd_impl(q, k, v, block_mask, seg, bias, cfg)
+    return o, lse, scores, skipped
 
 
 def _attention_fwd(q, k, v, block_mask, seg, bias, cfg: _Config):
-    o, lse, lse2, scores = _fwd_impl(q, k, v, block_mask, seg, bias, cfg)
-    return (o, lse, scores), (q, k, v, block_mask, seg, bias, o, lse2)
+    o, lse, lse2, scores, skipped = _fwd_impl(q, k, v, block_mask, seg, bias, cfg)
+    if skipped is not None:
+        # The backward differentiates what the forward computed: the tiles it did not skip, per
+        # query head (the recorded decisions; recomputing them from the final LSE would differ).
+        block_mask = _restricted(block_mask, seg, cfg)[0]
+        block_mask = jnp.repeat(jnp.broadcast_to(block_mask, skipped.shape[:1] + block_mask.shape[1:]),
+                                cfg.dims.mask_group, axis=1) & ~skipped
+    return (o, lse, scores, skipped), (q, k, v, block_mask, seg, bias, o, lse2)
 
 
 def _attention_bwd(cfg: _Config, res, cotangents):
     """Gradients of (q, k, v, mask, ids, bias): the key bias gets one only when cfg.biased."""
     q, k, v, block_mask, seg, bias, o, lse2 = res
-    do, dlse, _ = cotangents  # block scores are a distillation target: no gradient
+    do, dlse = cotangents[:2]  # block scores are a distillation target, skips a record: no gradient
+    if cfg.skip_log2 is not None:
+        cfg = _per_query_head(cfg)
     d = cfg.dims
     dh = common.padded_head_dim(d.head_dim)
     t_p, s_p = d.n_q * d.block, d.n_k * d.block
@@ -429,7 +457,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, window=None, key_bias=None, interpret=False, return_lse=False):
+                           segment_ids=None, window=None, key_bias=None, skip_threshold=None, interpret=False,
+                           return_lse=False, return_skipped=False):
     """Softmax attention restricted to the selected blocks (Pallas Triton kernels).
 
     Args:
@@ -449,16 +478,21 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
       key_bias: None, or float [B, K, S] added to the scaled logits of every query of kv head k's
         group (DMA / NOSA); its gradient comes from the dk/dv kernel (one row sum a visited tile).
         Token selections raise NotImplementedError.
+      skip_threshold: BLASST's lambda, None (off) or in [0, 1): the forward skips a tile's exp, V
+        load and PV product when exp(tile max - running max) < lambda in every row of the tile, and
+        the backward skips the same tiles (their decisions are recorded). 0 skips nothing.
+        Token selections raise NotImplementedError.
       interpret: run the kernels in the Pallas interpreter (CPU).
       return_lse: also return the natural-log LSE of each row's scaled logits, f32 [B, N, T]
         (-inf for rows with no visible key, whose output is 0).
-    Returns o [B, T, N, D] in q's dtype (and the LSE). Differentiable in q, k, v, key_bias (and
-    through LSE).
+    Returns o [B, T, N, D] in q's dtype (and the LSE; and with return_skipped, bool [B, N, nQ, nK]:
+    the tiles BLASST skipped, all False without skip_threshold). Differentiable in q, k, v, key_bias
+    (and through LSE).
     """
     if isinstance(block_mask, Selection) and block_mask.granularity == "token":
-        if key_bias is not None:
-            raise NotImplementedError("key_bias with a token-level Selection is not supported yet; "
-                                      "use a tile selection (a block mask)")
+        if key_bias is not None or skip_threshold is not None or return_skipped:
+            raise NotImplementedError("key_bias and skip_threshold with a token-level Selection are not supported "
+                                      "yet; use a tile selection (a block mask)")
         return token_block_sparse_attention(q, k, v, block_mask, causal=causal, block_size=block_size,
                                             sm_scale=sm_scale, segment_ids=segment_ids, window=window,
                                             interpret=interpret, return_lse=return_lse)
@@ -466,10 +500,14 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         block_mask = block_mask.to_mask()
     seg, cfg = _checked_call(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
                              segment_ids=segment_ids, window=window, interpret=interpret,
-                             biased=key_bias is not None)
+                             biased=key_bias is not None, skip_threshold=skip_threshold)
     bias = no_bias(cfg.dims) if key_bias is None else common.check_key_bias(key_bias, cfg.dims)
-    o, lse, _ = _attention(q, k, v, block_mask, seg, bias, cfg)
-    return (o, lse) if return_lse else o
+    o, lse, _, skipped = _attention(q, k, v, block_mask, seg, bias, cfg)
+    if return_skipped and skipped is None:
+        d = cfg.dims
+        skipped = jnp.zeros((d.batch, d.q_heads, d.n_q, d.n_k), bool)
+    outs = (o, *((lse,) if return_lse else ()), *((skipped,) if return_skipped else ()))
+    return outs if len(outs) > 1 else o
 
 
 def attention_with_block_scores(q, k, v, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,
@@ -488,18 +526,23 @@ def attention_with_block_scores(q, k, v, *, block_size=64, causal=True, sm_scale
     every_tile = common.every_tile(q, k, block_size)
     seg, cfg = _checked_call(q, k, v, every_tile, causal=causal, block_size=block_size, sm_scale=sm_scale,
                              segment_ids=segment_ids, window=None, interpret=interpret, row_maxima=True)
-    o, _, scores = _attention(q, k, v, every_tile, seg, no_bias(cfg.dims), cfg)
+    o, _, scores, _ = _attention(q, k, v, every_tile, seg, no_bias(cfg.dims), cfg)
     return o, scores
 
 
 def _checked_call(q, k, v, block_mask, *, causal, block_size, sm_scale, segment_ids, window, interpret,
-                  row_maxima=False, biased=False):
+                  row_maxima=False, biased=False, skip_threshold=None):
     """Validated (segment ids, config) of a tile-mask call; placeholder ids when none are given."""
     dims = common.attention_dims(q, k, v, block_mask, block_size)
     seg = common.segment_ids_pair(segment_ids, dims)
+    skip_log2 = common.skip_log2(skip_threshold)
+    if skip_log2 == -math.inf:
+        # lambda = 0 skips nothing: the plain loop, bit for bit (a branch per tile would compile
+        # the update differently and round differently).
+        skip_log2 = None
     cfg = _Config(dims, bool(causal), common.check_window(window, causal, dims.seq_kv),
                   common.default_scale(sm_scale, dims.head_dim), bool(interpret), segmented=seg is not None,
-                  row_maxima=row_maxima, biased=biased)
+                  row_maxima=row_maxima, biased=biased, skip_log2=skip_log2)
     if seg is None:  # unread placeholders keep one kernel signature
         seg = common.SegmentIds(jnp.zeros((dims.batch, dims.seq_q), jnp.int32),
                                 jnp.zeros((dims.batch, dims.seq_kv), jnp.int32))

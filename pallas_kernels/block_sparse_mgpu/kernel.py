@@ -317,7 +317,7 @@ def _attention_bwd(lc: _Launch, res, cotangents):
     # (ignored) cotangent of its fused block scores.
     q, k, v, block_mask, seg, o, lse2 = res
     res = (q, k, v, block_mask, seg, triton_kernel.no_bias(lc.cfg.dims), o, lse2)
-    return triton_kernel._attention_bwd(lc.cfg, res, (*cotangents, None))[:5]
+    return triton_kernel._attention_bwd(lc.cfg, res, (*cotangents, None, None))[:5]
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -67,9 +67,15 @@ def _per_shard(q, k, v, block_mask, segment_ids, mesh, key_bias=None, **kwargs):
     if token:   # rows split like the mask's batch and heads; extras are the method's, not the kernel's
         block_mask = dataclasses.replace(block_mask, extras={})
         mask_spec = dataclasses.replace(block_mask, indices=mask_spec, counts=P(*mask_spec[:3]))
-    out_spec = q_spec
+    out_specs = [q_spec]
     if kwargs.get("return_lse"):   # lse [B, N, T]: batch, heads, sequence
-        out_spec = (q_spec, P(q_spec[0], q_spec[2], q_spec[1]))
+        out_specs.append(P(q_spec[0], q_spec[2], q_spec[1]))
+    if kwargs.get("return_skipped"):   # BLASST's skipped tiles [B, N, nQ, nK]: batch, heads
+        if seq is not None:
+            raise NotImplementedError("skip_threshold (BLASST) under mesh.context > 1 is not supported yet; "
+                                      "use mesh.context=1")
+        out_specs.append(P(q_spec[0], q_spec[2], None, None))
+    out_spec = tuple(out_specs) if len(out_specs) > 1 else q_spec
     if seq is None:
         kernel = lambda q, k, v, mask, seg, bias: ops.block_sparse_attention(q, k, v, mask, segment_ids=seg,
                                                                              key_bias=bias, **kwargs)

@@ -177,13 +177,24 @@ class DenseOptions(MethodOptions):
 
     method: str = "dense"
     impl: Literal["auto", "xla", "cudnn"] = "auto"   # auto: cuDNN on GPU for bf16/fp16, else XLA
+    # BLASST (arXiv 2512.12087): None, or lambda in [0, 1): run the block-sparse kernel over every
+    # causal tile, skipping those whose every row has exp(tile max - running max) < lambda
+    # (metric "skipped"). Export ignores it (transformers' attention computes every tile).
+    skip_threshold: float | None = None
 
     export = MethodExport(torch_impl=DENSE_TORCH_IMPL)   # transformers' own LlamaAttention
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.skip_threshold is None or 0 <= self.skip_threshold < 1, "skip_threshold",
+                     "must be None (off) or in [0, 1) (BLASST's lambda)")
+        self.require(self.skip_threshold is None or self.impl != "cudnn", "impl",
+                     "cudnn cannot skip tiles; with skip_threshold use auto or xla")
 
     def build(self, *, num_heads, num_kv_heads, head_dim, model_dim, rngs):
         # Imported here: this class must stay importable without JAX (configs, --help).
         from sparsetrain.attention.dense import DenseAttention
-        return DenseAttention(self.impl)
+        return DenseAttention(self.impl, self.skip_threshold)
 
     def density(self, seq_len: int) -> float:
         return 1.0

@@ -37,13 +37,14 @@ _BACKENDS = {
 }
 
 
-# Backends whose attention takes `key_bias` (the others raise NotImplementedError when one is given).
-_KEY_BIAS_BACKENDS = ("reference", "triton")
+# Backends whose attention takes `key_bias` and `skip_threshold` (the others raise
+# NotImplementedError when either is given).
+_BIAS_AND_SKIP_BACKENDS = ("reference", "triton")
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, window=None, key_bias=None, impl="auto", interpret=None,
-                           return_lse=False):
+                           segment_ids=None, window=None, key_bias=None, skip_threshold=None, impl="auto",
+                           interpret=None, return_lse=False, return_skipped=False):
     """Softmax attention restricted to the selected (query block, key block) tiles.
 
     Args:
@@ -80,6 +81,12 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         scores). Differentiable: its gradient is the row sum of dS over the group's queries,
         written by the dk/dv kernel. Tile selections on the Triton kernel and the reference only
         (NotImplementedError for token selections, "pallas_tpu" and "mosaic_gpu").
+      skip_threshold: BLASST (arXiv 2512.12087): None (off) or lambda in [0, 1). Inside the flash
+        loop a tile whose every row has exp(tile max - running max) < lambda is skipped (no exp, no
+        V load, no PV product); the forward records its decisions and the backward skips the same
+        tiles, so gradients are exact for the function the forward computed. 0 skips nothing.
+        Tile selections on the Triton kernel and the reference only (which replays the kernel's
+        loop order); the decisions depend on that order.
       impl: "auto" | "pallas" | "pallas_tpu" | "mosaic_gpu" | "xla" (see
         `sparsetrain.ops.platform.kernel_backend`; the TPU kernel takes block_size 128 only of
         these). "mosaic_gpu" (opt-in, Hopper GPU only): a Mosaic GPU forward with the Triton
@@ -88,19 +95,22 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         platform.
       return_lse: also return the natural-log log-sum-exp of each row's scaled logits over its
         visible keys, f32 [B, N, T]; -inf for rows with no visible key.
+      return_skipped: also return the tiles BLASST skipped, bool [B, N, nQ, nK] (all False
+        without skip_threshold), for the skipped-fraction metric.
     Returns:
-      o [B, T, N, D] in q's dtype, exactly softmax attention over the visible keys; rows with no
-      visible key are 0 (never NaN). With return_lse, (o, lse). Differentiable in q, k, v (and
+      o [B, T, N, D] in q's dtype, exactly softmax attention over the visible keys (outside the
+      skipped tiles); rows with no visible key are 0 (never NaN). With return_lse, (o, lse); with
+      return_skipped, the skipped tiles last. Differentiable in q, k, v (and
       through lse) and in key_bias; the mask gets no gradient.
     """
     backend, interpret = kernel_backend(impl, interpret)
     fn = _BACKENDS[backend][0]
-    extra = {}
-    if key_bias is not None:
-        if backend not in _KEY_BIAS_BACKENDS:
-            raise NotImplementedError(f"key_bias is not supported by the {backend!r} backend; use impl='pallas' "
-                                      f"(Triton) or impl='xla'")
-        extra["key_bias"] = key_bias
+    extra = {name: value for name, value in (("key_bias", key_bias), ("skip_threshold", skip_threshold),
+                                             ("return_skipped", return_skipped))
+             if value is not None and value is not False}
+    if extra and backend not in _BIAS_AND_SKIP_BACKENDS:
+        raise NotImplementedError(f"{', '.join(extra)} is not supported by the {backend!r} backend; use "
+                                  f"impl='pallas' (Triton) or impl='xla'")
     return fn(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
               segment_ids=segment_ids, window=window, interpret=interpret, return_lse=return_lse, **extra)
 

@@ -31,7 +31,6 @@ from flax import nnx
 from sparsetrain import ops
 from sparsetrain.attention.documents import document_tiles
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
-from sparsetrain.attention.sharded import block_sparse_attention
 from sparsetrain.attention.spec import MethodExport
 from sparsetrain.sparse import key_scores
 
@@ -101,12 +100,11 @@ class DmaAttention(SparseMethod):
         return ops.Selection.from_mask(mask, key_bias=bias)
 
     def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
-        return biased_attention(inp, sel, self.options)
+        return biased_attention(self, inp, sel)
 
 
-def biased_attention(inp: AttentionInputs, sel: ops.Selection, o: BlockSparseOptions) -> jax.Array:
+def biased_attention(method: SparseMethod, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
     """The tile kernel over a selection whose extras hold the key bias [B, K, S] (DMA, NOSA), added
-    to the logits when `o.logit_bias`."""
-    return block_sparse_attention(inp.q, inp.k, inp.v, sel.to_mask(), segment_ids=inp.segment_ids,
-                                  key_bias=sel.extras["key_bias"] if o.logit_bias else None, causal=True,
-                                  block_size=o.block_size, impl=o.impl)
+    to the logits when the method's options say `logit_bias`."""
+    bias = sel.extras["key_bias"] if method.options.logit_bias else None
+    return method.kernel_attention(inp, sel.to_mask(), key_bias=bias)

@@ -93,7 +93,7 @@ class NosaAttention(InfllmV2Attention):
         return ops.Selection.from_mask(mask, key_bias=bias, query_aware=chosen)
 
     def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
-        return biased_attention(inp, sel, self.options)
+        return biased_attention(self, inp, sel)
 
     def metrics(self, inp: AttentionInputs, sel: ops.Selection, out: jax.Array) -> dict:
         """The base metrics and `locality` of the selection (and of its query-aware part alone)."""
