@@ -117,30 +117,20 @@ def test_bad_skip_threshold_names_the_field():
                                            interpret=True)
 
 
-def test_layers_report_the_skipped_share_and_lambda_zero_is_plain_attention():
-    """BLASST on a model (random weights): layer 0 dense (`DenseOptions.skip_threshold`), layer 1 a
-    block-sparse method (`local` at full budget): "skipped" is reported, 0 at lambda 0 where the
-    logits are those of plain dense attention, and above 0 at lambda 0.5 (reference kernels: XLA)."""
+def test_layers_report_the_skipped_share():
+    """BLASST on a model (random weights, reference kernels): layer 0 dense
+    (`DenseOptions.skip_threshold`), layer 1 a block-sparse method (`local` at full budget); each
+    reports the share of its tiles it skipped, the sparse one above 0 at lambda 0.5 (lambda 0 is the
+    plain kernel: test_lambda_zero_is_the_plain_kernel_bit_for_bit)."""
     from sparsetrain.attention.spec import DenseOptions, method_options
     from sparsetrain.checkpoint.model_def import ModelDef
+    from tests.export.helpers import random_params
     from tests.sparse.helpers import TINY, tokens
 
-    def model(lam):
-        rules = (DenseOptions(impl="xla", skip_threshold=lam),
-                 method_options("local", layers="1:", block_size=16, local_blocks=64, impl="xla", skip_threshold=lam))
-        return ModelDef.create(dataclasses.replace(TINY, num_layers=2, attention=rules))
-
-    from tests.export.helpers import random_params
-    cfg = dataclasses.replace(TINY, num_layers=2)
-    plain = ModelDef.create(cfg)
-    params, toks = random_params(cfg, 0), jnp.asarray(tokens(150))   # peaked enough to skip tiles
-    with jax.default_matmul_precision("highest"):
-        want, _, _ = plain.apply(params, toks)
-        for lam in (0.0, 0.5):
-            logits, _, metrics = model(lam).apply(params, toks)
-            assert {"skipped/0", "skipped/1"} <= set(metrics), sorted(metrics)
-            if lam == 0.0:
-                assert float(metrics["skipped"]) == 0.0
-                assert_close_to_scale(logits, want, 1e-5)
-            else:
-                assert 0.0 < float(metrics["skipped"]) < 1.0
+    rules = (DenseOptions(impl="xla", skip_threshold=0.5),
+             method_options("local", layers="1:", block_size=16, local_blocks=64, impl="xla", skip_threshold=0.5))
+    cfg = dataclasses.replace(TINY, num_layers=2, attention=rules)
+    # Random weights: peaked enough to skip tiles (a fresh model's attention is nearly uniform).
+    _, _, metrics = jax.jit(ModelDef.create(cfg).apply)(random_params(cfg, 0), jnp.asarray(tokens(150)))
+    # The dense layer's 64-row tiles rarely have every row below the threshold at this length.
+    assert 0.0 <= float(metrics["skipped/0"]) < 1.0 and 0.0 < float(metrics["skipped/1"]) < 1.0, metrics
