@@ -47,12 +47,16 @@ def test_key_blocks_against_the_per_key_rule():
     the numbers): the share of a query's exact top-`window` keys that its blocks hold, and the
     relative output difference, over the queries with more than `window` causal keys."""
     attn = dma_layer()
-    inp = inputs(*qkv(SEQ, seed=3))
-    with jax.default_matmul_precision("highest"):
+
+    @jax.jit   # one program instead of op-by-op dispatch
+    def both(q, k, v):
+        inp = inputs(q, k, v)
         sel = attn.select(inp)
-        ours = attn.attend(inp, sel)
-        exact, kept = per_key_attention(inp, sel.extras["key_bias"], WINDOW)
-    blocks = jnp.repeat(sel.to_mask(), BS, axis=-1)[..., :SEQ]                  # [B, K, nQ, S]
+        return sel.to_mask(), attn.attend(inp, sel), *per_key_attention(inp, sel.extras["key_bias"], WINDOW)
+
+    with jax.default_matmul_precision("highest"):
+        mask, ours, exact, kept = both(*qkv(SEQ, seed=3))
+    blocks = jnp.repeat(mask, BS, axis=-1)[..., :SEQ]                           # [B, K, nQ, S]
     ours_keys = jnp.repeat(blocks, BS, axis=2)[:, :, :SEQ] & jnp.tril(jnp.ones((SEQ, SEQ), bool))
     rows = np.arange(SEQ) >= WINDOW
     recall = float((ours_keys & kept).sum(-1)[..., rows].mean() / WINDOW)
