@@ -99,9 +99,11 @@ def main() -> None:
             ms, metrics = median_step_ms(cfg, args.seq)
         tflops = flops_per_token(cfg.model, args.seq) * args.seq / (ms * 1e-3) / 1e12
         out["cases"][name] = {"ms": ms, "ratio_to_dense": ms / out["cases"].get("dense", {"ms": ms})["ms"],
-                              "density": metrics.get("density"), "model_tflops": tflops}
+                              "density": metrics.get("density"), "skipped": metrics.get("skipped"),
+                              "model_tflops": tflops}
         print(f"{name:12s} {ms:8.2f} ms/step  x{out['cases'][name]['ratio_to_dense']:.3f} of dense  "
-              f"density {metrics.get('density')}  {tflops:.0f} model TFLOP/s", flush=True)
+              f"density {metrics.get('density')}  skipped (BLASST) {metrics.get('skipped')}  "
+              f"{tflops:.0f} model TFLOP/s", flush=True)
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -165,6 +166,28 @@ def segment_tile_classes(seg: SegmentIds, dims: Dims):
     return possible, uniform
 
 
+def check_key_bias(key_bias, dims: Dims):
+    """Validates an additive per-key bias (float [B, K, S], one value per kv head and key) and
+    returns it; ValueError naming `key_bias` otherwise."""
+    want = (dims.batch, dims.kv_heads, dims.seq_kv)
+    if not jnp.issubdtype(key_bias.dtype, jnp.floating) or tuple(key_bias.shape) != want:
+        raise ValueError(f"key_bias must be a float array of shape [batch, kv_heads, seq_kv] = {want}; "
+                         f"got {key_bias.dtype} {tuple(key_bias.shape)}")
+    return key_bias
+
+
+def skip_log2(skip_threshold) -> float | None:
+    """Validates BLASST's lambda (None, or a number in [0, 1); ValueError naming `skip_threshold`
+    otherwise) and returns log2(lambda) (-inf for 0: nothing is skipped), or None when off."""
+    if skip_threshold is None:
+        return None
+    if isinstance(skip_threshold, bool) or not isinstance(skip_threshold, (int, float)) \
+            or not 0.0 <= skip_threshold < 1.0:
+        raise ValueError(f"skip_threshold={skip_threshold!r} is not supported; pass None (off) or a number in "
+                         f"[0, 1) (BLASST's lambda)")
+    return -math.inf if skip_threshold == 0 else math.log2(skip_threshold)
+
+
 def default_scale(sm_scale: float | None, head_dim: int) -> float:
     return float(head_dim) ** -0.5 if sm_scale is None else float(sm_scale)
 
@@ -218,6 +241,18 @@ def tile_classes(dims: Dims, causal: bool, window: int | None = None) -> tuple[n
         possible = possible & (k_hi > q_lo + dims.offset - window)
         full = full & (k_lo > q_hi + dims.offset - window)
     return possible, full
+
+
+def restricted_tiles(block_mask, seg: SegmentIds | None, dims: Dims, causal: bool, window: int | None):
+    """The selection without impossible tiles, and the full-tile classes: static numpy for the
+    causal (and window) classes alone, [B, 1, nQ, nK] arrays with documents (tiles crossing a
+    document boundary are masked, tiles of two different documents dropped)."""
+    possible, full = tile_classes(dims, causal, window)
+    mask = block_mask & possible
+    if seg is not None:
+        doc_possible, doc_uniform = segment_tile_classes(seg, dims)
+        mask, full = mask & doc_possible, full & doc_uniform
+    return mask, full
 
 
 def mask_to_indices(mask):

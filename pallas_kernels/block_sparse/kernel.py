@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -70,14 +71,16 @@ def visible(rows, cols, *, causal: bool, offset: int, seq_kv: int, window=None, 
 
 
 def logits_tile(q, k_ref, start, rows, *, dims: Dims, causal: bool, scale: float, masked: bool,
-                precision, docs=None, window=None):
+                precision, docs=None, window=None, bias_ref=None):
     """Base-2 logits [bq, bs] of a query tile against the key block at `start` (-inf where hidden).
 
     docs: None, or (row ids [bq], ref of the key ids) when segment ids are given; window: as
-    `visible`.
+    `visible`; bias_ref: None, or the ref of the base-2 key bias [S_p] added to every row.
     """
     bs = dims.block
     s = pltr.dot(q, k_ref[pl.ds(start, bs), :], trans_b=True, precision=precision) * (scale * LOG2E)
+    if bias_ref is not None:
+        s = s + bias_ref[pl.ds(start, bs)][None, :]
     if masked:
         same_doc = None
         if docs is not None:
@@ -110,6 +113,12 @@ class _Config:
     scale: float
     interpret: bool
     segmented: bool  # segment ids given: masked tiles also compare document ids
+    # A key bias is added to the logits (DMA, NOSA) and the dk/dv kernel also writes its gradient.
+    biased: bool = False
+    # BLASST: log2(lambda), or None (off). The forward skips a tile's exp, V load and PV product
+    # when every row's tile maximum is below its running maximum + log2(lambda), and records which
+    # tiles it skipped; the backward runs over the tiles it did not skip (per query head).
+    skip_log2: float | None = None
     # The forward also writes each row's maximum base-2 logit per visited key block (the block
     # ground truth's by-product, `attention_with_block_scores`).
     row_maxima: bool = False
@@ -123,15 +132,20 @@ def _docs(qseg_ref, kseg_ref, cfg: _Config):
     return (qseg_ref[...], kseg_ref) if cfg.segmented else None
 
 
-def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *maxima_ref,
-                cfg: _Config, precision):
+def _bias(bias_ref, cfg: _Config):
+    """`logits_tile`'s bias_ref argument: the key bias, or None (an unread placeholder)."""
+    return bias_ref if cfg.biased else None
+
+
+def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, bias_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+                *extra_refs, cfg: _Config, precision):
     d, bs = cfg.dims, cfg.dims.block
     qi = query_block(pl.program_id(0), d.n_q, cfg.causal)
     q = q_ref[...]
     rows = qi * bs + jnp.arange(bs)
     tile = functools.partial(logits_tile, q, k_ref, rows=rows, dims=d, causal=cfg.causal,
                              scale=cfg.scale, precision=precision, docs=_docs(qseg_ref, kseg_ref, cfg),
-                             window=cfg.window)
+                             window=cfg.window, bias_ref=_bias(bias_ref, cfg))
 
     def step(t, carry, *, masked):
         kb = idx_ref[t]
@@ -141,9 +155,20 @@ def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref
         if cfg.row_maxima:
             # maxima [nK, bs]: one contiguous row of bs floats a visited tile (a coalesced store).
             row_max = s.max(axis=1)
-            maxima_ref[0][kb, :] = row_max
-        return flash.softmax_update(carry, s, v_ref[pl.ds(start, bs), :], may_be_empty=masked,
-                                    precision=precision, row_max=row_max)
+            extra_refs[0][kb, :] = row_max
+
+        def update(carry):
+            return flash.softmax_update(carry, s, v_ref[pl.ds(start, bs), :], may_be_empty=masked,
+                                        precision=precision, row_max=row_max)
+
+        if cfg.skip_log2 is None:
+            return update(carry)
+        # BLASST: exp2(tile max - running max) < lambda in every real row. A row that has seen
+        # nothing yet (running max -inf) never skips, nor does one whose tile is all hidden (both -inf).
+        row_max = s.max(axis=1)
+        skip = jnp.all((row_max < carry[1] + cfg.skip_log2) | (rows >= d.seq_q))
+        extra_refs[-1][kb] = skip.astype(jnp.int32)
+        return lax.cond(skip, lambda c: c, update, carry)
 
     carry = run_two_loops(cnt_ref, step, flash.softmax_init(bs, q.shape[-1]), masked_first=False)
     o, lse = flash.softmax_finish(*carry)
@@ -151,8 +176,8 @@ def _fwd_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref
     o_ref[...] = o.astype(o_ref.dtype)
 
 
-def _dq_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, cfg: _Config, precision):
+def _dq_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, bias_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, *, cfg: _Config, precision):
     d, bs = cfg.dims, cfg.dims.block
     qi = query_block(pl.program_id(0), d.n_q, cfg.causal)
     q, do = q_ref[...], do_ref[...]
@@ -160,7 +185,7 @@ def _dq_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref
     rows = qi * bs + jnp.arange(bs)
     tile = functools.partial(logits_tile, q, k_ref, rows=rows, dims=d, causal=cfg.causal,
                              scale=cfg.scale, precision=precision, docs=_docs(qseg_ref, kseg_ref, cfg),
-                             window=cfg.window)
+                             window=cfg.window, bias_ref=_bias(bias_ref, cfg))
 
     def step(t, dq, *, masked):
         start = pl.multiple_of(idx_ref[t] * bs, bs)
@@ -176,23 +201,26 @@ def _dq_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, cfg: _Config, precision):
+def _dkv_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, bias_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, dk_ref, dv_ref, *dbias_ref, cfg: _Config, precision):
     # Works on transposed tiles (keys x queries) so that every product is a plain or trans_b dot.
     d, bs = cfg.dims, cfg.dims.block
     k, v = k_ref[...], v_ref[...]
+    key_bias = bias_ref[...] if cfg.biased else None
     col_ids = kseg_ref[...] if cfg.segmented else None
     cols = pl.program_id(0) * bs + jnp.arange(bs)
     c = cfg.scale * LOG2E
 
     def step(t, carry, *, masked):
-        dk, dv = carry
+        dk, dv, dbias = carry
         start = pl.multiple_of(idx_ref[t] * bs, bs)
         q = q_ref[pl.ds(start, bs), :]
         do = do_ref[pl.ds(start, bs), :]
         lse = lse_ref[pl.ds(start, bs)]
         delta = delta_ref[pl.ds(start, bs)]
         st = pltr.dot(k, q, trans_b=True, precision=precision) * c  # [keys, queries]
+        if key_bias is not None:
+            st = st + key_bias[:, None]
         if masked:
             same_doc = None
             if cfg.segmented:
@@ -205,30 +233,37 @@ def _dkv_kernel(idx_ref, cnt_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, do_re
         dpt = pltr.dot(v, do, trans_b=True, precision=precision)
         dst = pt * (dpt - delta[None, :])
         dk = dk + pltr.dot(dst.astype(q.dtype), q, precision=precision)
-        return dk, dv
+        if key_bias is not None:
+            # dst is the gradient of the natural-log logit, which the bias enters with slope 1.
+            dbias = dbias + dst.sum(axis=1)
+        return dk, dv, dbias
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = run_two_loops(cnt_ref, step, (zeros, zeros), masked_first=True)
+    dk, dv, dbias = run_two_loops(cnt_ref, step, (zeros, zeros, jnp.zeros((bs,), jnp.float32)),
+                                  masked_first=True)
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+    if cfg.biased:
+        dbias_ref[0][...] = dbias
 
 
 # ------------------------------------------------------------------------------------------------
 # pallas_call wrappers. Arrays here are padded: T_p = nQ*bs, S_p = nK*bs, D_p a power of two.
 
 def _row_specs(cfg: _Config, n_rows: int, reverse: bool):
-    """BlockSpecs of a (query block, batch, head) grid: lists, counts, the tile's query ids and all
-    key ids."""
+    """BlockSpecs of a (query block, batch, head) grid: lists, counts, the tile's query ids, all
+    key ids and the key bias of the head's kv head."""
     d = cfg.dims
     qb = functools.partial(query_block, n_q=n_rows, reverse=reverse)
     lists = pl.BlockSpec((None, None, None, d.n_k), lambda i, b, h: (b, h // d.mask_group, qb(i), 0))
     counts = pl.BlockSpec((None, None, None, 2), lambda i, b, h: (b, h // d.mask_group, qb(i), 0))
     qseg = pl.BlockSpec((None, d.block), lambda i, b, h: (b, qb(i)))
     kseg = pl.BlockSpec((None, d.n_k * d.block), lambda i, b, h: (b, 0))
-    return qb, [lists, counts, qseg, kseg]
+    bias = pl.BlockSpec((None, None, d.n_k * d.block), lambda i, b, h: (b, h // d.group, 0))
+    return qb, [lists, counts, qseg, kseg, bias]
 
 
-def _forward(q, k, v, idx, cnt, seg, cfg: _Config):
+def _forward(q, k, v, idx, cnt, seg, bias2, cfg: _Config):
     d, bs = cfg.dims, cfg.dims.block
     b, t_p, n, dh = q.shape
     s_p = k.shape[1]
@@ -241,16 +276,20 @@ def _forward(q, k, v, idx, cnt, seg, cfg: _Config):
     if cfg.row_maxima:  # f32 [B, N, nK, T_p], written only in the visited tiles
         out_specs.append(pl.BlockSpec((None, None, d.n_k, bs), lambda i, b, h: (b, h, 0, qb(i))))
         out_shape.append(jax.ShapeDtypeStruct((b, n, d.n_k, t_p), jnp.float32))
+    if cfg.skip_log2 is not None:  # int32 [B, N, nQ, nK]: 1 = skipped, written only in the visited tiles
+        out_specs.append(pl.BlockSpec((None, None, None, d.n_k), lambda i, b, h: (b, h, qb(i), 0)))
+        out_shape.append(jax.ShapeDtypeStruct((b, n, d.n_q, d.n_k), jnp.int32))
     return pallas(
         functools.partial(_fwd_kernel, cfg=cfg, precision=dot_precision(q.dtype)),
         grid=(d.n_q, b, n),
         in_specs=[*list_specs, q_tile, kv_all, kv_all],
         out_specs=out_specs, out_shape=out_shape,
         warps=tune.fwd_warps, stages=tune.fwd_stages, interpret=cfg.interpret,
-        name="block_sparse_fwd_row_maxima" if cfg.row_maxima else "block_sparse_fwd")(idx, cnt, *seg, q, k, v)
+        name="block_sparse_fwd_row_maxima" if cfg.row_maxima else "block_sparse_fwd")(idx, cnt, *seg, bias2,
+                                                                                    q, k, v)
 
 
-def _backward(q, k, v, do, lse, delta, mask, full, seg, cfg: _Config):
+def _backward(q, k, v, do, lse, delta, mask, full, seg, bias2, cfg: _Config):
     d, bs = cfg.dims, cfg.dims.block
     b, t_p, n, dh = q.shape
     s_p = k.shape[1]
@@ -268,7 +307,7 @@ def _backward(q, k, v, do, lse, delta, mask, full, seg, cfg: _Config):
         in_specs=[*list_specs, q_tile, kv_all, kv_all, q_tile, row_vec, row_vec],
         out_specs=q_tile, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         warps=tune.bwd_warps, stages=tune.bwd_stages, interpret=cfg.interpret,
-        name="block_sparse_dq")(idx, cnt, *seg, q, k, v, do, lse, delta)
+        name="block_sparse_dq")(idx, cnt, *seg, bias2, q, k, v, do, lse, delta)
 
     # Transposed lists: per key block, the query blocks that selected it; masked tiles first.
     full_t = full.T if isinstance(full, np.ndarray) else jnp.swapaxes(full, -1, -2)
@@ -277,24 +316,31 @@ def _backward(q, k, v, do, lse, delta, mask, full, seg, cfg: _Config):
     counts_t = pl.BlockSpec((None, None, None, 2), lambda j, b, h: (b, h // d.mask_group, j, 0))
     qseg_all = pl.BlockSpec((None, t_p), lambda j, b, h: (b, 0))
     kseg_tile = pl.BlockSpec((None, bs), lambda j, b, h: (b, j))
+    bias_tile = pl.BlockSpec((None, None, bs), lambda j, b, h: (b, h // d.group, j))
     q_all = pl.BlockSpec((None, t_p, None, dh), lambda j, b, h: (b, 0, h, 0))
     kv_tile = pl.BlockSpec((None, bs, None, dh), lambda j, b, h: (b, j, h // d.group, 0))
     row_all = pl.BlockSpec((None, None, t_p), lambda j, b, h: (b, h, 0))
     dkv_tile = pl.BlockSpec((None, bs, None, dh), lambda j, b, h: (b, j, h, 0))
     # Per query head; with GQA accumulate in f32 and sum over the group below.
     dkv_dtype = k.dtype if d.group == 1 else jnp.float32
-    dk, dv = pallas(
+    out_specs = [dkv_tile, dkv_tile]
+    out_shape = [jax.ShapeDtypeStruct((b, s_p, n, dh), dkv_dtype)] * 2
+    if cfg.biased:  # f32 [B, N, S_p] per query head, summed over the group below
+        out_specs.append(pl.BlockSpec((None, None, bs), lambda j, b, h: (b, h, j)))
+        out_shape.append(jax.ShapeDtypeStruct((b, n, s_p), jnp.float32))
+    dk, dv, *dbias = pallas(
         functools.partial(_dkv_kernel, cfg=cfg, precision=precision),
         grid=(d.n_k, b, n),
-        in_specs=[lists_t, counts_t, qseg_all, kseg_tile, q_all, kv_tile, kv_tile, q_all, row_all, row_all],
-        out_specs=[dkv_tile, dkv_tile],
-        out_shape=[jax.ShapeDtypeStruct((b, s_p, n, dh), dkv_dtype)] * 2,
+        in_specs=[lists_t, counts_t, qseg_all, kseg_tile, bias_tile, q_all, kv_tile, kv_tile, q_all, row_all,
+                  row_all],
+        out_specs=out_specs, out_shape=out_shape,
         warps=tune.bwd_warps, stages=tune.bwd_stages, interpret=cfg.interpret,
-        name="block_sparse_dkv")(idx_t, cnt_t, *seg, q, k, v, do, lse, delta)
+        name="block_sparse_dkv")(idx_t, cnt_t, *seg, bias2, q, k, v, do, lse, delta)
     if d.group > 1:
         dk = dk.reshape(b, s_p, d.kv_heads, d.group, dh).sum(3).astype(k.dtype)
         dv = dv.reshape(b, s_p, d.kv_heads, d.group, dh).sum(3).astype(v.dtype)
-    return dq, dk, dv
+    dbias = dbias[0].reshape(b, d.kv_heads, d.group, s_p).sum(2) if cfg.biased else None
+    return dq, dk, dv, dbias
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,15 +351,8 @@ def _pad(x, seq: int, dh: int):
 
 
 def _restricted(block_mask, seg: common.SegmentIds, cfg: _Config):
-    """The selection without impossible tiles, and the full-tile classes: static numpy for the
-    causal (and window) classes alone, [B, 1, nQ, nK] arrays with documents (tiles crossing a
-    document boundary are masked, tiles of two different documents dropped)."""
-    possible, full = common.tile_classes(cfg.dims, cfg.causal, cfg.window)
-    mask = block_mask & possible
-    if cfg.segmented:
-        doc_possible, doc_uniform = common.segment_tile_classes(seg, cfg.dims)
-        mask, full = mask & doc_possible, full & doc_uniform
-    return mask, full
+    """`common.restricted_tiles` of this call (ids only when segmented)."""
+    return common.restricted_tiles(block_mask, seg if cfg.segmented else None, cfg.dims, cfg.causal, cfg.window)
 
 
 def _padded_ids(seg: common.SegmentIds, cfg: _Config) -> common.SegmentIds:
@@ -340,57 +379,86 @@ def _scores_from_row_maxima(maxima, lse2, visited, seq_q: int):
     return common.normalise_rows(jnp.where(visited, raw, 0.0))  # unvisited tiles were never written
 
 
-def _fwd_impl(q, k, v, block_mask, seg, cfg: _Config):
-    """(o, natural LSE, base-2 padded LSE, block scores or None); the scores only with
-    cfg.row_maxima, pooled from the kernel's row maxima in XLA."""
+def _padded_bias(bias, cfg: _Config):
+    """The key bias in base-2 units (the kernels' logits), zero-padded to whole blocks."""
+    return common.pad_axis(bias.astype(jnp.float32) * LOG2E, 2, cfg.dims.n_k * cfg.dims.block)
+
+
+def no_bias(dims: Dims):
+    """The unread key-bias placeholder of a call without bias (one kernel signature)."""
+    return jnp.zeros((dims.batch, dims.kv_heads, dims.seq_kv), jnp.float32)
+
+
+def _fwd_impl(q, k, v, block_mask, seg, bias, cfg: _Config):
+    """(o, natural LSE, base-2 padded LSE, block scores or None, skipped tiles or None); the scores
+    only with cfg.row_maxima, pooled from the kernel's row maxima in XLA; the skipped tiles (bool
+    [B, N, nQ, nK]) only with cfg.skip_log2."""
     d = cfg.dims
     dh = common.padded_head_dim(d.head_dim)
     mask, full = _restricted(block_mask, seg, cfg)
     idx, cnt = common.block_lists(mask, full)
     qp = _pad(q, d.n_q * d.block, dh)
     kp, vp = (_pad(x, d.n_k * d.block, dh) for x in (k, v))
-    o, lse2, *maxima = _forward(qp, kp, vp, idx, cnt, _padded_ids(seg, cfg), cfg)
-    scores = None
+    o, lse2, *extra = _forward(qp, kp, vp, idx, cnt, _padded_ids(seg, cfg), _padded_bias(bias, cfg), cfg)
+    scores = skipped = None
+    visited = jnp.repeat(jnp.broadcast_to(mask, block_mask.shape), d.mask_group, axis=1)
     if cfg.row_maxima:
-        visited = jnp.repeat(jnp.broadcast_to(mask, block_mask.shape), d.mask_group, axis=1)
-        scores = _scores_from_row_maxima(maxima[0], lse2, visited, d.seq_q)
+        scores = _scores_from_row_maxima(extra[0], lse2, visited, d.seq_q)
+    if cfg.skip_log2 is not None:
+        skipped = visited & (extra[-1] == 1)  # unvisited tiles were never written
     o = o[:, :d.seq_q, :, :d.head_dim]
     lse = jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 * LN2)[..., :d.seq_q]
-    return o, lse, lse2, scores
+    return o, lse, lse2, scores, skipped
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, block_mask, seg, cfg: _Config):
-    o, lse, _, scores = _fwd_impl(q, k, v, block_mask, seg, cfg)
-    return o, lse, scores
+def _per_query_head(cfg: _Config) -> _Config:
+    """cfg for a mask with one head per query head (the backward of a BLASST forward)."""
+    return dataclasses.replace(cfg, dims=dataclasses.replace(cfg.dims, mask_heads=cfg.dims.q_heads))
 
 
-def _attention_fwd(q, k, v, block_mask, seg, cfg: _Config):
-    o, lse, lse2, scores = _fwd_impl(q, k, v, block_mask, seg, cfg)
-    return (o, lse, scores), (q, k, v, block_mask, seg, o, lse2)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, block_mask, seg, bias, cfg: _Config):
+    o, lse, _, scores, skipped = _fwd_impl(q, k, v, block_mask, seg, bias, cfg)
+    return o, lse, scores, skipped
+
+
+def _attention_fwd(q, k, v, block_mask, seg, bias, cfg: _Config):
+    o, lse, lse2, scores, skipped = _fwd_impl(q, k, v, block_mask, seg, bias, cfg)
+    if skipped is not None:
+        # The backward differentiates what the forward computed: the tiles it did not skip, per
+        # query head (the recorded decisions; recomputing them from the final LSE would differ).
+        block_mask = _restricted(block_mask, seg, cfg)[0]
+        block_mask = jnp.repeat(jnp.broadcast_to(block_mask, skipped.shape[:1] + block_mask.shape[1:]),
+                                cfg.dims.mask_group, axis=1) & ~skipped
+    return (o, lse, scores, skipped), (q, k, v, block_mask, seg, bias, o, lse2)
 
 
 def _attention_bwd(cfg: _Config, res, cotangents):
-    q, k, v, block_mask, seg, o, lse2 = res
-    do, dlse, _ = cotangents  # block scores are a distillation target: no gradient
+    """Gradients of (q, k, v, mask, ids, bias): the key bias gets one only when cfg.biased."""
+    q, k, v, block_mask, seg, bias, o, lse2 = res
+    do, dlse = cotangents[:2]  # block scores are a distillation target, skips a record: no gradient
+    if cfg.skip_log2 is not None:
+        cfg = _per_query_head(cfg)
     d = cfg.dims
     dh = common.padded_head_dim(d.head_dim)
     t_p, s_p = d.n_q * d.block, d.n_k * d.block
     # d(lse)/d(s) = p, so an LSE cotangent enters exactly like -delta: ds = p * (dp - delta + dlse).
     delta = jnp.einsum("btnd,btnd->bnt", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
-    dq, dk, dv = _backward(
+    dq, dk, dv, dbias = _backward(
         _pad(q, t_p, dh), _pad(k, s_p, dh), _pad(v, s_p, dh), _pad(do.astype(q.dtype), t_p, dh),
         lse2, common.pad_axis(delta, 2, t_p), *_restricted(block_mask, seg, cfg),
-        _padded_ids(seg, cfg), cfg)
+        _padded_ids(seg, cfg), _padded_bias(bias, cfg), cfg)
     cut = lambda x, n: x[:, :n, :, :d.head_dim]  # noqa: E731
-    return cut(dq, d.seq_q), cut(dk, d.seq_kv), cut(dv, d.seq_kv), None, None
+    dbias = None if dbias is None else dbias[..., :d.seq_kv].astype(bias.dtype)
+    return cut(dq, d.seq_q), cut(dk, d.seq_kv), cut(dv, d.seq_kv), None, None, dbias
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, window=None, interpret=False, return_lse=False):
+                           segment_ids=None, window=None, key_bias=None, skip_threshold=None, interpret=False,
+                           return_lse=False, return_skipped=False):
     """Softmax attention restricted to the selected blocks (Pallas Triton kernels).
 
     Args:
@@ -407,21 +475,39 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
       window: None, or w >= 1 with causal: a query at position p sees only keys > p - w. Tiles
         below every row's window are skipped, tiles inside it cost nothing extra, tiles crossing
         its lower edge pay a position compare.
+      key_bias: None, or float [B, K, S] added to the scaled logits of every query of kv head k's
+        group (DMA / NOSA); its gradient comes from the dk/dv kernel (one row sum a visited tile).
+        Token selections raise NotImplementedError.
+      skip_threshold: BLASST's lambda, None (off) or in [0, 1): the forward skips a tile's exp, V
+        load and PV product when exp(tile max - running max) < lambda in every row of the tile, and
+        the backward skips the same tiles (their decisions are recorded). 0 skips nothing.
+        Token selections raise NotImplementedError.
       interpret: run the kernels in the Pallas interpreter (CPU).
       return_lse: also return the natural-log LSE of each row's scaled logits, f32 [B, N, T]
         (-inf for rows with no visible key, whose output is 0).
-    Returns o [B, T, N, D] in q's dtype (and the LSE). Differentiable in q, k, v (and through LSE).
+    Returns o [B, T, N, D] in q's dtype (and the LSE; and with return_skipped, bool [B, N, nQ, nK]:
+    the tiles BLASST skipped, all False without skip_threshold). Differentiable in q, k, v, key_bias
+    (and through LSE).
     """
     if isinstance(block_mask, Selection) and block_mask.granularity == "token":
+        if key_bias is not None or skip_threshold is not None or return_skipped:
+            raise NotImplementedError("key_bias and skip_threshold with a token-level Selection are not supported "
+                                      "yet; use a tile selection (a block mask)")
         return token_block_sparse_attention(q, k, v, block_mask, causal=causal, block_size=block_size,
                                             sm_scale=sm_scale, segment_ids=segment_ids, window=window,
                                             interpret=interpret, return_lse=return_lse)
     if isinstance(block_mask, Selection):
         block_mask = block_mask.to_mask()
     seg, cfg = _checked_call(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
-                             segment_ids=segment_ids, window=window, interpret=interpret)
-    o, lse, _ = _attention(q, k, v, block_mask, seg, cfg)
-    return (o, lse) if return_lse else o
+                             segment_ids=segment_ids, window=window, interpret=interpret,
+                             biased=key_bias is not None, skip_threshold=skip_threshold)
+    bias = no_bias(cfg.dims) if key_bias is None else common.check_key_bias(key_bias, cfg.dims)
+    o, lse, _, skipped = _attention(q, k, v, block_mask, seg, bias, cfg)
+    if return_skipped and skipped is None:
+        d = cfg.dims
+        skipped = jnp.zeros((d.batch, d.q_heads, d.n_q, d.n_k), bool)
+    outs = (o, *((lse,) if return_lse else ()), *((skipped,) if return_skipped else ()))
+    return outs if len(outs) > 1 else o
 
 
 def attention_with_block_scores(q, k, v, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,
@@ -440,18 +526,23 @@ def attention_with_block_scores(q, k, v, *, block_size=64, causal=True, sm_scale
     every_tile = common.every_tile(q, k, block_size)
     seg, cfg = _checked_call(q, k, v, every_tile, causal=causal, block_size=block_size, sm_scale=sm_scale,
                              segment_ids=segment_ids, window=None, interpret=interpret, row_maxima=True)
-    o, _, scores = _attention(q, k, v, every_tile, seg, cfg)
+    o, _, scores, _ = _attention(q, k, v, every_tile, seg, no_bias(cfg.dims), cfg)
     return o, scores
 
 
 def _checked_call(q, k, v, block_mask, *, causal, block_size, sm_scale, segment_ids, window, interpret,
-                  row_maxima=False):
+                  row_maxima=False, biased=False, skip_threshold=None):
     """Validated (segment ids, config) of a tile-mask call; placeholder ids when none are given."""
     dims = common.attention_dims(q, k, v, block_mask, block_size)
     seg = common.segment_ids_pair(segment_ids, dims)
+    skip_log2 = common.skip_log2(skip_threshold)
+    if skip_log2 == -math.inf:
+        # lambda = 0 skips nothing: the plain loop, bit for bit (a branch per tile would compile
+        # the update differently and round differently).
+        skip_log2 = None
     cfg = _Config(dims, bool(causal), common.check_window(window, causal, dims.seq_kv),
                   common.default_scale(sm_scale, dims.head_dim), bool(interpret), segmented=seg is not None,
-                  row_maxima=row_maxima)
+                  row_maxima=row_maxima, biased=biased, skip_log2=skip_log2)
     if seg is None:  # unread placeholders keep one kernel signature
         seg = common.SegmentIds(jnp.zeros((dims.batch, dims.seq_q), jnp.int32),
                                 jnp.zeros((dims.batch, dims.seq_kv), jnp.int32))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse import common
+from pallas_kernels.block_sparse.common import LOG2E
 from pallas_kernels.block_sparse.selection import Selection, token_attention_dims
 
 _HI = jax.lax.Precision.HIGHEST
@@ -61,10 +62,45 @@ def _selected_keys(q, k, v, block_mask, block_size: int):
     return d, elem[:, :, :d.seq_q, :d.seq_kv]
 
 
+def _blasst_skipped(s, block_mask, seg, d: common.Dims, causal: bool, window, skip_log: float):
+    """bool [B, N, nQ, nK]: the tiles the kernel's BLASST forward skips, by replaying its loop.
+
+    s: f32 [B, K, G, T, S] scaled logits, -inf where hidden; block_mask bool [B, H, nQ, nK]. Each
+    query tile visits its tiles in the kernel's list order (`common.block_lists`: full tiles, then
+    masked ones, each ascending) with a running maximum per row; a tile is skipped when every real
+    row's tile maximum is below its running maximum + ln(lambda), and then leaves the maximum as it
+    was.
+    """
+    bs, n_q, n_k = d.block, d.n_q, d.n_k
+    mask, full = common.restricted_tiles(block_mask, seg, d, causal, window)
+    idx, cnt = common.block_lists(mask, full)                          # [B, H, nQ, nK], [B, H, nQ, 2]
+    idx, cnt = (jnp.repeat(x, d.mask_group, axis=1) for x in (idx, cnt))   # per query head
+    s = s.reshape(d.batch, d.q_heads, d.seq_q, d.seq_kv)
+    s = jnp.pad(s, ((0, 0), (0, 0), (0, n_q * bs - d.seq_q), (0, n_k * bs - d.seq_kv)), constant_values=-jnp.inf)
+    tile_max = s.reshape(d.batch, d.q_heads, n_q, bs, n_k, bs).max(-1)   # [B, N, nQ, bs rows, nK]
+    padded_row = (jnp.arange(n_q * bs) >= d.seq_q).reshape(n_q, bs)
+
+    def step(m, t):
+        kb = jnp.maximum(idx[..., t], 0)
+        rows = jnp.take_along_axis(tile_max, kb[..., None, None], axis=-1)[..., 0]   # [B, N, nQ, bs]
+        skip = (t < cnt[..., 1]) & jnp.all((rows < m + skip_log) | padded_row, axis=-1)
+        used = (t < cnt[..., 1]) & ~skip
+        return jnp.where(used[..., None], jnp.maximum(m, rows), m), (kb, skip)
+
+    m0 = jnp.full((d.batch, d.q_heads, n_q, bs), -jnp.inf)
+    _, (kbs, skips) = jax.lax.scan(step, m0, jnp.arange(n_k))
+    kbs, skips = jnp.moveaxis(kbs, 0, -1), jnp.moveaxis(skips, 0, -1)   # [B, N, nQ, nK] by list slot
+    return jnp.any((kbs[..., :, None] == jnp.arange(n_k)) & skips[..., :, None], axis=-2)
+
+
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, window=None, interpret=False, return_lse=False):
+                           segment_ids=None, window=None, key_bias=None, skip_threshold=None, interpret=False,
+                           return_lse=False, return_skipped=False):
     """Reference of `kernel.block_sparse_attention` (same arguments, shapes and semantics)."""
     del interpret
+    skip_log = common.skip_log2(skip_threshold)
+    if skip_log is not None and isinstance(block_mask, Selection) and block_mask.granularity == "token":
+        raise NotImplementedError("skip_threshold with a token-level Selection is not supported yet")
     d, elem = _selected_keys(q, k, v, block_mask, block_size)
     window = common.check_window(window, causal, d.seq_kv)
     seg = common.segment_ids_pair(segment_ids, d)
@@ -72,11 +108,21 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     # Element mask [B, K, 1 or G, T, S].
     elem = elem.reshape(d.batch, d.kv_heads, d.mask_heads // d.kv_heads, d.seq_q, d.seq_kv)
     elem = elem & _visible(d, causal, seg, window)
-    p, lse = _masked_softmax(_logits(q, k, d, scale), elem)
+    s = _logits(q, k, d, scale)
+    if key_bias is not None:   # [B, K, S] -> every group member and query row of kv head k
+        s = s + common.check_key_bias(key_bias, d).astype(jnp.float32)[:, :, None, None, :]
+    skipped = jnp.zeros((d.batch, d.q_heads, d.n_q, d.n_k), bool)
+    if skip_log is not None:
+        tiles = block_mask.to_mask() if isinstance(block_mask, Selection) else block_mask
+        skipped = _blasst_skipped(jnp.where(elem, s, -jnp.inf), tiles, seg, d, causal, window, skip_log / LOG2E)
+        kept = jnp.repeat(jnp.repeat(~skipped, d.block, axis=2), d.block, axis=3)[:, :, :d.seq_q, :d.seq_kv]
+        elem = elem & kept.reshape(d.batch, d.kv_heads, d.group, d.seq_q, d.seq_kv)
+    p, lse = _masked_softmax(s, elem)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32), precision=_HI)
     o = o.reshape(q.shape).astype(q.dtype)
     lse = lse.reshape(d.batch, d.q_heads, d.seq_q)
-    return (o, lse) if return_lse else o
+    outs = (o, *((lse,) if return_lse else ()), *((skipped,) if return_skipped else ()))
+    return outs if len(outs) > 1 else o
 
 
 def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,

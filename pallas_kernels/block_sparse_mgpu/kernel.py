@@ -313,8 +313,11 @@ def _attention_fwd(q, k, v, block_mask, seg, lc: _Launch):
 
 
 def _attention_bwd(lc: _Launch, res, cotangents):
-    # The Triton backward also takes the (ignored) cotangent of its fused block scores.
-    return triton_kernel._attention_bwd(lc.cfg, res, (*cotangents, None))
+    # The Triton backward takes an (unread, no-gradient) key bias among its residuals and the
+    # (ignored) cotangent of its fused block scores.
+    q, k, v, block_mask, seg, o, lse2 = res
+    res = (q, k, v, block_mask, seg, triton_kernel.no_bias(lc.cfg.dims), o, lse2)
+    return triton_kernel._attention_bwd(lc.cfg, res, (*cotangents, None, None))[:5]
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -10,6 +10,7 @@ from flax import nnx
 from sparsetrain.attention.documents import document_block_mask, same_document
 from sparsetrain.attention.sharded import block_sparse_attention
 from sparsetrain.ops.platform import dense_impl, on_gpu
+from sparsetrain.ops.selection import causal_block_mask
 
 # Tile of the block-sparse kernel when it runs masked dense attention (bs 64 has the faster backward).
 DOCUMENT_TILE = 64
@@ -57,10 +58,28 @@ def document_tiles_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_i
 
 
 class DenseAttention(nnx.Module):
-    """Parameter-free attention layer for `method="dense"`."""
+    """Parameter-free attention layer for `method="dense"`; with `skip_threshold`, BLASST."""
 
-    def __init__(self, impl: str):
-        self.impl = impl
+    def __init__(self, impl: str, skip_threshold: float | None = None):
+        self.impl, self.skip_threshold = impl, skip_threshold
 
     def __call__(self, inp) -> jax.Array:
-        return dense_causal_attention(inp.q, inp.k, inp.v, segment_ids=inp.segment_ids, impl=self.impl)
+        if self.skip_threshold is None:
+            return dense_causal_attention(inp.q, inp.k, inp.v, segment_ids=inp.segment_ids, impl=self.impl)
+        return self.skipping_attention(inp)
+
+    def skipping_attention(self, inp) -> jax.Array:
+        """The block-sparse kernel over every causal (same-document) tile with BLASST's skip,
+        reporting the share of tiles it skipped when a caller collects metrics."""
+        # Imported here: method.py imports this module.
+        from sparsetrain.attention.method import AuxMetric, skipped_share
+        b, seq, kv = inp.q.shape[0], inp.q.shape[1], inp.k.shape[2]
+        tiles = (causal_block_mask(seq, seq, DOCUMENT_TILE) if inp.segment_ids is None
+                 else document_block_mask(inp.segment_ids, DOCUMENT_TILE)[:, None])
+        tiles = jnp.broadcast_to(tiles, (b, kv, *tiles.shape[-2:]))               # one per kv head
+        out, skipped = block_sparse_attention(inp.q, inp.k, inp.v, tiles, segment_ids=inp.segment_ids, causal=True,
+                                              block_size=DOCUMENT_TILE, impl="xla" if self.impl == "xla" else "auto",
+                                              skip_threshold=self.skip_threshold, return_skipped=True)
+        if hasattr(self, "__captures__"):
+            self.sow(AuxMetric, "skipped", jax.lax.stop_gradient(skipped_share(skipped, tiles, DOCUMENT_TILE)))
+        return out

@@ -87,6 +87,10 @@ class BlockSparseOptions(MethodOptions):
     # layer one of the two by a per-step coin flip. Evaluation stays sparse.
     ssa: bool = False
     ssa_weight: float = 10.0
+    # BLASST (arXiv 2512.12087): None, or lambda in [0, 1): the kernel skips a selected tile whose
+    # every row has exp(tile max - running max) < lambda (`ops.block_sparse_attention`); the share
+    # of selected tiles it skipped is the metric "skipped". Tile selections only.
+    skip_threshold: float | None = None
 
     # Option sets, besides the defaults, that the conformance suite (tests/sparse/) must also
     # cover: {name: field overrides}, e.g. each mode of a method.
@@ -109,6 +113,16 @@ class BlockSparseOptions(MethodOptions):
         self.require(self.local_blocks >= 1, "local_blocks", "must be >= 1 (the diagonal block)")
         self.require(self.initial_blocks >= 0, "initial_blocks", "must be >= 0")
         self.require(self.ssa_weight > 0, "ssa_weight", "must be > 0")
+        self.require(self.skip_threshold is None or 0 <= self.skip_threshold < 1, "skip_threshold",
+                     "must be None (off) or in [0, 1) (BLASST's lambda)")
+
+
+def skipped_share(skipped: jax.Array, tiles: jax.Array, block_size: int) -> jax.Array:
+    """BLASST's metric: skipped tiles (bool [B, N, nQ, nK]) over the causal tiles selected by
+    `tiles` (bool [B, H, nQ, nK], H dividing N), f32."""
+    causal = ops.causal_block_mask(tiles.shape[2] * block_size, tiles.shape[3] * block_size, block_size)
+    selected = (tiles & causal).sum() * (skipped.shape[1] // tiles.shape[1])
+    return skipped.sum() / jnp.maximum(selected, 1)
 
 
 class SparseMethod(nnx.Module):
@@ -156,9 +170,20 @@ class SparseMethod(nnx.Module):
     def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
         # Token selections go to the token-level kernel as lists; tile ones as their mask.
         rows = sel if sel.granularity == "token" else sel.to_mask()
-        return block_sparse_attention(inp.q, inp.k, inp.v, rows, segment_ids=inp.segment_ids,
-                                      causal=True, block_size=self.options.block_size,
-                                      impl=self.options.impl)
+        return self.kernel_attention(inp, rows)
+
+    def kernel_attention(self, inp: AttentionInputs, rows, key_bias: jax.Array | None = None) -> jax.Array:
+        """The block-sparse kernel over `rows` (a tile mask or a token Selection) with the options'
+        BLASST threshold, reporting the share of selected tiles it skipped; key_bias [B, K, T] or None."""
+        o = self.options
+        kw = dict(segment_ids=inp.segment_ids, causal=True, block_size=o.block_size, impl=o.impl, key_bias=key_bias)
+        if o.skip_threshold is None:
+            return block_sparse_attention(inp.q, inp.k, inp.v, rows, **kw)
+        out, skipped = block_sparse_attention(inp.q, inp.k, inp.v, rows, skip_threshold=o.skip_threshold,
+                                              return_skipped=True, **kw)
+        if self.reporting:
+            self.sow(AuxMetric, "skipped", jax.lax.stop_gradient(skipped_share(skipped, rows, o.block_size)))
+        return out
 
     def losses(self, inp: AttentionInputs, sel: ops.Selection, out: jax.Array) -> dict:
         return {}

@@ -48,10 +48,14 @@ def _specs(q, k, heads_dim: int, mesh, seq: str | None = None):
     return P(batch, seq, heads, None), P(batch, seq, kv_heads, None), P(batch, other, None, None)
 
 
-def _per_shard(q, k, v, block_mask, segment_ids, mesh, **kwargs):
+def _per_shard(q, k, v, block_mask, segment_ids, mesh, key_bias=None, **kwargs):
     """The kernel under shard_map; with a context split, `context_parallel.shard_attention`.
-    block_mask: a bool tile mask or a `Selection` (tile selections run as their mask)."""
+    block_mask: a bool tile mask or a `Selection` (tile selections run as their mask); key_bias
+    [B, K, S] or None, split like k's batch and heads."""
     seq = _sequence_axis(mesh)
+    if key_bias is not None and seq is not None:
+        raise NotImplementedError("key_bias (DMA, NOSA) under mesh.context > 1 is not supported yet; "
+                                  "use mesh.context=1")
     token = isinstance(block_mask, ops.Selection) and block_mask.granularity == "token"
     if isinstance(block_mask, ops.Selection) and not token:
         block_mask = block_mask.to_mask()
@@ -63,20 +67,28 @@ def _per_shard(q, k, v, block_mask, segment_ids, mesh, **kwargs):
     if token:   # rows split like the mask's batch and heads; extras are the method's, not the kernel's
         block_mask = dataclasses.replace(block_mask, extras={})
         mask_spec = dataclasses.replace(block_mask, indices=mask_spec, counts=P(*mask_spec[:3]))
-    out_spec = q_spec
+    out_specs = [q_spec]
     if kwargs.get("return_lse"):   # lse [B, N, T]: batch, heads, sequence
-        out_spec = (q_spec, P(q_spec[0], q_spec[2], q_spec[1]))
+        out_specs.append(P(q_spec[0], q_spec[2], q_spec[1]))
+    if kwargs.get("return_skipped"):   # BLASST's skipped tiles [B, N, nQ, nK]: batch, heads
+        if seq is not None:
+            raise NotImplementedError("skip_threshold (BLASST) under mesh.context > 1 is not supported yet; "
+                                      "use mesh.context=1")
+        out_specs.append(P(q_spec[0], q_spec[2], None, None))
+    out_spec = tuple(out_specs) if len(out_specs) > 1 else q_spec
     if seq is None:
-        kernel = lambda q, k, v, mask, seg: ops.block_sparse_attention(q, k, v, mask, segment_ids=seg, **kwargs)
+        kernel = lambda q, k, v, mask, seg, bias: ops.block_sparse_attention(q, k, v, mask, segment_ids=seg,
+                                                                             key_bias=bias, **kwargs)
     else:
-        kernel = functools.partial(context_parallel.shard_attention, **kwargs)
+        kernel = lambda q, k, v, mask, seg, bias: context_parallel.shard_attention(q, k, v, mask, seg, **kwargs)
     # check_vma=False: the Pallas call has no varying-across-mesh typing rule. Segment ids [B, T]
-    # split like q's batch and sequence (None is an empty operand).
-    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, P(q_spec[0], seq)),
-                         out_specs=out_spec, check_vma=False)(q, k, v, block_mask, segment_ids)
+    # split like q's batch and sequence (None is an empty operand), the key bias like k.
+    bias_spec = P(kv_spec[0], kv_spec[2], None)
+    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, P(q_spec[0], seq), bias_spec),
+                         out_specs=out_spec, check_vma=False)(q, k, v, block_mask, segment_ids, key_bias)
 
 
-def block_sparse_attention(q, k, v, block_mask, *, segment_ids=None, **kwargs):
+def block_sparse_attention(q, k, v, block_mask, *, segment_ids=None, key_bias=None, **kwargs):
     """`sparsetrain.ops.block_sparse_attention` (same arguments and result), run per shard when a
     mesh is active and directly otherwise. With a context split, q/k/v are in the load-balanced
     order, `block_mask` and `segment_ids` in natural order (what the selection saw). A sliding
@@ -84,9 +96,10 @@ def block_sparse_attention(q, k, v, block_mask, *, segment_ids=None, **kwargs):
     split) keys rolled so that each query chunk keeps its distance to every key it may see."""
     mesh = _active_mesh()
     if mesh is None:
-        return ops.block_sparse_attention(q, k, v, block_mask, segment_ids=segment_ids, **kwargs)
+        return ops.block_sparse_attention(q, k, v, block_mask, segment_ids=segment_ids, key_bias=key_bias,
+                                          **kwargs)
     segment_ids = context_parallel.to_load_balanced(segment_ids)
-    return _per_shard(q, k, v, block_mask, segment_ids, mesh, **kwargs)
+    return _per_shard(q, k, v, block_mask, segment_ids, mesh, key_bias=key_bias, **kwargs)
 
 
 def causal_attention(q, k, v, *, segment_ids=None, impl: str = "auto"):

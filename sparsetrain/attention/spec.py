@@ -32,6 +32,8 @@ METHODS: dict[str, str] = {
     "moba": "sparsetrain.sparse.moba:MobaOptions",
     "infllm_v2": "sparsetrain.sparse.infllm_v2:InfllmV2Options",
     "nsa": "sparsetrain.sparse.nsa:NsaOptions",
+    "dma": "sparsetrain.sparse.dma:DmaOptions",
+    "nosa": "sparsetrain.sparse.nosa:NosaOptions",
 }
 
 # Fields of the flat AttentionSpec that checkpoints written before per-method options carry on
@@ -53,6 +55,7 @@ class MethodExport:
     torch_impl: str
     fields: tuple[str, ...] = ()
     params: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    torch_requires: tuple[str, ...] = ()   # other method files its torch file imports (shipped too)
 
 
 def options_class(method: str) -> type["MethodOptions"]:
@@ -174,13 +177,24 @@ class DenseOptions(MethodOptions):
 
     method: str = "dense"
     impl: Literal["auto", "xla", "cudnn"] = "auto"   # auto: cuDNN on GPU for bf16/fp16, else XLA
+    # BLASST (arXiv 2512.12087): None, or lambda in [0, 1): run the block-sparse kernel over every
+    # causal tile, skipping those whose every row has exp(tile max - running max) < lambda
+    # (metric "skipped"). Export ignores it (transformers' attention computes every tile).
+    skip_threshold: float | None = None
 
     export = MethodExport(torch_impl=DENSE_TORCH_IMPL)   # transformers' own LlamaAttention
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.skip_threshold is None or 0 <= self.skip_threshold < 1, "skip_threshold",
+                     "must be None (off) or in [0, 1) (BLASST's lambda)")
+        self.require(self.skip_threshold is None or self.impl != "cudnn", "impl",
+                     "cudnn cannot skip tiles; with skip_threshold use auto or xla")
 
     def build(self, *, num_heads, num_kv_heads, head_dim, model_dim, rngs):
         # Imported here: this class must stay importable without JAX (configs, --help).
         from sparsetrain.attention.dense import DenseAttention
-        return DenseAttention(self.impl)
+        return DenseAttention(self.impl, self.skip_threshold)
 
     def density(self, seq_len: int) -> float:
         return 1.0

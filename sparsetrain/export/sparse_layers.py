@@ -27,8 +27,9 @@ def is_sparse(specs) -> bool:
 
 
 def torch_impls(specs) -> list[str]:
-    """The torch method files (names without .py) the exported model imports."""
-    return sorted({method_export(s).torch_impl for s in specs} - {DENSE_TORCH_IMPL})
+    """The torch method files (names without .py) the exported model imports, and those they import."""
+    exports = [method_export(s) for s in specs]
+    return sorted({name for e in exports for name in (e.torch_impl, *e.torch_requires)} - {DENSE_TORCH_IMPL})
 
 
 def sparse_config(specs: list[MethodOptions]) -> dict:

@@ -37,8 +37,14 @@ _BACKENDS = {
 }
 
 
+# Backends whose attention takes `key_bias` and `skip_threshold` (the others raise
+# NotImplementedError when either is given).
+_BIAS_AND_SKIP_BACKENDS = ("reference", "triton")
+
+
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, window=None, impl="auto", interpret=None, return_lse=False):
+                           segment_ids=None, window=None, key_bias=None, skip_threshold=None, impl="auto",
+                           interpret=None, return_lse=False, return_skipped=False):
     """Softmax attention restricted to the selected (query block, key block) tiles.
 
     Args:
@@ -70,6 +76,17 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         to keep the lists short. The Triton kernel skips selected tiles below every row's window,
         runs tiles inside the band unmasked and compares positions only in tiles crossing the
         window's lower edge (or the diagonal); the TPU kernel raises NotImplementedError.
+      key_bias: None, or float [B, K, S]: an additive bias per kv head and key, added to the
+        scaled logits of every query head of that kv head's group (DMA's and NOSA's learned key
+        scores). Differentiable: its gradient is the row sum of dS over the group's queries,
+        written by the dk/dv kernel. Tile selections on the Triton kernel and the reference only
+        (NotImplementedError for token selections, "pallas_tpu" and "mosaic_gpu").
+      skip_threshold: BLASST (arXiv 2512.12087): None (off) or lambda in [0, 1). Inside the flash
+        loop a tile whose every row has exp(tile max - running max) < lambda is skipped (no exp, no
+        V load, no PV product); the forward records its decisions and the backward skips the same
+        tiles, so gradients are exact for the function the forward computed. 0 skips nothing.
+        Tile selections on the Triton kernel and the reference only (which replays the kernel's
+        loop order); the decisions depend on that order.
       impl: "auto" | "pallas" | "pallas_tpu" | "mosaic_gpu" | "xla" (see
         `sparsetrain.ops.platform.kernel_backend`; the TPU kernel takes block_size 128 only of
         these). "mosaic_gpu" (opt-in, Hopper GPU only): a Mosaic GPU forward with the Triton
@@ -78,15 +95,24 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         platform.
       return_lse: also return the natural-log log-sum-exp of each row's scaled logits over its
         visible keys, f32 [B, N, T]; -inf for rows with no visible key.
+      return_skipped: also return the tiles BLASST skipped, bool [B, N, nQ, nK] (all False
+        without skip_threshold), for the skipped-fraction metric.
     Returns:
-      o [B, T, N, D] in q's dtype, exactly softmax attention over the visible keys; rows with no
-      visible key are 0 (never NaN). With return_lse, (o, lse). Differentiable in q, k, v (and
-      through lse); the mask gets no gradient.
+      o [B, T, N, D] in q's dtype, exactly softmax attention over the visible keys (outside the
+      skipped tiles); rows with no visible key are 0 (never NaN). With return_lse, (o, lse); with
+      return_skipped, the skipped tiles last. Differentiable in q, k, v (and
+      through lse) and in key_bias; the mask gets no gradient.
     """
     backend, interpret = kernel_backend(impl, interpret)
     fn = _BACKENDS[backend][0]
+    extra = {name: value for name, value in (("key_bias", key_bias), ("skip_threshold", skip_threshold),
+                                             ("return_skipped", return_skipped))
+             if value is not None and value is not False}
+    if extra and backend not in _BIAS_AND_SKIP_BACKENDS:
+        raise NotImplementedError(f"{', '.join(extra)} is not supported by the {backend!r} backend; use "
+                                  f"impl='pallas' (Triton) or impl='xla'")
     return fn(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
-              segment_ids=segment_ids, window=window, interpret=interpret, return_lse=return_lse)
+              segment_ids=segment_ids, window=window, interpret=interpret, return_lse=return_lse, **extra)
 
 
 def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,

@@ -63,10 +63,14 @@ def model_config(options, **changes):
 
 
 def with_method_params(cfg, seed=0):
-    """Random base weights (as exports test) plus the method's own freshly initialised ones."""
+    """Random base weights (as exports test) plus the method's own freshly initialised ones, except
+    that those initialised to all zeros (DMA's and NOSA's key-score scale A) get N(0, 1) values: at
+    zero they would switch their path off and every check would pass without reading it."""
     params = flatten(random_params(cfg, seed))
     fresh = flatten(ModelDef.create(cfg).init(seed))
-    params.update({k: v for k, v in fresh.items() if "/attn/attend/" in k})
+    rng = np.random.default_rng(seed)
+    params.update({k: v if np.any(np.asarray(v)) else rng.standard_normal(v.shape).astype(np.float32)
+                   for k, v in fresh.items() if "/attn/attend/" in k})
     return ModelDef.create(cfg).params_from_flat(params)
 
 
@@ -99,10 +103,20 @@ def test_builds_jits_and_differentiates_with_finite_losses_and_densities(method,
         ce = -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
         return ce + sum(losses.values(), 0.0), (losses, metrics)
 
-    (value, (losses, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (value, (losses, metrics)), grads = value_and_grad(params)
     assert np.isfinite(float(value))
     assert all(np.isfinite(float(v)) for v in losses.values()), losses
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    # The method's parameters get a gradient, unless its param_policy freezes them ("base_only"),
+    # and then none (the selection itself has no parameters and gets no gradient). At random
+    # values (the same compiled program), where no path is switched off.
+    _, grads = value_and_grad(with_method_params(cfg))
+    own = {k: float(np.abs(np.asarray(g)).max()) for k, g in flatten(grads).items() if "/attn/attend/" in k}
+    if cfg.attention[1].param_policy == "base_only":
+        assert not any(own.values()), f"frozen method parameters with a gradient: {own}"
+    else:
+        assert all(own.values()), f"method parameters without gradient: {own}"
     densities = {k: float(v) for k, v in metrics.items() if k.startswith("density")}
     assert densities and all(0.0 <= d <= 1.0 for d in densities.values()), densities
     # Evaluation also reports recall, a share in [0, 1]; op by op, so selections are checked by value.

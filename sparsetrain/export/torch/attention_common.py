@@ -6,14 +6,24 @@ import torch
 from transformers.models.llama.modeling_llama import repeat_kv
 
 
-def softmax_attention(q, k, v, allowed, scaling):
+def softmax_attention(q, k, v, allowed, scaling, key_bias=None):
     """Softmax attention over allowed keys; q [B, N, T, H], k/v [B, K, S, H], allowed bool
-    broadcastable to [B, N, T, S]. Rows with no allowed key (left padding) give 0, not NaN."""
+    broadcastable to [B, N, T, S]; key_bias None or float [B, K, S] added to the logits of every
+    query of kv head k's group (DMA, NOSA). Rows with no allowed key (left padding) give 0, not NaN."""
     groups = q.shape[1] // k.shape[1]
     scores = torch.matmul(q, repeat_kv(k, groups).transpose(2, 3)) * scaling
+    if key_bias is not None:
+        scores = scores + key_bias.repeat_interleave(groups, 1)[:, :, None, :].to(scores.dtype)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(q.dtype)
     return torch.matmul(probs, repeat_kv(v, groups)).transpose(1, 2)   # [B, T, N, H]
+
+
+def key_score_bias(v, scale, proj):
+    """DMA's / NOSA's learned key score A * softplus(v W_delta): v [B, K, S, H], scale A [K], proj
+    W_delta [K * H, K] -> float32 [B, K, S] (the values of every kv head of a token, flattened)."""
+    flat = v.float().transpose(1, 2).reshape(v.shape[0], v.shape[2], -1)          # [B, S, K * H]
+    return (scale.float() * torch.nn.functional.softplus(flat @ proj.float())).transpose(1, 2)
 
 
 def key_positions(positions, seq_kv):
@@ -52,6 +62,35 @@ def lag_blocks(pooled):
 def ranked(key):
     """Per row, the column order of a stable descending sort (ties: lower index first, as lax.top_k)."""
     return torch.sort(key, dim=-1, descending=True, stable=True).indices
+
+
+def forced_blocks(valid, initial_blocks: int, local_blocks: int):
+    """bool [rows, nK]: the valid blocks among the first `initial_blocks` and the last `local_blocks`
+    up to row i's own block i (rows are query tiles of the key blocks' size)."""
+    i = torch.arange(valid.shape[-2], device=valid.device)[:, None]
+    j = torch.arange(valid.shape[-1], device=valid.device)[None, :]
+    return valid & ((j < initial_blocks) | (j > i - local_blocks))
+
+
+def fill_blocks(chosen, scores, valid, budget: int):
+    """bool [..., rows, nK]: the `chosen` blocks plus, per row, the valid others of highest score up
+    to `budget` blocks in all (ties to the lower index, as sparsetrain's top-k). scores float
+    broadcastable to chosen's shape; valid bool [rows, nK]."""
+    rest = torch.where(valid & ~chosen, scores, -torch.inf)
+    order = ranked(rest)
+    room = budget - chosen.sum(-1, keepdim=True)
+    j = torch.arange(rest.shape[-1], device=rest.device)
+    take = (j < room) & (torch.gather(rest, -1, order) > -torch.inf)
+    return chosen | torch.zeros_like(rest, dtype=torch.bool).scatter(-1, order, take)
+
+
+def block_max(x, k_pos, block_size: int):
+    """[B, K, S] scores of keys at positions k_pos [B, S] (>= 0) -> float32 [B, K, nK], each key
+    block's maximum (blocks of `block_size` positions, up to the last key's)."""
+    n_k = int(k_pos.max()) // block_size + 1
+    blocks = (k_pos // block_size)[:, None, :].expand(-1, x.shape[1], -1)
+    empty = torch.full((*x.shape[:2], n_k), -torch.inf, device=x.device)
+    return empty.scatter_reduce(2, blocks, x.float(), "amax")
 
 
 class SequenceHistory:
