@@ -32,6 +32,7 @@ METHODS: dict[str, str] = {
     "moba": "sparsetrain.sparse.moba:MobaOptions",
     "infllm_v2": "sparsetrain.sparse.infllm_v2:InfllmV2Options",
     "nsa": "sparsetrain.sparse.nsa:NsaOptions",
+    "dsa": "sparsetrain.sparse.dsa:DsaOptions",
 }
 
 # Fields of the flat AttentionSpec that checkpoints written before per-method options carry on
