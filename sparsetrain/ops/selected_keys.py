@@ -29,6 +29,8 @@ def map_query_chunks(fn: Callable, rows: tuple, pad_values: tuple, query_chunk: 
     t = rows[0].shape[1]
     c = min(query_chunk, t)
     n_chunks = -(-t // c)
+    if n_chunks == 1:   # one chunk: nothing to bound, and no loop to compile
+        return fn(*rows)
 
     def split(x, value):
         x = jnp.pad(x, [(0, 0), (0, n_chunks * c - t)] + [(0, 0)] * (x.ndim - 2), constant_values=value)

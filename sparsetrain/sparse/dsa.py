@@ -60,7 +60,7 @@ class DsaOptions(BlockSparseOptions):
     candidate_blocks: int = 64
     query_chunk: int = 256         # query rows per step of the indexer and the attention (memory)
 
-    conformance_base = {"index_heads": 2, "index_dim": 16, "index_rope_dim": 8, "query_chunk": 32}
+    conformance_base = {"index_heads": 2, "index_dim": 16, "index_rope_dim": 8, "query_chunk": 128}
     conformance_variants = {
         "sparse": {"mode": "sparse", "topk": 24, "dense_len": 16},
         "hisa": {"mode": "sparse", "topk": 24, "dense_len": 16, "candidates": "blocks", "candidate_blocks": 3},
