@@ -38,11 +38,9 @@ def main(argv=None) -> None:
     parser.add_argument("--index_heads", type=int, default=4)
     args = parser.parse_args(argv)
     o = DsaOptions(mode="sparse", topk=args.topk, dense_len=min(args.topk, 2048), index_heads=args.index_heads)
-    attn = o.build(num_heads=N, num_kv_heads=K, head_dim=H, model_dim=D, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(attn)
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; DSA {dataclasses.asdict(o)}")
-    print("| T | part | ms | share of the dsa layer |")
-    print("| --- | --- | --- | --- |")
+    graphdef, params = nnx.split(o.build(num_heads=N, num_kv_heads=K, head_dim=H, model_dim=D, rngs=nnx.Rngs(0)))
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; DSA {dataclasses.asdict(o)}\n"
+          f"| T | part | ms | share of the dsa layer |\n| --- | --- | --- | --- |")
     for t in map(int, args.seqs.split(",")):
         q, k, v, x = layer_inputs(t, jax.random.key(t), kv_heads=K)
         doc_start = jnp.zeros((1, t), jnp.int32)
