@@ -128,20 +128,22 @@ class DsaAttention(SparseMethod):
     def select(self, inp: AttentionInputs) -> ops.Selection:
         """Key lists as a token `Selection` of one-key blocks (num_blocks = S), one head for all.
         The dense regime keeps every causal key and holds no lists (indices [B, 1, T, 0]); in
-        "warmup" on a long sequence, the lists are what sparse mode would select (for its metrics).
+        "warmup" on a long sequence, when recall is measured, the lists are what sparse mode would
+        select (so the recall says when to switch).
         When losses are collected, the extras also hold the indexer's KL (`kl`)."""
         o = self.options
         b, seq = inp.q.shape[:2]
         doc_start = self.doc_start(inp)
+        keys, extras = jnp.zeros((b, seq, 0), jnp.int32), {}
+        lists = not (inp.k.shape[1] <= o.dense_len or (o.mode == "warmup" and not self.wants_scores(inp)))
+        if not (lists or self.reporting):   # dense inference: no indexer at all
+            return ops.Selection(keys[:, None], jnp.zeros((b, 1, seq), jnp.int32), inp.k.shape[1], extras, "token")
         index = self.indexer(inp)
-        if inp.k.shape[1] <= o.dense_len or (o.mode == "warmup" and not self.reporting):
-            keys = jnp.zeros((b, seq, 0), jnp.int32)
-        else:
+        if lists:
             keys = dsa_indexer.select(index, doc_start, topk=o.topk, query_chunk=o.query_chunk,
                                       candidates=o.candidates, block_size=o.block_size,
                                       candidate_blocks=o.candidate_blocks, initial_blocks=o.initial_blocks,
                                       local_blocks=o.local_blocks)
-        extras = {}
         if self.reporting:
             # The KL over every causal key in the dense regime, over each token's keys in sparse mode.
             rows = dsa_indexer.kl_rows(index, inp.q, inp.k, doc_start, query_chunk=o.query_chunk,
@@ -166,18 +168,15 @@ class DsaAttention(SparseMethod):
         return {"dsa_kl": self.options.kl_weight * sel.extras["kl"]}
 
     def metrics(self, inp, sel, out) -> dict:
-        """Density (selected keys over causal keys, 1 in the dense regime) and the unweighted KL;
-        recall (the dense head-mean probability inside the selection) at evaluation or when asked."""
-        values = {"kl": sel.extras["kl"]}
-        if sel.indices.shape[-1] == 0:   # the dense regime: every causal key
-            values["density"] = jnp.float32(1.0)
-            if self.wants_scores(inp):
-                values["recall"] = jnp.float32(1.0)
-            return values
+        """Density (selected keys over causal keys; 1 where attention runs dense), the unweighted KL,
+        and recall (the dense head-mean probability inside the selection) at evaluation or when asked."""
+        values = {"kl": sel.extras["kl"], "density": jnp.float32(1.0)}
         doc_start = self.doc_start(inp)
-        causal = jnp.arange(inp.q.shape[1]) - doc_start + 1
-        values["density"] = sel.counts[:, 0].sum() / causal.sum()
+        if not self.dense_regime(inp):
+            values["density"] = sel.counts[:, 0].sum() / (jnp.arange(inp.q.shape[1]) - doc_start + 1).sum()
         if self.wants_scores(inp):
-            values["recall"] = dsa_indexer.recall_rows(inp.q, inp.k, doc_start, sel.indices[:, 0],
-                                                       query_chunk=self.options.query_chunk).mean()
+            values["recall"] = jnp.float32(1.0)
+            if sel.indices.shape[-1]:
+                values["recall"] = dsa_indexer.recall_rows(inp.q, inp.k, doc_start, sel.indices[:, 0],
+                                                           query_chunk=self.options.query_chunk).mean()
         return values
