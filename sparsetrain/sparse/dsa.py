@@ -73,6 +73,8 @@ class DsaOptions(BlockSparseOptions):
 
     def validate(self) -> None:
         super().validate()
+        # The attention over selected keys has no Pallas kernel yet (docs/kernels.md): XLA everywhere.
+        self.require(self.impl in ("auto", "xla"), "impl", "choose 'auto' or 'xla' (DSA has no Pallas kernel yet)")
         for name in ("index_heads", "index_dim", "topk", "query_chunk"):
             self.require(getattr(self, name) > 0, name, "must be > 0")
         self.require(0 <= self.index_rope_dim <= self.index_dim and self.index_rope_dim % 2 == 0,

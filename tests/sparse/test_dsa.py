@@ -219,6 +219,8 @@ def test_bad_options_name_the_field():
         options(dense_len=32, topk=24)
     with pytest.raises(ConfigError, match="index_rope_dim"):
         options(index_rope_dim=3)
+    with pytest.raises(ConfigError, match="impl='pallas': choose 'auto' or 'xla'"):
+        options(impl="pallas")
     with pytest.raises(ConfigError, match="candidate_blocks"):
         options(candidates="blocks", candidate_blocks=0)
     with pytest.raises(ValueError, match="indices must be int"):
