@@ -7,7 +7,8 @@ each part, to check that the O(T^2) indexer does not dominate:
 Rows (forward+backward unless said): "dsa sparse layer" is the whole layer in sparse mode (indexer,
 top-k, attention over the selected keys, the KL over them) differentiated in q, k, v, x and its
 parameters; then its parts: "indexer top-k (fwd)" (projections and chunked top-k; no gradient),
-"selected-key attention", "indexer KL over the selection"; and "indexer KL dense (warm-up)", the
+"selected-key attention" (XLA gathers, the layer's default, and the Triton kernel), "indexer KL over
+the selection"; and "indexer KL dense (warm-up)", the
 warm-up's loss, and "hisa top-k (fwd)" with the default 64 candidate blocks of 64.
 """
 
@@ -70,8 +71,9 @@ def main(argv=None) -> None:
 
         times = {"dsa sparse layer": fwd_bwd(whole, params, q, k, v, x)(),
                  "indexer top-k (fwd)": median_time(jax.jit(top_k), params, x),
-                 "selected-key attention": fwd_bwd(lambda q, k, v: selected_key_attention(
-                     q, k, v, keys, query_chunk=o.query_chunk), inp.q, inp.k, inp.v)(),
+                 **{f"selected-key attention ({impl})": fwd_bwd(lambda q, k, v, impl=impl: selected_key_attention(
+                     q, k, v, keys, query_chunk=o.query_chunk, impl=impl), inp.q, inp.k, inp.v)()
+                    for impl in ("xla", "pallas")},
                  "indexer KL over the selection": fwd_bwd(lambda p: kl(p, q, k, keys), params)(),
                  "indexer KL dense (warm-up)": fwd_bwd(lambda p: kl(p, q, k), params)(),
                  "hisa top-k (fwd)": median_time(jax.jit(lambda p, x: top_k(p, x, "blocks")), params, x),

@@ -5,7 +5,8 @@ The indexer (sparsetrain/sparse/dsa_indexer.py) reads the layer's normalised inp
 of queries, one LayerNorm-ed key per token, per-token head weights, partial RoPE, and scores
 I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]) over the keys s <= t of t's document. Each query token
 keeps its `topk` best keys (all of them while it has at most `topk`), and the layer attends to
-exactly those (`ops.selected_key_attention`, one list per token for all heads).
+exactly those (`ops.selected_key_attention`, one list per token for all heads: XLA gathers, or the
+Triton kernel with impl="pallas").
 
 Training, in two modes that `trainer.phases` switches (configs/dsa_tiny.py):
   * "warmup": dense attention, only the indexer trains (the trainer freezes the rest). Its loss is
@@ -73,8 +74,10 @@ class DsaOptions(BlockSparseOptions):
 
     def validate(self) -> None:
         super().validate()
-        # The attention over selected keys has no Pallas kernel yet (docs/kernels.md): XLA everywhere.
-        self.require(self.impl in ("auto", "xla"), "impl", "choose 'auto' or 'xla' (DSA has no Pallas kernel yet)")
+        # The attention over selected keys: "auto"/"xla" its jnp reference, "pallas" the Triton kernel
+        # (opt-in until timed on a GPU, docs/kernels.md).
+        self.require(self.impl in ("auto", "xla", "pallas"), "impl",
+                     "choose 'auto', 'xla' or 'pallas' (the selected-key kernels)")
         for name in ("index_heads", "index_dim", "topk", "query_chunk"):
             self.require(getattr(self, name) > 0, name, "must be > 0")
         self.require(0 <= self.index_rope_dim <= self.index_dim and self.index_rope_dim % 2 == 0,
@@ -164,7 +167,8 @@ class DsaAttention(SparseMethod):
     def attend(self, inp: AttentionInputs, sel: ops.Selection) -> jax.Array:
         if self.dense_regime(inp):
             return dense_causal_attention(inp.q, inp.k, inp.v, segment_ids=inp.segment_ids)
-        return selected_key_attention(inp.q, inp.k, inp.v, sel.indices[:, 0], query_chunk=self.options.query_chunk)
+        return selected_key_attention(inp.q, inp.k, inp.v, sel.indices[:, 0], query_chunk=self.options.query_chunk,
+                                      impl=self.options.impl)
 
     def losses(self, inp, sel, out) -> dict:
         return {"dsa_kl": self.options.kl_weight * sel.extras["kl"]}

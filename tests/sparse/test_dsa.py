@@ -110,9 +110,11 @@ def test_hisa_exports_with_torch_parity(tmp_path, run_torch):
         block_size=16, topk=24, dense_len=16, candidates="blocks", candidate_blocks=3, query_chunk=128))
 
 
-def test_selected_key_attention_matches_a_masked_softmax_with_gradients(seq=37, chunk=16):
-    """The attention op against softmax over a [T, S] mask built from the lists, GQA, ragged rows
-    and empty rows, over chunks with a ragged last one; outputs, log-sum-exp and gradients."""
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_selected_key_attention_matches_a_masked_softmax_with_gradients(impl, seq=37, chunk=16):
+    """The attention op (the jnp reference, and the Triton kernel in interpret mode) against softmax
+    over a [T, S] mask built from the lists, GQA, ragged rows and empty rows, over chunks with a
+    ragged last one; outputs, log-sum-exp and gradients (through both)."""
     q, k, v = qkv(seq, seed=2)
     rng = np.random.default_rng(3)
     lists = np.full((2, seq, 12), -1, np.int32)
@@ -133,15 +135,22 @@ def test_selected_key_attention_matches_a_masked_softmax_with_gradients(seq=37, 
         return jnp.einsum("bnts,bsnh->btnh", p, vv), lse
 
     ours = jax.jit(lambda q, k, v: selected_key_attention(q, k, v, jnp.asarray(lists), query_chunk=chunk,
-                                                          return_lse=True))
+                                                          return_lse=True, impl=impl))
     (o, lse), (o_ref, lse_ref) = ours(q, k, v), reference(q, k, v)
     np.testing.assert_allclose(o, o_ref, atol=1e-5)
     np.testing.assert_allclose(np.where(mask.any(-1)[:, None], lse, 0), np.where(mask.any(-1)[:, None], lse_ref, 0),
                                atol=1e-5)
     assert np.isneginf(np.asarray(lse)[:, :, 0]).all()
     cot = jax.random.normal(jax.random.key(4), q.shape)
-    grads = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a)[0] * cot), argnums=(0, 1, 2)))(q, k, v)
-    grads_ref = jax.jit(jax.grad(lambda *a: jnp.sum(reference(*a)[0] * cot), argnums=(0, 1, 2)))(q, k, v)
+    lse_cot = jax.random.normal(jax.random.key(5), lse.shape) * mask.any(-1)[:, None]   # finite rows only
+
+    def loss(fn):
+        def value(*args):
+            o, lse = fn(*args)
+            return jnp.sum(o * cot) + jnp.sum(jnp.where(lse_cot != 0, lse, 0.0) * lse_cot)
+        return jax.jit(jax.grad(value, argnums=(0, 1, 2)))
+
+    grads, grads_ref = loss(ours)(q, k, v), loss(reference)(q, k, v)
     for name, g, g_ref in zip("qkv", grads, grads_ref):
         np.testing.assert_allclose(g, g_ref, atol=1e-5, err_msg=f"d{name}")
 
@@ -219,8 +228,8 @@ def test_bad_options_name_the_field():
         options(dense_len=32, topk=24)
     with pytest.raises(ConfigError, match="index_rope_dim"):
         options(index_rope_dim=3)
-    with pytest.raises(ConfigError, match="impl='pallas': choose 'auto' or 'xla'"):
-        options(impl="pallas")
+    with pytest.raises(ConfigError, match="impl='mosaic_gpu': choose 'auto', 'xla' or 'pallas'"):
+        options(impl="mosaic_gpu")
     with pytest.raises(ConfigError, match="candidate_blocks"):
         options(candidates="blocks", candidate_blocks=0)
     with pytest.raises(ValueError, match="indices must be int"):
