@@ -33,11 +33,11 @@ from sparsetrain.sparse.nsa import NsaOptions
 D, N, K, H = 768, 12, 3, 64
 
 
-def layer_inputs(t: int, key):
+def layer_inputs(t: int, key, kv_heads: int = K):
     keys = jax.random.split(key, 4)
     q = jax.random.normal(keys[0], (1, t, N, H), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (1, t, K, H), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (1, t, K, H), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (1, t, kv_heads, H), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (1, t, kv_heads, H), jnp.bfloat16)
     x = jax.random.normal(keys[3], (1, t, D), jnp.bfloat16)
     return q, k, v, x
 

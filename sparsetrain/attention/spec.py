@@ -34,6 +34,7 @@ METHODS: dict[str, str] = {
     "nsa": "sparsetrain.sparse.nsa:NsaOptions",
     "dma": "sparsetrain.sparse.dma:DmaOptions",
     "nosa": "sparsetrain.sparse.nosa:NosaOptions",
+    "dsa": "sparsetrain.sparse.dsa:DsaOptions",
 }
 
 # Fields of the flat AttentionSpec that checkpoints written before per-method options carry on

@@ -3,8 +3,8 @@ a (2, 2, 2) mesh against one device. Prints "RESULT {case: {"loss": err, "grads"
 relative to the largest reference magnitude.
 
 SHARDED_CASES is every method's default plus the variants whose sharded program differs: tile
-instead of token selections (infllm_v2-tile, moba-tile), SSA's extra dense pass (local-ssa) and
-Seer's gate-selected sparse mode (seer-sparse). The other variants change routing parameters or
+instead of token selections (infllm_v2-tile, moba-tile), SSA's extra dense pass (local-ssa),
+Seer's gate-selected sparse mode (seer-sparse) and DSA's gathers of selected keys (dsa-sparse). The other variants change routing parameters or
 the compressor inside the same sharded program; the single-device conformance tests cover them."""
 
 import json

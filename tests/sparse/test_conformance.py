@@ -44,10 +44,11 @@ def cases() -> list[tuple[str, str]]:
 CASES = cases()
 IDS = [f"{m}-{v}" for m, v in CASES]
 # The 8-device check (sharded_script.py) runs each method's default and the variants that take
-# another sharding-relevant path: tile instead of token selections, SSA, Seer's sparse mode.
+# another sharding-relevant path: tile instead of token selections, SSA, Seer's sparse mode, DSA's
+# gathers of selected keys.
 SHARDED_CASES = [(m, v) for m, v in CASES
                  if v == "default" or (m, v) in {("infllm_v2", "tile"), ("moba", "tile"), ("local", "ssa"),
-                                                 ("seer", "sparse")}]
+                                                 ("seer", "sparse"), ("dsa", "sparse")}]
 
 
 def rule(method: str, variant: str):
@@ -275,8 +276,14 @@ def test_sharded_on_8_devices_matches_one_device():
 
 @pytest.mark.parametrize("method,variant", CASES, ids=IDS)
 def test_export_round_trip_and_torch_parity(tmp_path, run_torch, method, variant):
+    export_round_trip_and_torch_parity(tmp_path, run_torch, rule(method, variant))
+
+
+def export_round_trip_and_torch_parity(tmp_path, run_torch, options):
+    """The export of a tiny model with the rule `options` reads back bit for bit and its torch
+    model matches ours (method test files call it for option sets the suite leaves out)."""
     from tests.export.test_torch_parity import SEQ, check_parity
-    cfg = model_config(rule(method, variant), max_seq_len=512)
+    cfg = model_config(options, max_seq_len=512)
     params = with_method_params(cfg, seed=1)
     run = save_run(tmp_path, cfg, params)
     out = export_checkpoint(run, tmp_path / "hf", dtype="float32")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import repeat_kv
 
 
@@ -24,6 +27,35 @@ def key_score_bias(v, scale, proj):
     W_delta [K * H, K] -> float32 [B, K, S] (the values of every kv head of a token, flattened)."""
     flat = v.float().transpose(1, 2).reshape(v.shape[0], v.shape[2], -1)          # [B, S, K * H]
     return (scale.float() * torch.nn.functional.softplus(flat @ proj.float())).transpose(1, 2)
+
+
+def gate_rope(config, dim: int):
+    """(inverse frequencies [dim/2], cos/sin factor) of the model's RoPE scaling at width `dim` (a gate's
+    or an indexer's): the JAX side applies the model's RopeConfig to that width, so YaRN's ramp and
+    NTK's base use `dim`."""
+    params = dict(getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 1e4)})
+    ntk = getattr(config, "sparsetrain_ntk_rope", None)   # exported as a plain base for the model's head_dim
+    if ntk:
+        params["rope_theta"] = ntk["rope_theta"] * ntk["factor"] ** (dim / (dim - 2))
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = float(params["rope_theta"])
+        return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim), 1.0
+    gate_config = copy.copy(config)
+    gate_config.head_dim, gate_config.rope_parameters = dim, params
+    return ROPE_INIT_FUNCTIONS[rope_type](gate_config)
+
+
+def rope(x, positions, inv_freq, factor: float):
+    """Half-split rotary embedding of x [B, M, n, E] at positions [n] or [B, n], cos/sin multiplied by
+    factor."""
+    e = x.shape[-1]
+    angles = positions.float()[..., None] * inv_freq.to(x.device)     # [n, E/2] or [B, n, E/2]
+    if angles.ndim == 3:
+        angles = angles[:, None]
+    cos, sin = torch.cos(angles) * factor, torch.sin(angles) * factor
+    x1, x2 = x[..., : e // 2], x[..., e // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 def key_positions(positions, seq_kv):
@@ -64,12 +96,19 @@ def ranked(key):
     return torch.sort(key, dim=-1, descending=True, stable=True).indices
 
 
-def forced_blocks(valid, initial_blocks: int, local_blocks: int):
-    """bool [rows, nK]: the valid blocks among the first `initial_blocks` and the last `local_blocks`
-    up to row i's own block i (rows are query tiles of the key blocks' size)."""
-    i = torch.arange(valid.shape[-2], device=valid.device)[:, None]
-    j = torch.arange(valid.shape[-1], device=valid.device)[None, :]
-    return valid & ((j < initial_blocks) | (j > i - local_blocks))
+def forced_blocks(valid, force_first: int, force_local: int):
+    """Per row, the first `force_first` and last `force_local` valid blocks."""
+    from_start = torch.cumsum(valid.int(), -1)
+    from_end = torch.flip(torch.cumsum(torch.flip(valid.int(), [-1]), -1), [-1])
+    return valid & ((from_start <= force_first) | (from_end <= force_local))
+
+
+def keep_top(values, count):
+    """bool like values [..., S]: the `count` (an int or a tensor broadcastable to [..., 1]) best
+    entries above -inf of each row, ties to the lower index (as lax.top_k)."""
+    order = ranked(values)
+    take = (torch.arange(values.shape[-1], device=values.device) < count) & (torch.gather(values, -1, order) > -torch.inf)
+    return torch.zeros_like(take).scatter(-1, order, take)
 
 
 def fill_blocks(chosen, scores, valid, budget: int):
@@ -77,11 +116,7 @@ def fill_blocks(chosen, scores, valid, budget: int):
     to `budget` blocks in all (ties to the lower index, as sparsetrain's top-k). scores float
     broadcastable to chosen's shape; valid bool [rows, nK]."""
     rest = torch.where(valid & ~chosen, scores, -torch.inf)
-    order = ranked(rest)
-    room = budget - chosen.sum(-1, keepdim=True)
-    j = torch.arange(rest.shape[-1], device=rest.device)
-    take = (j < room) & (torch.gather(rest, -1, order) > -torch.inf)
-    return chosen | torch.zeros_like(rest, dtype=torch.bool).scatter(-1, order, take)
+    return chosen | keep_top(rest, budget - chosen.sum(-1, keepdim=True))
 
 
 def block_max(x, k_pos, block_size: int):

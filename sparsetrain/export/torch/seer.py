@@ -19,47 +19,13 @@ only forwards that see whole blocks.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .attention_common import (SequenceHistory, key_positions, lag_blocks, pool_blocks, ranked,
-                               softmax_attention, token_mask, with_padding)
-
-
-def gate_rope(config, dim: int):
-    """(inverse frequencies [dim/2], cos/sin factor) of the model's RoPE scaling at the gate width: the
-    JAX gate applies the model's RopeConfig to its own width, so YaRN's ramp and NTK's base use `dim`."""
-    params = dict(getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 1e4)})
-    ntk = getattr(config, "sparsetrain_ntk_rope", None)   # exported as a plain base for the model's head_dim
-    if ntk:
-        params["rope_theta"] = ntk["rope_theta"] * ntk["factor"] ** (dim / (dim - 2))
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        theta = float(params["rope_theta"])
-        return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim), 1.0
-    gate_config = copy.copy(config)
-    gate_config.head_dim, gate_config.rope_parameters = dim, params
-    return ROPE_INIT_FUNCTIONS[rope_type](gate_config)
-
-
-def rope(x, positions, inv_freq, factor: float):
-    """Half-split rotary embedding of x [B, M, n, E] at positions [n], cos/sin multiplied by factor."""
-    e = x.shape[-1]
-    angles = positions.float()[:, None] * inv_freq.to(x.device)      # [n, E/2]
-    cos, sin = torch.cos(angles) * factor, torch.sin(angles) * factor
-    x1, x2 = x[..., : e // 2], x[..., e // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-def forced_blocks(valid, force_first: int, force_local: int):
-    """Per row, the first `force_first` and last `force_local` valid blocks."""
-    from_start = torch.cumsum(valid.int(), -1)
-    from_end = torch.flip(torch.cumsum(torch.flip(valid.int(), [-1]), -1), [-1])
-    return valid & ((from_start <= force_first) | (from_end <= force_local))
+from .attention_common import (SequenceHistory, forced_blocks, gate_rope, key_positions, lag_blocks, pool_blocks,
+                               ranked, rope, softmax_attention, token_mask, with_padding)
 
 
 class SeerAttention(nn.Module):
