@@ -23,8 +23,8 @@ import math
 import torch
 from torch import nn
 
-from .attention_common import (SequenceHistory, fill_blocks, forced_blocks, gate_rope, key_positions, pool_blocks,
-                               rope, softmax_attention, with_padding)
+from .attention_common import (SequenceHistory, fill_blocks, forced_blocks, gate_rope, keep_top, key_positions,
+                               pool_blocks, rope, softmax_attention, with_padding)
 
 LAYER_NORM_EPS = 1e-6
 
