@@ -166,6 +166,15 @@ def segment_tile_classes(seg: SegmentIds, dims: Dims):
     return possible, uniform
 
 
+def reject_bias_and_skip(backend: str, key_bias, skip_threshold, return_skipped) -> None:
+    """NotImplementedError naming what a backend without the key bias and BLASST was given."""
+    given = [name for name, value in (("key_bias", key_bias), ("skip_threshold", skip_threshold),
+                                      ("return_skipped", return_skipped)) if value is not None and value is not False]
+    if given:
+        raise NotImplementedError(f"{', '.join(given)} is not supported by the {backend} kernel; use "
+                                  "impl='pallas' (Triton) or impl='xla'")
+
+
 def check_key_bias(key_bias, dims: Dims):
     """Validates an additive per-key bias (float [B, K, S], one value per kv head and key) and
     returns it; ValueError naming `key_bias` otherwise."""

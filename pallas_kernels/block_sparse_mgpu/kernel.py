@@ -344,7 +344,8 @@ def _check_scope(q, dims: common.Dims, segment_ids, window, interpret) -> None:
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, window=None, interpret=False, return_lse=False):
+                           segment_ids=None, window=None, key_bias=None, skip_threshold=None, interpret=False,
+                           return_lse=False, return_skipped=False):
     """Softmax attention restricted to the selected blocks: Mosaic GPU forward, Triton backward.
 
     Same contract as `pallas_kernels.block_sparse.reference.block_sparse_attention` within v1's
@@ -355,6 +356,7 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     with no visible key, whose output is 0). Differentiable in q, k, v (and through the LSE) by
     the Triton backward kernels. Needs a Hopper GPU.
     """
+    common.reject_bias_and_skip("mosaic_gpu", key_bias, skip_threshold, return_skipped)
     if isinstance(block_mask, Selection):
         if block_mask.granularity == "token":
             raise NotImplementedError("token-level selections are not supported by the mosaic_gpu "

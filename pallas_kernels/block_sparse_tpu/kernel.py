@@ -459,7 +459,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
-                           segment_ids=None, window=None, interpret=False, return_lse=False):
+                           segment_ids=None, window=None, key_bias=None, skip_threshold=None, interpret=False,
+                           return_lse=False, return_skipped=False):
     """Softmax attention restricted to the selected blocks (Pallas Mosaic TPU kernels).
 
     Args:
@@ -481,6 +482,7 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         (-inf for rows with no visible key, whose output is 0).
     Returns o [B, T, N, D] in q's dtype (and the LSE). Differentiable in q, k, v (and through LSE).
     """
+    common.reject_bias_and_skip("Mosaic TPU", key_bias, skip_threshold, return_skipped)
     if isinstance(block_mask, Selection):
         if block_mask.granularity == "token":
             raise NotImplementedError("token-level selections are not implemented in the Mosaic TPU kernels; "

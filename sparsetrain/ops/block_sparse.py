@@ -37,10 +37,6 @@ _BACKENDS = {
 }
 
 
-# Backends whose attention takes `key_bias` and `skip_threshold` (the others raise
-# NotImplementedError when either is given).
-_BIAS_AND_SKIP_BACKENDS = ("reference", "triton")
-
 
 def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, sm_scale=None,
                            segment_ids=None, window=None, key_bias=None, skip_threshold=None, impl="auto",
@@ -105,14 +101,9 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     """
     backend, interpret = kernel_backend(impl, interpret)
     fn = _BACKENDS[backend][0]
-    extra = {name: value for name, value in (("key_bias", key_bias), ("skip_threshold", skip_threshold),
-                                             ("return_skipped", return_skipped))
-             if value is not None and value is not False}
-    if extra and backend not in _BIAS_AND_SKIP_BACKENDS:
-        raise NotImplementedError(f"{', '.join(extra)} is not supported by the {backend!r} backend; use "
-                                  f"impl='pallas' (Triton) or impl='xla'")
     return fn(q, k, v, block_mask, causal=causal, block_size=block_size, sm_scale=sm_scale,
-              segment_ids=segment_ids, window=window, interpret=interpret, return_lse=return_lse, **extra)
+              segment_ids=segment_ids, window=window, key_bias=key_bias, skip_threshold=skip_threshold,
+              interpret=interpret, return_lse=return_lse, return_skipped=return_skipped)
 
 
 def block_attention_scores(q, k, *, block_size=64, causal=True, sm_scale=None, segment_ids=None,

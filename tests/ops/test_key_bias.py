@@ -104,6 +104,6 @@ def test_bad_key_bias_names_the_field():
         with pytest.raises(ValueError, match=r"key_bias must be a float array of shape .* = \(1, 1, 32\)"):
             ops.block_sparse_attention(q, k, v, every, block_size=16, key_bias=jnp.zeros((1, 2, 32)),
                                        impl=impl, interpret=True)
-    with pytest.raises(NotImplementedError, match="key_bias is not supported by the 'tpu' backend"):
+    with pytest.raises(NotImplementedError, match="key_bias is not supported by the Mosaic TPU kernel"):
         ops.block_sparse_attention(q, k, v, every, block_size=16, key_bias=jnp.zeros((1, 1, 32)),
                                    impl="pallas_tpu")
