@@ -123,6 +123,10 @@ class MethodOptions(Config):
 
     # How the method is exported to PyTorch; None: it cannot be exported yet.
     export: ClassVar["MethodExport | None"] = None
+    # The K/V exchanges (`mesh.kv_exchange`) under which the method runs on a context split
+    # (mesh.context > 1); empty: it is refused there by name. A method joins once
+    # tests/train/context_parallel_script.py checks it against one device.
+    context_parallel: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         registered = METHODS.get(self.method, "").split(":")[-1]
@@ -176,6 +180,7 @@ class DenseOptions(MethodOptions):
     impl: Literal["auto", "xla", "cudnn"] = "auto"   # auto: cuDNN on GPU for bf16/fp16, else XLA
 
     export = MethodExport(torch_impl=DENSE_TORCH_IMPL)   # transformers' own LlamaAttention
+    context_parallel = ("all_gather", "ring")
 
     def build(self, *, num_heads, num_kv_heads, head_dim, model_dim, rngs):
         # Imported here: this class must stay importable without JAX (configs, --help).
