@@ -171,7 +171,7 @@ class _Chunk:
                      for s, chunk in enumerate(chunks))
 
 
-def _gather_natural(x: jax.Array, kv_order: str) -> jax.Array:
+def gather_natural(x: jax.Array, kv_order: str) -> jax.Array:
     """The whole sequence [B, T, ...] in natural order from each device's [B, 2c, ...] slice, which
     is in natural order (contiguous) or in the load-balanced layout."""
     full = jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
@@ -222,8 +222,8 @@ def shard_attention(q, k, v, block_mask, segment_ids, *, block_size: int, kv_ord
     if not causal:
         raise NotImplementedError("context parallelism runs causal attention only")
     c = check_chunks(q, block_size)
-    k_all, v_all = _gather_natural(k, kv_order), _gather_natural(v, kv_order)   # [B, T, K, H]
-    seg_all = None if segment_ids is None else _gather_natural(segment_ids, "load_balanced")
+    k_all, v_all = gather_natural(k, kv_order), gather_natural(v, kv_order)   # [B, T, K, H]
+    seg_all = None if segment_ids is None else gather_natural(segment_ids, "load_balanced")
     outs = []
     for chunk in _Chunk.of_device(c):
         roll = lambda x: jnp.roll(x, chunk.shift, axis=1)   # noqa: E731
@@ -250,10 +250,10 @@ def shard_block_scores(op, q, k, v, segment_ids, *, block_size: int, causal: boo
     if not causal:
         raise NotImplementedError("context parallelism runs causal attention only")
     c = check_chunks(q, block_size)
-    k_all = _gather_natural(k, "natural")
-    v_all = None if v is None else _gather_natural(v, "natural")
+    k_all = gather_natural(k, "natural")
+    v_all = None if v is None else gather_natural(v, "natural")
     q_ids = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-    kv_ids = jnp.zeros(k_all.shape[:2], jnp.int32) if segment_ids is None else _gather_natural(segment_ids,
+    kv_ids = jnp.zeros(k_all.shape[:2], jnp.int32) if segment_ids is None else gather_natural(segment_ids,
                                                                                                "load_balanced")
     outs, scores = [], []
     for chunk in _Chunk.of_device(c):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsetrain import ops
-from sparsetrain.attention.context_parallel import AXIS, _gather_natural, check_chunks
+from sparsetrain.attention.context_parallel import AXIS, check_chunks, gather_natural
 
 
 def _key_chunks(owner, n, kv_order: str):
@@ -75,7 +75,7 @@ def ring_attention(q, k, v, block_mask, segment_ids, *, block_size: int, kv_orde
         raise NotImplementedError("mesh.kv_exchange='ring' runs causal attention without a sliding window "
                                   "(NSA's window branch needs kv_exchange='all_gather')")
     c = check_chunks(q, block_size)
-    seg_all = None if segment_ids is None else _gather_natural(segment_ids, "load_balanced")   # [B, T], small
+    seg_all = None if segment_ids is None else gather_natural(segment_ids, "load_balanced")   # [B, T], small
     # Hashable (custom_vjp's static argument): the kernel's options, the layout and c.
     static = tuple(sorted(dict(block_size=block_size, kv_order=kv_order, c=c, **kwargs).items()))
     o, lse = _ring(q, k, v, block_mask, segment_ids, seg_all, static)
@@ -83,8 +83,8 @@ def ring_attention(q, k, v, block_mask, segment_ids, *, block_size: int, kv_orde
 
 
 def _pairs(static):
-    """The device's steps: for each ring step, (owner of the visiting slice, [(query slot, its chunk,
-    key slot, its chunk)])."""
+    """The device's ring steps: for each, the four (query slot, its chunk, key slot, its chunk)
+    pairs of its query chunks and the visiting slice's key chunks (natural chunk indices)."""
     n, d = jax.lax.axis_size(AXIS), jax.lax.axis_index(AXIS)
     mine = (d, 2 * n - 1 - d)
     for step in range(n):

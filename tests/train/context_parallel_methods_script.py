@@ -1,12 +1,11 @@
 """Run in a subprocess with 8 fake CPU devices: loss, gradients and reported losses/metrics of every
 sparse method on context-parallel meshes against one device, on packed documents (and plain rows for
-some). Each case puts a method in each of the model's layers, so every compile checks several.
+some). Each case puts a method in each of the model's layers, so every compile checks several, and
+each one-device reference serves every mesh of its case: mesh.context 4 and 2 with the all-gather
+K/V exchange, and 4 over the ring for the methods that run over it.
 
-    python context_parallel_methods_script.py RUN_DIR EXCHANGE
+    python context_parallel_methods_script.py RUN_DIR
         -> one JSON line: {case: {mesh: [loss err, grad err, reported err]}}
-
-EXCHANGE "all_gather": every method on mesh.context 2 and 4; "ring": the ring K/V exchange on
-mesh.context 4 for the methods that run over it.
 """
 
 import functools
@@ -16,11 +15,10 @@ from pathlib import Path
 
 import jax
 
-from sparsetrain.attention.context_parallel import kv_exchange
 from sparsetrain.attention.method import StepContext
 from sparsetrain.checkpoint.model_def import ModelDef, flatten
 from sparsetrain.config import MeshConfig
-from sparsetrain.train.sharding import batch_sharding, make_mesh, param_shardings
+from sparsetrain.train.sharding import batch_sharding, make_mesh, on_mesh, param_shardings
 from sparsetrain.train.step import accumulate_gradients
 from tests.train.context_parallel_script import SEQ, batch, rel_err
 from tests.train.helpers import small_config
@@ -30,7 +28,7 @@ INFLLM = "block_size: 16, kernel_size: 8, kernel_stride: 4, coarse_size: 16, coa
 NSA = ("block_size: 16, kernel_size: 8, kernel_stride: 4, topk: 4, window: 24, score_chunk: 32, "
        "compressor_hidden: 16, recall_in_training: true")
 # {case: (rule of layer 0, rule of layer 1, ...)} in inline YAML.
-ALL_GATHER_CASES = {
+CASES = {
     # Seer's distillation (dense output, block-score target) and MoBA per tile, both with recall.
     "seer_distill+moba_tile": ("method: seer, block_size: 16, d_gate: 16, recall_in_training: true",
                                "method: moba, block_size: 16, moba_block: 32, topk: 2, recall_in_training: true"),
@@ -41,30 +39,32 @@ ALL_GATHER_CASES = {
         "method: moba, block_size: 16, moba_block: 32, topk: 2, granularity: token, ssa: true",
         "method: seer, block_size: 16, d_gate: 16, mode: sparse, share_kv_heads: true, select: density, "
         "target_density: 0.5, ssa: true"),
-    # InfLLM-V2 per tile switching to sparse at 48 tokens, and below dense_len (its dense regime).
-    "infllm_tile+infllm_dense": (f"method: infllm_v2, {INFLLM}, dense_len: 48, granularity: tile, score_chunk: 32",
-                                 "method: infllm_v2, block_size: 16"),
+    # InfLLM-V2 per tile switching to sparse at 48 tokens and below dense_len (its dense regime),
+    # local's fixed pattern, and a dense layer (K/V in the layout order).
+    "infllm_tile+infllm_dense+local+dense": (
+        f"method: infllm_v2, {INFLLM}, dense_len: 48, granularity: tile, score_chunk: 32",
+        "method: infllm_v2, block_size: 16", "method: local, block_size: 16, local_blocks: 2, initial_blocks: 1",
+        "method: dense"),
 }
-RING_CASES = {
-    # Token lists renumbered per visiting chunk; a tile mask and the full branch over the ring.
-    "infllm_token+seer_sparse_ssa": (ALL_GATHER_CASES["infllm_token+nsa"][0],
-                                     ALL_GATHER_CASES["moba_token_ssa+seer_sparse_ssa"][1]),
-    # MoBA's tiles, local's fixed pattern and a dense layer (K/V in the layout order).
-    "moba_tile+local+dense": ("method: moba, block_size: 16, moba_block: 32, topk: 2",
-                              "method: local, block_size: 16, local_blocks: 2, initial_blocks: 1", "method: dense"),
-}
-MESHES = {"context4_data2": MeshConfig(data=2, context=4), "context2_data2_fsdp2": MeshConfig(data=2, fsdp=2, context=2)}
-# {exchange: (cases, meshes on packed documents, cases also run on plain rows on context 4)}
-PLANS = {"all_gather": (ALL_GATHER_CASES, tuple(MESHES), ("seer_distill+moba_tile", "infllm_token+nsa")),
-         "ring": (RING_CASES, ("context4_data2",), ())}
+# name -> (mesh, K/V exchange)
+MESHES = {"context4_data2": (MeshConfig(data=2, context=4), "all_gather"),
+          "context2_data2_fsdp2": (MeshConfig(data=2, fsdp=2, context=2), "all_gather"),
+          "context4_data2_ring": (MeshConfig(data=2, context=4, kv_exchange="ring"), "ring")}
+# Packed documents run on every mesh whose exchange all the case's methods support (NSA: not the
+# ring); these cases also run plain rows, on the finer all-gather split.
+PLAIN_CASES = ("seer_distill+moba_tile", "infllm_token+nsa")
 
 
-def main(root: Path, exchange: str) -> None:
+def document_meshes(cfg) -> list[str]:
+    return [name for name, (_, exchange) in MESHES.items()
+            if all(exchange in rule.context_parallel for rule in cfg.model.attention)]
+
+
+def main(root: Path) -> None:
     assert jax.device_count() == 8, jax.devices()
-    cases, document_meshes, plain_cases = PLANS[exchange]
     ctx = StepContext(train=True, rng=jax.random.key(3))   # training: SSA's branch and coin run
     out = {}
-    for case, layers in cases.items():
+    for case, layers in CASES.items():
         rules = ", ".join(f"{{layers: '{i}', {rule}}}" for i, rule in enumerate(layers))
         cfg = small_config(root, "model.dtype=float32", f"data.seq_len={SEQ}", f"model.max_seq_len={SEQ}",
                            f"model.num_layers={len(layers)}", f"model.attention=[{rules}]")
@@ -73,15 +73,16 @@ def main(root: Path, exchange: str) -> None:
         step = jax.jit(functools.partial(accumulate_gradients, model=model, cfg=cfg.trainer, ctx=ctx,
                                          trainable=frozenset(flatten(params))))
         for documents in (False, True):
-            meshes = document_meshes if documents else ("context4_data2",) if case in plain_cases else ()
+            meshes = document_meshes(cfg) if documents else ["context4_data2"] if case in PLAIN_CASES else []
             if not meshes:
                 continue
             data = batch(documents)
             want_grads, want_loss, _, want_reported = step(params, data)
             for name in meshes:
-                mesh = make_mesh(MESHES[name])
+                mesh_cfg, exchange = MESHES[name]
+                mesh = make_mesh(mesh_cfg)
                 placed = jax.device_put(params, param_shardings(model.logical_axes(), model.abstract_params(), mesh))
-                with jax.set_mesh(mesh), kv_exchange(exchange):
+                with on_mesh(mesh, mesh_cfg):
                     got_grads, got_loss, _, got_reported = step(placed, jax.device_put(data, batch_sharding(mesh)))
                 assert set(got_reported) == set(want_reported), (case, set(got_reported) ^ set(want_reported))
                 names = sorted(want_reported)
@@ -93,4 +94,4 @@ def main(root: Path, exchange: str) -> None:
 
 if __name__ == "__main__":
     with jax.default_matmul_precision("highest"):
-        main(Path(sys.argv[1]), sys.argv[2])
+        main(Path(sys.argv[1]))

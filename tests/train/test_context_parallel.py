@@ -38,37 +38,33 @@ def test_meshes_with_a_context_axis_match_one_device(tmp_path):
             assert loss_err < 1e-5 and grad_err < 1e-5, (case, mesh, loss_err, grad_err)
 
 
-def methods_in(cases: dict) -> set[str]:
-    return {m for layers in cases.values() for rule in layers for m in re.findall(r"method: (\w+)", rule)}
+def methods_of(case: str) -> set[str]:
+    return {m for rule in methods_script.CASES[case] for m in re.findall(r"method: (\w+)", rule)}
 
 
 def test_every_method_that_runs_on_a_context_split_is_checked():
-    # A method joins context parallelism by naming its exchanges; the equality tests must then cover it.
-    for exchange, cases in (("all_gather", methods_script.ALL_GATHER_CASES), ("ring", methods_script.RING_CASES)):
+    # A method joins context parallelism by naming its exchanges; the equality test must then cover it
+    # (a case runs over an exchange when all its methods support it).
+    for exchange in ("all_gather", "ring"):
         claimed = {name for name in METHODS if exchange in options_class(name).context_parallel}
-        assert claimed - {"dense", "local"} <= methods_in(cases), (exchange, claimed - methods_in(cases))
+        checked = set().union(*(methods_of(case) for case in methods_script.CASES
+                                if all(exchange in options_class(m).context_parallel for m in methods_of(case))))
+        assert claimed <= checked, (exchange, claimed - checked)
 
 
-@pytest.mark.slow   # ~N s: 4 models, 10 compiles on 8 devices
-def test_every_method_matches_one_device_on_context_2_and_4(tmp_path):
-    out = run_script("tests/train/context_parallel_methods_script.py", tmp_path, "all_gather", timeout=1200)
-    errors = json.loads(out.split("RESULT ", 1)[1])
-    assert {case for case in errors if case.endswith("_documents")} == {
-        f"{case}_documents" for case in methods_script.ALL_GATHER_CASES}
+@pytest.mark.slow   # ~N s: 4 models, 18 compiles (6 on one device, 12 on 8)
+def test_every_method_matches_one_device_on_context_2_and_4_and_the_ring(tmp_path):
+    errors = json.loads(run_script("tests/train/context_parallel_methods_script.py", tmp_path,
+                                   timeout=1500).split("RESULT ", 1)[1])
+    assert set(errors) == ({f"{case}_documents" for case in methods_script.CASES} | set(methods_script.PLAIN_CASES))
     for case, meshes in errors.items():
-        want = {"context4_data2", "context2_data2_fsdp2"} if case.endswith("_documents") else {"context4_data2"}
-        assert set(meshes) == want, case
+        if case.endswith("_documents"):   # every mesh, the ring where all the case's methods run over it
+            ring = all("ring" in options_class(m).context_parallel for m in methods_of(case[:-len("_documents")]))
+            assert set(meshes) == set(methods_script.MESHES) - (set() if ring else {"context4_data2_ring"}), case
+        else:
+            assert set(meshes) == {"context4_data2"}, case
         for mesh, errs in meshes.items():
             assert max(errs) < TOLERANCE, (case, mesh, errs)
-
-
-@pytest.mark.slow   # ~N s
-def test_ring_exchange_matches_one_device(tmp_path):
-    out = run_script("tests/train/context_parallel_methods_script.py", tmp_path, "ring", timeout=1200)
-    errors = json.loads(out.split("RESULT ", 1)[1])
-    assert set(errors) == {f"{case}_documents" for case in methods_script.RING_CASES}
-    for case, meshes in errors.items():
-        assert max(meshes["context4_data2"]) < TOLERANCE, (case, meshes)
 
 
 @pytest.mark.slow   # ~N s
