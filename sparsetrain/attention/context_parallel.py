@@ -171,11 +171,11 @@ class _Chunk:
                      for s, chunk in enumerate(chunks))
 
 
-def gather_natural(x: jax.Array, kv_order: str) -> jax.Array:
-    """The whole sequence [B, T, ...] in natural order from each device's [B, 2c, ...] slice, which
-    is in natural order (contiguous) or in the load-balanced layout."""
+def gather_natural(x: jax.Array, layout: str) -> jax.Array:
+    """The whole sequence [B, T, ...] in natural order from each device's [B, 2c, ...] slice, whose
+    `layout` is "natural" (contiguous) or "load_balanced"."""
     full = jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
-    if kv_order == "natural":
+    if layout == "natural":
         return full
     return jnp.take(full, np.argsort(load_balanced_order(full.shape[1], jax.lax.axis_size(AXIS))), axis=1)
 
