@@ -86,10 +86,12 @@ def _rows_to_layout(block_mask):
     return block_mask
 
 
-def _outputs_to_natural(result, return_lse: bool):
-    if return_lse:
-        return cp.to_natural(result[0]), cp.to_natural(result[1], axis=2)
-    return cp.to_natural(result)
+def _rows_to_natural(result, axes: tuple[int, ...]):
+    """A kernel's result (an array, or a tuple of them) with each array's token rows, on the matching
+    entry of `axes`, back in natural order."""
+    if isinstance(result, tuple):
+        return tuple(cp.to_natural(r, axis=axis) for r, axis in zip(result, axes))
+    return cp.to_natural(result, axis=axes[0])
 
 
 def block_sparse_attention(q, k, v, block_mask, *, segment_ids=None, split_sequence=True, **kwargs):
@@ -106,7 +108,7 @@ def block_sparse_attention(q, k, v, block_mask, *, segment_ids=None, split_seque
         return _per_shard(q, k, v, block_mask, segment_ids, mesh, None, **kwargs)
     result = _per_shard(cp.to_load_balanced(q), k, v, _rows_to_layout(block_mask),
                         cp.to_load_balanced(segment_ids), mesh, seq, **kwargs)
-    return _outputs_to_natural(result, kwargs.get("return_lse", False))
+    return _rows_to_natural(result, (1, 2))   # o [B, T, N, H], lse [B, N, T]
 
 
 def causal_attention(q, k, v, *, segment_ids=None, impl: str = "auto", layout: str = "load_balanced"):
@@ -142,9 +144,7 @@ def _dense_map(op, q, k, v, segment_ids, **kwargs):
     kernel = functools.partial(cp.shard_block_scores, op, **kwargs)
     result = jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], seq)), out_specs=out_specs,
                            check_vma=False)(cp.to_load_balanced(q), k, v, cp.to_load_balanced(segment_ids))
-    if v is None:
-        return cp.to_natural(result, axis=2)
-    return cp.to_natural(result[0]), cp.to_natural(result[1], axis=2)
+    return _rows_to_natural(result, (2,) if v is None else (1, 2))   # scores [B, N, nQ, nK], o [B, T, N, H]
 
 
 def block_attention_scores(q, k, *, segment_ids=None, **kwargs):
