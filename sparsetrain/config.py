@@ -250,7 +250,8 @@ class MeshConfig(Config):
     # a load-balanced causal layout, 2 chunks per device; docs/long_context.md says how to pick it.
     context: int = 1
     # How attention exchanges K/V between context devices: "all_gather" holds the whole sequence's
-    # K/V on every device for a layer; "ring" passes one device's shard at a time (n - 1 ppermutes).
+    # K/V on every device for a layer; "ring" passes one device's shard at a time (n - 1 ppermutes),
+    # which at the 125M's shapes planned more memory, not less (docs/long_context.md).
     kv_exchange: Literal["all_gather", "ring"] = "all_gather"
     tensor: int = 1               # heads / MLP width split
 
