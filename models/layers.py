@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.rope import apply_rope
-from sparsetrain.attention.context_parallel import context_size, to_natural
+from sparsetrain.attention.context_parallel import context_size, to_load_balanced, to_natural
 from sparsetrain.attention.dense import DenseAttention
 from sparsetrain.attention.method import AttentionInputs, StepContext
 from sparsetrain.attention.sharded import causal_attention
@@ -99,14 +99,17 @@ class Attention(nnx.Module):
         q = constrain(rope(q_nope, positions), ("batch", "sequence", "heads", "head_dim"))
         k = constrain(rope(k_nope, positions), ("batch", "sequence", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "sequence", "kv_heads", "head_dim"))
-        if context_size() > 1 and isinstance(self.attend, DenseAttention):
+        inputs = AttentionInputs(q=q, k=k, v=v, q_nope=q_nope, k_nope=k_nope, x=x, positions=positions,
+                                 segment_ids=segment_ids, ctx=ctx, rope=rope)
+        if context_size() == 1:
+            out = self.attend(inputs)                                       # [B, T, N, H]
+        elif isinstance(self.attend, DenseAttention):
             # Tokens are in the load-balanced order of a context split: causal by true order.
             out = causal_attention(q, k, v, segment_ids=segment_ids)
         else:
-            # A selection reads segment ids in natural order (they stay so under a context split).
-            out = self.attend(AttentionInputs(q=q, k=k, v=v, q_nope=q_nope, k_nope=k_nope, x=x,
-                                              positions=positions, segment_ids=to_natural(segment_ids),
-                                              ctx=ctx, rope=rope))  # [B, T, N, H]
+            # A method selects over the whole sequence: it sees natural order (T still split; only
+            # its kernels go back to the layout, attention/context_parallel.py).
+            out = to_load_balanced(self.attend(inputs.reordered(to_natural)))
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
 
 

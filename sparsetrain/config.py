@@ -284,9 +284,13 @@ class MeshConfig(Config):
     # Device mesh axis sizes; exactly one may be -1 ("all remaining devices").
     data: int = -1                # pure data parallel (parameters replicated)
     fsdp: int = 1                 # data parallel with sharded parameters/optimizer state
-    # Devices each sequence is split over along T (context parallel; dense and local layers only).
-    # Load-balanced causal layout, K/V all-gathered for attention (attention/context_parallel.py).
+    # Devices each sequence is split over along T (context parallel, attention/context_parallel.py):
+    # a load-balanced causal layout, 2 chunks per device; docs/long_context.md says how to pick it.
     context: int = 1
+    # How attention exchanges K/V between context devices: "all_gather" holds the whole sequence's
+    # K/V on every device for a layer; "ring" passes one device's shard at a time (n - 1 ppermutes),
+    # which at the 125M's shapes planned more memory, not less (docs/long_context.md).
+    kv_exchange: Literal["all_gather", "ring"] = "all_gather"
     tensor: int = 1               # heads / MLP width split
 
     def validate(self) -> None:
@@ -350,11 +354,11 @@ class RunConfig(Config):
         self.require(self.data.batch_size % self.trainer.grad_accum == 0, "trainer",
                      f"grad_accum={self.trainer.grad_accum} must divide data.batch_size={self.data.batch_size}")
         if self.mesh.context > 1:
-            # Methods that select from q/k content would see the load-balanced order, not the sequence's.
             for spec in self.model.attention:
-                self.require(spec.method in ("dense", "local") and not getattr(spec, "ssa", False), "mesh",
-                             f"context={self.mesh.context} supports dense and local attention layers (without "
-                             f"ssa); the rule for layers {spec.layers!r} is {spec.method!r}")
+                self.require(self.mesh.kv_exchange in spec.context_parallel, "mesh",
+                             f"context={self.mesh.context} with kv_exchange={self.mesh.kv_exchange!r} is not "
+                             f"supported by method {spec.method!r} (the rule for layers {spec.layers!r}); it runs "
+                             f"under {list(spec.context_parallel) or 'no context split'}")
             # Two chunks per device, each whole kernel tiles (16 for dense layers, else the block size).
             tile = max(getattr(spec, "block_size", 16) for spec in self.model.attention)
             self.require(self.data.seq_len % (2 * self.mesh.context * tile) == 0, "data",

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsetrain.attention.documents import document_block_mask, same_document
-from sparsetrain.attention.sharded import block_sparse_attention
+from sparsetrain.attention.context_parallel import context_size
+from sparsetrain.attention.sharded import block_sparse_attention, causal_attention
 from sparsetrain.ops.platform import dense_impl, on_gpu
 from sparsetrain.ops.selection import causal_block_mask
 
@@ -36,6 +37,10 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_
     3-4x for cuDNN with a mask. XLA (CPU, or impl="xla"/"cudnn" asked explicitly) takes the
     explicit [B, 1, T, T] mask.
     """
+    if context_size() > 1:
+        # A method's dense branch (Seer's distillation, InfLLM-V2 below dense_len, SSA's full
+        # output) in natural order on a context split: per device, its load-balanced query chunks.
+        return causal_attention(q, k, v, segment_ids=segment_ids, layout="natural")
     backend = dense_impl(impl, q.dtype)
     if segment_ids is None:
         # No mask here: cuDNN with an explicit mask runs 3-4x slower than is_causal.

@@ -57,6 +57,14 @@ class AttentionInputs:
     ctx: StepContext
     rope: Callable[[jax.Array, jax.Array], jax.Array]   # the model's RoPE: (x [B, T', M, d], positions [B, T'])
 
+    # The fields with one entry per token on axis 1: a context split reorders exactly these (a new
+    # per-token input joins this list).
+    PER_TOKEN: ClassVar[tuple[str, ...]] = ("q", "k", "v", "q_nope", "k_nope", "x", "positions", "segment_ids")
+
+    def reordered(self, fn: Callable[[jax.Array | None], jax.Array | None]) -> "AttentionInputs":
+        """These inputs with `fn` applied to every per-token field (e.g. `context_parallel.to_natural`)."""
+        return dataclasses.replace(self, **{name: fn(getattr(self, name)) for name in self.PER_TOKEN})
+
 
 class AuxLoss(nnx.Intermediate):
     """A weighted auxiliary loss reported by a layer; the train step adds it to the objective."""

@@ -127,6 +127,10 @@ class MethodOptions(Config):
 
     # How the method is exported to PyTorch; None: it cannot be exported yet.
     export: ClassVar["MethodExport | None"] = None
+    # The K/V exchanges (`mesh.kv_exchange`) under which the method runs on a context split
+    # (mesh.context > 1); empty: it is refused there by name. A method joins once
+    # tests/train/context_parallel_script.py checks it against one device.
+    context_parallel: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         registered = METHODS.get(self.method, "").split(":")[-1]
@@ -184,6 +188,7 @@ class DenseOptions(MethodOptions):
     skip_threshold: float | None = None
 
     export = MethodExport(torch_impl=DENSE_TORCH_IMPL)   # transformers' own LlamaAttention
+    context_parallel = ("all_gather", "ring")
 
     def validate(self) -> None:
         super().validate()

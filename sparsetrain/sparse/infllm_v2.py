@@ -80,6 +80,7 @@ class InfllmV2Options(BlockSparseOptions):
                           fields=("block_size", "local_blocks", "initial_blocks", "kernel_size",
                                   "kernel_stride", "coarse_size", "coarse_stride", "topk", "dense_len",
                                   "granularity"))
+    context_parallel = ("all_gather", "ring")
 
     def validate(self) -> None:
         super().validate()

@@ -36,6 +36,7 @@ class LocalOptions(BlockSparseOptions):
 
     conformance_variants = {"ssa": {"ssa": True}}
     export = MethodExport(torch_impl="local", fields=("block_size", "local_blocks", "initial_blocks"))
+    context_parallel = ("all_gather", "ring")
 
     def full_budget(self) -> "LocalOptions":
         return dataclasses.replace(self, local_blocks=1 << 20)

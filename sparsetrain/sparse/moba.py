@@ -79,6 +79,7 @@ class MobaOptions(BlockSparseOptions):
     export = MethodExport(torch_impl="moba",
                           fields=("block_size", "local_blocks", "initial_blocks", "moba_block", "topk",
                                   "dense_last_fraction", "granularity", "query_pool"))
+    context_parallel = ("all_gather", "ring")
 
     def validate(self) -> None:
         super().validate()

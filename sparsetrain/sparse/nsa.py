@@ -78,6 +78,7 @@ class NsaOptions(BlockSparseOptions):
     export = MethodExport(torch_impl="nsa",
                           fields=("block_size", "local_blocks", "initial_blocks", "kernel_size", "kernel_stride",
                                   "compressor", "compressor_hidden", "topk", "window", "separate_kv"))
+    context_parallel = ("all_gather",)
 
     def validate(self) -> None:
         super().validate()

@@ -116,7 +116,8 @@ def compressed_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, *, size: in
                                                                             -(-n_keys // TILE)))
         o, lse = block_sparse_attention(
             q_part.reshape(b * r, rows, n, h), keys, values, tiles,
-            block_size=TILE, sm_scale=sm_scale, segment_ids=ids, impl=impl, return_lse=True)
+            block_size=TILE, sm_scale=sm_scale, segment_ids=ids, impl=impl, return_lse=True,
+            split_sequence=False)   # rows of compressed tokens: whole on every context device
         return o.reshape(q_part.shape), lse.reshape(b, r, n, rows)
 
     parts = [attend(slice(stride - 1, stride), rows - segs + 1)]

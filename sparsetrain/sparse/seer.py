@@ -89,6 +89,7 @@ class SeerOptions(BlockSparseOptions):
         fields=("mode", "block_size", "local_blocks", "initial_blocks", "d_gate", "query_pool",
                 "share_kv_heads", "select", "topk", "target_density", "threshold", "topp"),
         params={"q_gate": ("q_gate", "identity"), "k_gate": ("k_gate", "identity")})
+    context_parallel = ("all_gather", "ring")
 
     def validate(self) -> None:
         super().validate()

@@ -30,7 +30,7 @@ from sparsetrain.train.memory import check_fits, is_out_of_memory, out_of_memory
 from sparsetrain.train.metrics import MetricsWriter, Throughput, flops_per_token
 from sparsetrain.checkpoint.model_def import ModelDef, flatten, path_str
 from sparsetrain.train.optimizer import frozen_paths, learning_rate_schedule, make_optimizer
-from sparsetrain.train.sharding import (batch_sharding, global_batch, make_mesh, param_shardings,
+from sparsetrain.train.sharding import (batch_sharding, global_batch, make_mesh, on_mesh, param_shardings,
                                         placed_like, replicated)
 from sparsetrain.train.step import make_eval_step, make_train_step
 
@@ -221,7 +221,7 @@ class Trainer:
         (measured density, recall)."""
         sums: dict[str, float] = {}
         batches = 0
-        with jax.set_mesh(self.mesh):
+        with on_mesh(self.mesh, self.cfg.mesh):
             eval_step = self.steps_for(self.phase_at(int(self.state["step"])))[1]
             for batch in self.data.val_batches(self.cfg.trainer.eval_batches):
                 out = eval_step(self.state["params"], global_batch(batch, self.mesh))
@@ -302,7 +302,7 @@ class Trainer:
                    dynamic_ncols=True)
         self.bad_in_row, self.best_val, summary = 0, math.inf, {}
         try:
-            with StopRequests(self.log) as stop, jax.set_mesh(self.mesh):
+            with StopRequests(self.log) as stop, on_mesh(self.mesh, self.cfg.mesh):
                 while step < tcfg.steps and stop.signum is None:
                     if self.phase_at(step) != phase:
                         phase, compile_step = self.phase_at(step), step + 1

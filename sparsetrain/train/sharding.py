@@ -9,12 +9,14 @@ logical-axis rules themselves live in `sparsetrain.partitioning`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from sparsetrain.attention.context_parallel import kv_exchange
 from sparsetrain.config import MeshConfig
 from sparsetrain.partitioning import LOGICAL_RULES, MESH_AXES, logical_to_spec
 
@@ -39,6 +41,14 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     shape = mesh_shape(cfg, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
+
+
+@contextlib.contextmanager
+def on_mesh(mesh: jax.sharding.Mesh, cfg: MeshConfig):
+    """Trace and run steps on `mesh` with the config's context-parallel K/V exchange (both are
+    ambient while tracing: kernels read them to pick their per-shard form)."""
+    with jax.set_mesh(mesh), kv_exchange(cfg.kv_exchange):
+        yield
 
 
 def param_shardings(logical_axes, abstract_params, mesh):

@@ -1,0 +1,97 @@
+"""Run in a subprocess with 8 fake CPU devices: loss, gradients and reported losses/metrics of every
+sparse method on context-parallel meshes against one device, on packed documents (and plain rows for
+some). Each case puts a method in each of the model's layers, so every compile checks several, and
+each one-device reference serves every mesh of its case: mesh.context 4 and 2 with the all-gather
+K/V exchange, and 4 over the ring for the methods that run over it.
+
+    python context_parallel_methods_script.py RUN_DIR
+        -> one JSON line: {case: {mesh: [loss err, grad err, reported err]}}
+"""
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import jax
+
+from sparsetrain.attention.method import StepContext
+from sparsetrain.checkpoint.model_def import ModelDef, flatten
+from sparsetrain.config import MeshConfig
+from sparsetrain.train.sharding import batch_sharding, make_mesh, on_mesh, param_shardings
+from sparsetrain.train.step import accumulate_gradients
+from tests.train.context_parallel_script import SEQ, batch, rel_err
+from tests.train.helpers import small_config
+
+# Sizes scaled to 16-token blocks and 128 tokens (the conformance suite's choices).
+INFLLM = "block_size: 16, kernel_size: 8, kernel_stride: 4, coarse_size: 16, coarse_stride: 8, topk: 3, local_blocks: 1"
+NSA = ("block_size: 16, kernel_size: 8, kernel_stride: 4, topk: 4, window: 24, score_chunk: 32, "
+       "compressor_hidden: 16, recall_in_training: true")
+# {case: (rule of layer 0, rule of layer 1, ...)} in inline YAML.
+CASES = {
+    # Seer's distillation (dense output, block-score target) and MoBA per tile, both with recall.
+    "seer_distill+moba_tile": ("method: seer, block_size: 16, d_gate: 16, recall_in_training: true",
+                               "method: moba, block_size: 16, moba_block: 32, topk: 2, recall_in_training: true"),
+    # Token selections: InfLLM-V2 per token (sparse from the start) and NSA's three branches.
+    "infllm_token+nsa": (f"method: infllm_v2, {INFLLM}, dense_len: 0, score_chunk: 32", f"method: nsa, {NSA}"),
+    # SSA's full branch beside a token selection and a sparse Seer layer (shared GQA selection).
+    "moba_token_ssa+seer_sparse_ssa": (
+        "method: moba, block_size: 16, moba_block: 32, topk: 2, granularity: token, ssa: true",
+        "method: seer, block_size: 16, d_gate: 16, mode: sparse, share_kv_heads: true, select: density, "
+        "target_density: 0.5, ssa: true"),
+    # InfLLM-V2 per tile switching to sparse at 48 tokens and below dense_len (its dense regime),
+    # local's fixed pattern, and a dense layer (K/V in the layout order).
+    "infllm_tile+infllm_dense+local+dense": (
+        f"method: infllm_v2, {INFLLM}, dense_len: 48, granularity: tile, score_chunk: 32",
+        "method: infllm_v2, block_size: 16", "method: local, block_size: 16, local_blocks: 2, initial_blocks: 1",
+        "method: dense"),
+}
+# name -> (mesh, K/V exchange)
+MESHES = {"context4_data2": (MeshConfig(data=2, context=4), "all_gather"),
+          "context2_data2_fsdp2": (MeshConfig(data=2, fsdp=2, context=2), "all_gather"),
+          "context4_data2_ring": (MeshConfig(data=2, context=4, kv_exchange="ring"), "ring")}
+# Packed documents run on every mesh whose exchange all the case's methods support (NSA: not the
+# ring); these cases also run plain rows, on the finer all-gather split.
+PLAIN_CASES = ("seer_distill+moba_tile", "infllm_token+nsa")
+
+
+def document_meshes(cfg) -> list[str]:
+    return [name for name, (_, exchange) in MESHES.items()
+            if all(exchange in rule.context_parallel for rule in cfg.model.attention)]
+
+
+def main(root: Path) -> None:
+    assert jax.device_count() == 8, jax.devices()
+    ctx = StepContext(train=True, rng=jax.random.key(3))   # training: SSA's branch and coin run
+    out = {}
+    for case, layers in CASES.items():
+        rules = ", ".join(f"{{layers: '{i}', {rule}}}" for i, rule in enumerate(layers))
+        cfg = small_config(root, "model.dtype=float32", f"data.seq_len={SEQ}", f"model.max_seq_len={SEQ}",
+                           f"model.num_layers={len(layers)}", f"model.attention=[{rules}]")
+        model = ModelDef.create(cfg.model)
+        params = model.init(0)
+        step = jax.jit(functools.partial(accumulate_gradients, model=model, cfg=cfg.trainer, ctx=ctx,
+                                         trainable=frozenset(flatten(params))))
+        for documents in (False, True):
+            meshes = document_meshes(cfg) if documents else ["context4_data2"] if case in PLAIN_CASES else []
+            if not meshes:
+                continue
+            data = batch(documents)
+            want_grads, want_loss, _, want_reported = step(params, data)
+            for name in meshes:
+                mesh_cfg, exchange = MESHES[name]
+                mesh = make_mesh(mesh_cfg)
+                placed = jax.device_put(params, param_shardings(model.logical_axes(), model.abstract_params(), mesh))
+                with on_mesh(mesh, mesh_cfg):
+                    got_grads, got_loss, _, got_reported = step(placed, jax.device_put(data, batch_sharding(mesh)))
+                assert set(got_reported) == set(want_reported), (case, set(got_reported) ^ set(want_reported))
+                names = sorted(want_reported)
+                out.setdefault(case + ("_documents" if documents else ""), {})[name] = [
+                    rel_err(got_loss, want_loss), rel_err(got_grads, want_grads),
+                    rel_err([got_reported[k] for k in names], [want_reported[k] for k in names])]
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    with jax.default_matmul_precision("highest"):
+        main(Path(sys.argv[1]))
