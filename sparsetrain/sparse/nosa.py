@@ -47,6 +47,8 @@ class NosaOptions(InfllmV2Options):
     # Add the eviction score to the logits (NOSA). False: it only chooses blocks and A, W_delta get
     # no gradient (an ablation; and the suite's full-budget check against dense attention).
     logit_bias: bool = True
+    # InfLLM-V2 runs on a context split, but the key bias has no context-parallel kernel path yet.
+    context_parallel = ()
 
     # Sizes scaled to the suite's 16-token blocks and ~100-token sequences; InfLLM-V2's token
     # variants do not apply.

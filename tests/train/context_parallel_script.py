@@ -1,5 +1,5 @@
 """Run in a subprocess with 8 fake CPU devices: loss and gradients of context-parallel meshes against
-one device, for dense and local layers.
+one device, for local layers on the Triton kernel (interpreted) with the chunked loss.
 
     python context_parallel_script.py RUN_DIR   -> prints one JSON line: {case: {mesh: [loss err, grad err]}}
 """
@@ -23,15 +23,13 @@ from tests.train.helpers import small_config
 SEQ = 128   # 2 x context=4 chunks of 16 tokens: one block of the smallest tile
 LOCAL = ("model.attention.0.method=local", "model.attention.0.block_size=16",
          "model.attention.0.local_blocks=2", "model.attention.0.initial_blocks=1")
-# The documents case also runs the chunked loss (4 chunks of 128 tokens over the permuted batch).
-# local_pallas runs the Triton kernel (interpreted) that GPUs run, on the rolled keys and masks.
-CASES = {"dense": (), "local": LOCAL, "dense_documents": ("trainer.loss_chunk=128",),
-         "local_documents": LOCAL, "local_pallas_documents": (*LOCAL, "model.attention.0.impl=pallas")}
+# Every method, dense and local included, is checked on these meshes by
+# context_parallel_methods_script.py with the reference kernels; this script adds what that one does
+# not run: the Triton kernel (interpreted) that GPUs run, on the rolled keys and masks, and the
+# chunked loss (4 chunks of 128 tokens over the permuted batch), on packed documents.
+CASES = {"local_pallas_documents": (*LOCAL, "model.attention.0.impl=pallas", "trainer.loss_chunk=128")}
 MESHES = {"context4_data2": MeshConfig(data=2, context=4),
           "context2_data2_fsdp2": MeshConfig(data=2, fsdp=2, context=2)}
-# The plain cases run on the finer context split only (each mesh is a compile of its own); the
-# documents cases, which add segment ids and the chunked loss, run on both meshes.
-PLAIN_MESHES = ("context4_data2",)
 
 
 def batch(documents: bool) -> dict:
@@ -64,8 +62,6 @@ def main(root: Path) -> None:
         want_grads, want_loss, *_ = grads(params, data)
         out[case] = {}
         for name, mesh_cfg in MESHES.items():
-            if not case.endswith("documents") and name not in PLAIN_MESHES:
-                continue
             mesh = make_mesh(mesh_cfg)
             placed = jax.device_put(params, param_shardings(model.logical_axes(), model.abstract_params(), mesh))
             with jax.set_mesh(mesh):
