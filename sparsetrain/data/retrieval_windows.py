@@ -49,10 +49,10 @@ class RetrievalWindows:
         """Window `index`'s documents (each an instance's tokens followed by eos), filling L + 1."""
         rng = TRAIN.rng(self.seed, index)
         width = self.seq_len + 1
-        shortest = min(self.cfg.min_doc_len, width)
-        documents, remaining = [], width
         if rng.random() < self.cfg.whole_window:
             return [self._document(width - 1, rng)]
+        shortest = min(self.cfg.min_doc_len, width)
+        documents, remaining = [], width
         while remaining:
             size = int(np.exp(rng.uniform(np.log(shortest), np.log(width))))
             if remaining - size < shortest:   # too little left for another document: take it all

@@ -1,5 +1,6 @@
-"""Evaluation of a checkpoint: loss against context length (dense and sparse), passkey retrieval,
-MQAR and per-layer density/recall, written as JSON, Markdown and PNG plots. Command line:
+"""Evaluation of a checkpoint: loss against context length (dense and sparse), RULER-style retrieval
+(passkey, NIAH, MQAR, variable tracking, copy) and per-layer density/recall, written as JSON,
+Markdown and PNG plots. Command line:
 `python -m sparsetrain.eval RUN_OR_CHECKPOINT` (see `__main__.py` and docs/eval.md)."""
 
 from sparsetrain.eval.measure import Subject, load_subject
