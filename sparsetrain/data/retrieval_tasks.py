@@ -59,7 +59,7 @@ COPY_INTRO = "Copy this: "
 COPY_AGAIN = "\nAgain: "
 
 # Syllables of the NIAH key words: consonant + vowel, three per word (10,000 words per side).
-_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"   # 14 x 5 = 70 syllables
+SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")   # 14 x 5 = 70
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,17 +81,14 @@ class Lexicon:
     def rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.domain, *(int(k) for k in key)])
 
-    def _code(self, rng: np.random.Generator, size: int) -> int:
-        """A random code in [0, size) of this side's parity (size even)."""
-        return int(rng.integers(size // 2)) * 2 + self.parity
-
     def word(self, rng: np.random.Generator) -> str:
-        syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
-        code = self._code(rng, len(syllables) ** 3)
-        return "".join(syllables[code // len(syllables) ** p % len(syllables)] for p in (2, 1, 0))
+        """A three-syllable NIAH key word of this side."""
+        return self.letters(rng, 3, SYLLABLES)
 
-    def letters(self, rng: np.random.Generator, count: int, alphabet: str) -> str:
-        code = self._code(rng, len(alphabet) ** count)
+    def letters(self, rng: np.random.Generator, count: int, alphabet) -> str:
+        """`count` units of `alphabet` (characters or syllables) whose code, read as a number in
+        base len(alphabet), has this side's parity (the count of codes is even)."""
+        code = int(rng.integers(len(alphabet) ** count // 2)) * 2 + self.parity
         return "".join(alphabet[code // len(alphabet) ** p % len(alphabet)] for p in reversed(range(count)))
 
 
