@@ -433,8 +433,10 @@ def _attention_fwd(q, k, v, block_mask, seg, bias, cfg: _Config):
     return (o, lse, scores, skipped), (q, k, v, block_mask, seg, bias, o, lse2)
 
 
-def _attention_bwd(cfg: _Config, res, cotangents):
-    """Gradients of (q, k, v, mask, ids, bias): the key bias gets one only when cfg.biased."""
+def vjp_backward(cfg: _Config, res, cotangents, backward):
+    """Gradients of (q, k, v, mask, ids, bias) from the forward's residuals, with `backward` (this
+    module's `_backward` or another backend's kernels, same signature) on padded arrays; the key
+    bias gets one only when cfg.biased."""
     q, k, v, block_mask, seg, bias, o, lse2 = res
     do, dlse = cotangents[:2]  # block scores are a distillation target, skips a record: no gradient
     if cfg.skip_log2 is not None:
@@ -444,13 +446,17 @@ def _attention_bwd(cfg: _Config, res, cotangents):
     t_p, s_p = d.n_q * d.block, d.n_k * d.block
     # d(lse)/d(s) = p, so an LSE cotangent enters exactly like -delta: ds = p * (dp - delta + dlse).
     delta = jnp.einsum("btnd,btnd->bnt", o.astype(jnp.float32), do.astype(jnp.float32)) - dlse
-    dq, dk, dv, dbias = _backward(
+    dq, dk, dv, dbias = backward(
         _pad(q, t_p, dh), _pad(k, s_p, dh), _pad(v, s_p, dh), _pad(do.astype(q.dtype), t_p, dh),
         lse2, common.pad_axis(delta, 2, t_p), *_restricted(block_mask, seg, cfg),
         _padded_ids(seg, cfg), _padded_bias(bias, cfg), cfg)
     cut = lambda x, n: x[:, :n, :, :d.head_dim]  # noqa: E731
     dbias = None if dbias is None else dbias[..., :d.seq_kv].astype(bias.dtype)
     return cut(dq, d.seq_q), cut(dk, d.seq_kv), cut(dv, d.seq_kv), None, None, dbias
+
+
+def _attention_bwd(cfg: _Config, res, cotangents):
+    return vjp_backward(cfg, res, cotangents, _backward)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

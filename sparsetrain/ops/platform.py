@@ -26,22 +26,23 @@ def dense_impl(impl: str, dtype) -> str:
 def kernel_backend(impl: str, interpret: bool | None) -> tuple[str, bool]:
     """(backend, interpret?) for a block-sparse op's `impl` / `interpret` pair; backend is
     "reference" (pure jnp), "triton" (Pallas Triton, GPU), "tpu" (Pallas Mosaic TPU) or
-    "mosaic_gpu" (Pallas Mosaic GPU forward with the Triton backward; Hopper only).
+    "mosaic_gpu" (Pallas Mosaic GPU forward and backward; Hopper only).
 
     "auto": the compiled kernel of the platform (GPU: Triton, TPU: Mosaic); elsewhere the reference,
     unless interpret=True asks for the Triton kernel's interpreter. "pallas": the platform's kernel
     (Triton off TPU), interpreted when interpret=True or (None and no GPU/TPU). "pallas_tpu": the
-    TPU kernel, in the TPU interpreter off a TPU. "mosaic_gpu": opt-in, compiled on a GPU only
-    (wgmma has no interpreter). "xla": the reference.
+    TPU kernel, in the TPU interpreter off a TPU. "mosaic_gpu": opt-in, compiled on a GPU, or in
+    Mosaic GPU's interpreter with interpret=True (any platform). "xla": the reference.
     """
     if impl not in KERNEL_IMPLS:
         raise ValueError(f"impl={impl!r}; choose one of {KERNEL_IMPLS}")
     platform = jax.default_backend()
     if impl == "mosaic_gpu":
-        if platform != "gpu" or interpret:
+        if platform != "gpu" and not interpret:
             raise ValueError(f"impl='mosaic_gpu' runs compiled on a Hopper GPU only (platform "
-                             f"{platform!r}, interpret={interpret}); choose another of {KERNEL_IMPLS}")
-        return "mosaic_gpu", False
+                             f"{platform!r}); pass interpret=True for its interpreter (CPU, small "
+                             f"shapes), or choose another of {KERNEL_IMPLS}")
+        return "mosaic_gpu", bool(interpret)
     if impl == "xla" or (impl == "auto" and platform not in ("gpu", "tpu") and not interpret):
         return "reference", False
     backend = "tpu" if impl == "pallas_tpu" or platform == "tpu" else "triton"

@@ -1,9 +1,9 @@
-"""impl="mosaic_gpu": the Mosaic GPU forward (with the Triton backward) vs the reference.
+"""impl="mosaic_gpu": the Mosaic GPU forward and backward kernels vs the reference.
 
-The kernel runs compiled on a Hopper GPU only (wgmma has no interpreter), so the numerical tests
-are marked gpu. On CPU: the scope errors, the dispatch error, the custom_vjp wiring (traced, not
-run) and the Mosaic GPU lowering of the forward for Hopper (`lowering_check`), which catches
-most kernel-construction errors short of ptxas.
+On CPU the kernels run in Mosaic GPU's interpreter (small cases: outputs, LSE and gradients),
+and the compiled variant (register wgmma operands, in-place accumulators) is lowered for Hopper
+(`lowering_check`), which catches most kernel-construction errors short of ptxas. The compiled
+numerical tests are marked gpu.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 from pallas_kernels.block_sparse import reference
-from pallas_kernels.block_sparse_mgpu import MgpuTuning, kernel, tuning
+from pallas_kernels.block_sparse_mgpu import MgpuTuning, backward, kernel, tuning
 from pallas_kernels.block_sparse_mgpu.lowering_check import lower_for_hopper
 from sparsetrain import ops
 from tests.ops.helpers import GPU_ONLY, seeded_rng
 from tests.ops.test_block_sparse_attention import (Case, check_against_reference, make_inputs,
                                                    naive_attention)
+from tests.ops.test_window import visible_keys
 
 BF16 = "bfloat16"
 
@@ -32,9 +33,12 @@ class MgpuCase:
     case: Case
     density: str = "case"  # "case": the Case's own mask; "0.3": random 30%; "diagonal": causal diagonal only
     compute_wgs: int = 2
+    window: int | None = None
+    docs: bool = False  # packed documents (segment ids)
 
     def __str__(self):
-        return f"{self.case}-density={self.density}-wgs={self.compute_wgs}"
+        extra = (f"-window={self.window}" if self.window else "") + ("-docs" if self.docs else "")
+        return f"{self.case}-density={self.density}-wgs={self.compute_wgs}{extra}"
 
 
 CASES = [
@@ -50,6 +54,18 @@ CASES = [
     MgpuCase(Case(512, head_dim=128, q_heads=4, kv_heads=1, dtype=BF16), "0.3", compute_wgs=1),
     MgpuCase(Case(320, causal=False, mask="empty_rows", dtype="float16"), compute_wgs=1),
     MgpuCase(Case(200, seq_kv=470, q_heads=4, kv_heads=2, dtype=BF16, lse=True), compute_wgs=1),
+    MgpuCase(Case(1024, head_dim=128, q_heads=4, kv_heads=2, dtype=BF16, lse=True), docs=True),
+    MgpuCase(Case(1024, q_heads=6, kv_heads=2, per_q_head=True, dtype=BF16), "0.3", window=200, docs=True),
+    MgpuCase(Case(700, head_dim=128, q_heads=2, kv_heads=1, dtype="float16", lse=True), window=130, compute_wgs=1),
+]
+# The interpreter is slow: three small cases that together cover GQA with kv-head and per-query-
+# head masks, both CTA layouts (and a padding tile), ragged and non-causal T != S, padded head
+# dims, fp16 and bf16, the LSE cotangent, windows and documents.
+INTERPRET_CASES = [
+    MgpuCase(Case(128, q_heads=2, kv_heads=1, dtype=BF16, lse=True)),
+    MgpuCase(Case(100, seq_kv=150, head_dim=40, q_heads=2, kv_heads=2, per_q_head=True, causal=False,
+                  dtype="float16"), compute_wgs=1),
+    MgpuCase(Case(192, q_heads=2, kv_heads=1, per_q_head=True, dtype=BF16, lse=True), window=70, docs=True),
 ]
 
 
@@ -68,23 +84,32 @@ def case_mask(rng, mc: MgpuCase, mask):
 def mgpu_attention(mask, compute_wgs: int, **kw):
     def run(q, k, v):
         with tuning(MgpuTuning(compute_wgs=compute_wgs)):  # read while tracing
-            return kernel.block_sparse_attention(q, k, v, mask, **kw)
+            return ops.block_sparse_attention(q, k, v, mask, impl="mosaic_gpu", **kw)
     return run
+
+
+def check_case(mc: MgpuCase, rng, interpret: bool):
+    c = mc.case
+    q, k, v, mask = make_inputs(rng, c)
+    mask = case_mask(rng, mc, mask)
+    seg, keys = visible_keys(rng, c, mc.window or (c.seq_kv or c.seq) + 1, mc.docs)
+    kw = dict(causal=c.causal, block_size=c.block, return_lse=True, segment_ids=seg, window=mc.window)
+    check_against_reference(
+        c, rng, q, k, v, mgpu_attention(mask, mc.compute_wgs, interpret=interpret, **kw),
+        jax.jit(lambda *a: reference.block_sparse_attention(*a, mask, **kw)),
+        lambda *a: naive_attention(*a, mask, c, c.head_dim ** -0.5, keys))
 
 
 @pytest.mark.parametrize("mc", CASES, ids=str)
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 def test_matches_reference(mc: MgpuCase, request):
-    c = mc.case
-    rng = seeded_rng(request)
-    q, k, v, mask = make_inputs(rng, c)
-    mask = case_mask(rng, mc, mask)
-    kw = dict(causal=c.causal, block_size=c.block, return_lse=True)
-    check_against_reference(
-        c, rng, q, k, v, mgpu_attention(mask, mc.compute_wgs, **kw),
-        lambda *a: reference.block_sparse_attention(*a, mask, **kw),
-        lambda *a: naive_attention(*a, mask, c, c.head_dim ** -0.5))
+    check_case(mc, seeded_rng(request), interpret=False)
+
+
+@pytest.mark.parametrize("mc", INTERPRET_CASES, ids=str)
+def test_interpreted_matches_reference(mc: MgpuCase, request):
+    check_case(mc, seeded_rng(request), interpret=True)
 
 
 class TestCompiled:
@@ -140,15 +165,14 @@ def test_signature_matches_reference():
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the CPU dispatch error")
-@pytest.mark.parametrize("interpret", [None, True])
-def test_ops_impl_mosaic_gpu_off_gpu_names_impl_and_choices(interpret):
-    with pytest.raises(ValueError, match=r"impl='mosaic_gpu'.*'pallas'.*'xla'"):
-        ops.block_sparse_attention(*_inputs(), impl="mosaic_gpu", interpret=interpret)
+def test_ops_impl_mosaic_gpu_off_gpu_names_impl_interpret_and_choices():
+    with pytest.raises(ValueError, match=r"impl='mosaic_gpu'.*interpret=True.*'pallas'.*'xla'"):
+        ops.block_sparse_attention(*_inputs(), impl="mosaic_gpu")
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(segment_ids=jnp.zeros((1, 128), jnp.int32)), "segment_ids"),
-    (dict(window=32), "window"),
+    (dict(key_bias=jnp.zeros((1, 2, 128))), "key_bias"),
+    (dict(skip_threshold=0.1), "skip_threshold"),
 ])
 def test_unsupported_features_raise_not_implemented(kw, match):
     with pytest.raises(NotImplementedError, match=match):
@@ -167,7 +191,6 @@ def test_token_selection_raises_not_implemented():
     (dict(head_dim=32), {}, "head_dim=32"),
     (dict(head_dim=256), {}, "head_dim=256"),
     (dict(seq=256), dict(block_size=128), "block_size=128"),
-    ({}, dict(interpret=True), "interpret"),
 ])
 def test_out_of_scope_values_raise_value_error(inputs, kw, match):
     q, k, v, mask = _inputs(**inputs)
@@ -177,45 +200,46 @@ def test_out_of_scope_values_raise_value_error(inputs, kw, match):
         kernel.block_sparse_attention(q, k, v, mask, **kw)
 
 
-def test_tile_selection_and_gradients_trace():
-    """The custom_vjp wiring (MGPU forward -> Triton backward) traces; nothing runs."""
-    q, k, v, mask = _inputs(seq=256)
-    sel = ops.Selection.from_mask(mask)
-    loss = lambda q, k, v: kernel.block_sparse_attention(q, k, v, sel).astype(jnp.float32).sum()  # noqa: E731
-    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    assert [o.aval.shape for o in jaxpr.jaxpr.outvars] == [q.shape, k.shape, v.shape]
-
-
-LOWERING = [  # (compute_wgs, head_dim, dtype, causal, seq, seq_kv, q_heads, kv_heads, mask heads)
-    (2, 128, jnp.bfloat16, True, 512, 512, 4, 1, 1),
-    (2, 64, jnp.float16, True, 384, 384, 8, 2, 8),
-    (2, 64, jnp.bfloat16, False, 200, 470, 4, 2, 2),
-    (1, 128, jnp.float16, True, 320, 320, 2, 2, 2),
-    (1, 96, jnp.bfloat16, True, 256, 180, 2, 1, 1),
+LOWERING = [  # (compute_wgs, head_dim, dtype, causal, seq, seq_kv, q_heads, kv_heads, mask heads, window, docs)
+    (2, 128, jnp.bfloat16, True, 512, 512, 4, 1, 1, None, False),
+    (2, 64, jnp.float16, True, 384, 384, 8, 2, 8, 100, True),
+    (2, 64, jnp.bfloat16, False, 200, 470, 4, 2, 2, None, False),
+    (1, 128, jnp.float16, True, 320, 320, 2, 2, 2, None, True),
+    (1, 96, jnp.bfloat16, True, 256, 180, 2, 1, 1, 64, False),
 ]
 
 
-@pytest.mark.parametrize("wgs, d, dtype, causal, t, s, n, kh, mh", LOWERING)
-def test_forward_lowers_for_hopper(wgs, d, dtype, causal, t, s, n, kh, mh):
+@pytest.mark.parametrize("wgs, d, dtype, causal, t, s, n, kh, mh, window, docs", LOWERING)
+def test_forward_and_backward_lower_for_hopper(wgs, d, dtype, causal, t, s, n, kh, mh, window, docs):
+    """The compiled variant (register operands, in-place accumulators), which the interpreter
+    does not run: forward and backward through Mosaic GPU's lowering for sm_90a."""
     q = jax.ShapeDtypeStruct((1, t, n, d), dtype)
     kv = jax.ShapeDtypeStruct((1, s, kh, d), dtype)
     mask = jax.ShapeDtypeStruct((1, mh, -(-t // 64), -(-s // 64)), jnp.bool_)
+    ids = ops.SegmentIds(jnp.zeros((1, t), jnp.int32), jnp.zeros((1, s), jnp.int32)) if docs else None
 
-    def fwd(q, k, v, mask):
-        with tuning(MgpuTuning(compute_wgs=wgs)):
-            return kernel.block_sparse_attention(q, k, v, mask, causal=causal, return_lse=True)
+    def fwd_bwd(q, k, v, mask):
+        def attention(q, k, v):
+            with tuning(MgpuTuning(compute_wgs=wgs)):
+                o, lse = kernel.block_sparse_attention(q, k, v, mask, causal=causal, window=window,
+                                                       segment_ids=ids, return_lse=True)
+            return o.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0).sum()
+        return jax.grad(attention, argnums=(0, 1, 2))(q, k, v)
 
     try:
-        text = lower_for_hopper(fwd, q, kv, kv, mask)
+        text = lower_for_hopper(fwd_bwd, q, kv, kv, mask)
     except AttributeError as e:  # the private arch hook moved (see lowering_check)
         pytest.skip(f"cannot pretend a Hopper GPU with this JAX: {e}")
-    assert "mosaic_gpu" in text
+    assert text.count("mosaic_gpu") >= 3  # the forward, dq and dk/dv kernels
 
 
-def test_ring_depth_fits_shared_memory():
+def test_ring_depths_fit_shared_memory():
     for wgs in (1, 2):
         for d in (64, 128):
-            depth = kernel.ring_depth(MgpuTuning(compute_wgs=wgs), d, 2)
             tile = 64 * d * 2
+            depth = kernel.ring_depth(MgpuTuning(compute_wgs=wgs), d, 2)
             assert 2 <= depth <= kernel.MAX_DEPTH
-            assert wgs * (tile + 256) + 2 * wgs * depth * tile <= kernel.SMEM_BUDGET
+            assert wgs * (tile + 512) + wgs * depth * (2 * tile + 256) <= backward.SMEM_BUDGET
+            lb = backward.BackwardLaunch(None, None, 1.0, wgs, d, 2, 2, False)
+            assert wgs * (2 * tile + 768) + wgs * lb.dq_depth() * (2 * tile + 256) <= backward.SMEM_BUDGET
+            assert wgs * (2 * tile + 256) + wgs * lb.dkv_depth() * (2 * tile + 768) <= backward.SMEM_BUDGET

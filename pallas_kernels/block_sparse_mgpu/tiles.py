@@ -1,0 +1,160 @@
+"""Pieces every Mosaic GPU kernel body here shares: the tensor-core product, the elementwise mask
+of a 64 x 64 tile, the memory warpgroup's TMA stream over an index list, and the launch.
+
+Interpret mode (`plgpu.InterpretGPUParams`, CPU) runs the same bodies with two differences that
+`mma` hides: its wgmma reads the A operand from shared memory only (register operands are staged
+through an SMEM tile), and it has no rule for accumulators carried through `pl.run_state`, so a
+product into a running accumulator is computed fresh and added. Compiled kernels keep A in
+registers and accumulate in place, as FlashAttention-3 does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.state import types as state_types
+
+BLOCK = 64  # query tile = key tile = selection block (one wgmma M of 64 rows per compute wg)
+# 128-byte swizzle: a 16-bit row of 64 elements per swizzle atom (as the wgmma operands want).
+TILE_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def smem_tiles(shape, dtype):
+    """SMEM for wgmma operand tiles [..., 64, D]."""
+    return plgpu.SMEM(shape, dtype, transforms=TILE_TRANSFORMS)
+
+
+def is_ref(x) -> bool:
+    """A (possibly sliced or transposed) memory ref, as opposed to a value in registers."""
+    return isinstance(x, state_types.TransformedRef) or isinstance(getattr(x, "aval", None), state_types.AbstractRef)
+
+
+def mma(acc, a, b, *, stage=None, during: Callable[[], None] | None = None):
+    """acc + a @ b in f32 on the tensor cores (acc None: a fresh [M, N] product).
+
+    a: an SMEM ref, or a register array (16-bit) when `stage` is None; with `stage` (an SMEM tile
+    ref, interpret mode) a register operand is written there first. `during` runs while the
+    product is in flight (e.g. waiting for the next block's copy).
+    """
+    m, n = a.shape[0], b.shape[1]
+    interpret = stage is not None
+    if interpret and not is_ref(a):
+        stage[...] = a
+        plgpu.commit_smem()
+        a = stage
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        if during is not None:
+            during()
+        return acc_ref[...]
+
+    if acc is None or interpret:
+        fresh = pl.run_scoped(product, plgpu.ACC((m, n), jnp.float32))
+        return fresh if acc is None else acc + fresh
+
+    def accumulate(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        if during is not None:
+            during()
+
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+@dataclasses.dataclass(frozen=True)
+class Masking:
+    """What a masked tile compares (static): positions (real keys, causal, window) and ids."""
+
+    seq_kv: int
+    offset: int  # seq_kv - seq_q: causality is aligned at the end
+    causal: bool
+    window: int | None
+    segmented: bool
+
+
+def tile_keep(m: Masking, q0, k0, *, keys_as_rows: bool = False, q_ids=None, k_ids=None):
+    """bool [64, 64] in the WGMMA layout: the visible (query, key) pairs of the tile whose first
+    query row is q0 and first key k0. Rows are queries (or keys, `keys_as_rows`, the dk/dv
+    kernel's transposed tiles). q_ids / k_ids (segmented only): the tile's ids along their axis,
+    loaded in the matching `WGMMA.reduce` layout."""
+    i = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=plgpu.Layout.WGMMA)
+    j = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=plgpu.Layout.WGMMA)
+    q_axis, k_axis = (1, 0) if keys_as_rows else (0, 1)
+    q_pos, k_pos = (j + q0, i + k0) if keys_as_rows else (i + q0, j + k0)
+    keep = k_pos < m.seq_kv
+    if m.causal:
+        keep = keep & (k_pos <= q_pos + m.offset)
+    if m.window is not None:
+        keep = keep & (k_pos > q_pos + (m.offset - m.window))
+    if m.segmented:
+        shape = (BLOCK, BLOCK)
+        keep = keep & (lax.broadcast_in_dim(q_ids, shape, [q_axis]) == lax.broadcast_in_dim(k_ids, shape, [k_axis]))
+    return keep
+
+
+def row_vector(ref, rows_axis: int):
+    """A [64] vector from SMEM in the layout of a WGMMA tile's rows (0) or columns (1)."""
+    return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1 - rows_axis))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """One operand the memory warpgroup copies each step into a ring slot.
+
+    src(w, t): the GMEM block of compute wg w's step t; dst: SMEM [W * depth, ...]; ready:
+    barriers [W * depth] the copy completes on; free: barriers [W * depth] the compute wg arrives
+    on when done with the slot, or None when the slot is released with an earlier stream's.
+    """
+
+    src: Callable
+    dst: object
+    ready: object
+    free: object | None
+
+
+def ring_slot(w, t, depth: int):
+    """Ring slot of compute wg w's step t: each wg owns `depth` consecutive slots."""
+    return w * depth + lax.rem(t, jnp.int32(depth))
+
+
+def release(free, slot, t, n, depth: int) -> None:
+    """The compute wg is done with ring slot `slot` of its step t of n: arrive on its free barrier
+    when a later step will refill it. The last `depth` steps do not arrive: no barrier phase may
+    complete that its waiter never sees (the interpreter checks this when the kernel ends)."""
+    @pl.when(t + depth < n)
+    def _():
+        plgpu.barrier_arrive(free.at[slot])
+
+
+def stream_blocks(n_steps: Sequence, streams: Sequence[Stream], depth: int) -> None:
+    """The memory warpgroup's loop: the compute wgs' steps in lockstep (they advance at one
+    pace), each copy issued once its slot's step t - depth has been released (`release`)."""
+    @pl.loop(0, functools.reduce(lax.max, n_steps))
+    def _(t):
+        for w, n in enumerate(n_steps):
+            @pl.when(t < n)
+            def _():
+                slot = ring_slot(w, t, depth)
+                for s in streams:
+                    if s.free is not None:
+                        @pl.when(t >= depth)
+                        def _():
+                            plgpu.barrier_wait(s.free.at[slot])
+                    plgpu.copy_gmem_to_smem(s.src(w, t), s.dst.at[slot], s.ready.at[slot])
+
+
+
+def launch(body, *, out_type, grid, grid_names, compute_wgs: int, scratch, interpret: bool):
+    """plgpu.kernel with W compute warpgroups and one memory warpgroup (the last), compiled or in
+    the GPU interpreter."""
+    return plgpu.kernel(body, out_type=out_type, grid=grid, grid_names=grid_names, num_threads=compute_wgs + 1,
+                        thread_name="wg", scratch_types=scratch,
+                        compiler_params=plgpu.CompilerParams(approx_math=True),
+                        interpret=plgpu.InterpretGPUParams() if interpret else None)
