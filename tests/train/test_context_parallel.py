@@ -44,12 +44,16 @@ def methods_of(case: str) -> set[str]:
 
 def test_every_method_that_runs_on_a_context_split_is_checked():
     # A method joins context parallelism by naming its exchanges; the equality test must then cover it
-    # (a case runs over an exchange when all its methods support it).
+    # over each of them, in at least one case run on a mesh of that exchange.
     for exchange in ("all_gather", "ring"):
         claimed = {name for name in METHODS if exchange in options_class(name).context_parallel}
-        checked = set().union(*(methods_of(case) for case in methods_script.CASES
-                                if all(exchange in options_class(m).context_parallel for m in methods_of(case))))
+        checked = set().union(*(methods_of(case) for _, mesh_exchange, cases in methods_script.MESHES.values()
+                                if mesh_exchange == exchange for case in cases))
         assert claimed <= checked, (exchange, claimed - checked)
+    # ... and a case runs only on exchanges all its methods name (config validation refuses others).
+    for _, exchange, cases in methods_script.MESHES.values():
+        for case in cases:
+            assert all(exchange in options_class(m).context_parallel for m in methods_of(case)), (case, exchange)
 
 
 @pytest.mark.slow   # 318 s on 2 shared CPU cores: 4 models, 18 compiles (6 on one device, 12 on 8)
@@ -58,9 +62,8 @@ def test_every_method_matches_one_device_on_context_2_and_4_and_the_ring(tmp_pat
                                    timeout=1500).split("RESULT ", 1)[1])
     assert set(errors) == ({f"{case}_documents" for case in methods_script.CASES} | set(methods_script.PLAIN_CASES))
     for case, meshes in errors.items():
-        if case.endswith("_documents"):   # every mesh, the ring where all the case's methods run over it
-            ring = all("ring" in options_class(m).context_parallel for m in methods_of(case[:-len("_documents")]))
-            assert set(meshes) == set(methods_script.MESHES) - (set() if ring else {"context4_data2_ring"}), case
+        if case.endswith("_documents"):
+            assert set(meshes) == set(methods_script.document_meshes(case[:-len("_documents")])), case
         else:
             assert set(meshes) == {"context4_data2"}, case
         for mesh, errs in meshes.items():
