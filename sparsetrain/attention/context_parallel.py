@@ -29,7 +29,10 @@ axis (`KV_EXCHANGES`):
     the backward pass, whose ppermutes JAX derives).
 Tile selections are block masks in natural order; token selections are lists of global key blocks,
 shifted by the roll (their entries are causal, so none wraps). Neither the selection nor this layer
-depends on the kernel's loop order.
+depends on the kernel's loop order. A per-key logit bias (`key_bias` [B, K, S]: DMA's and NOSA's
+key scores) is exchanged with its keys, so its gradient returns to its shard as K/V's do. DSA's
+lists of single keys (`shard_selected_keys`) need no roll: they name global positions, and the
+device's rows run over the gathered K/V.
 
 Axis legend: B batch, T sequence, N query heads, K kv heads, H head dim, bs block size.
 """
