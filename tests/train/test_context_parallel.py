@@ -56,7 +56,7 @@ def test_every_method_that_runs_on_a_context_split_is_checked():
             assert all(exchange in options_class(m).context_parallel for m in methods_of(case)), (case, exchange)
 
 
-@pytest.mark.slow   # 318 s on 2 shared CPU cores: 4 models, 18 compiles (6 on one device, 12 on 8)
+@pytest.mark.slow   # 155 s on 2 shared CPU cores: 4 models, 13 compiles (5 on one device, 8 on 8)
 def test_every_method_matches_one_device_on_context_2_and_4_and_the_ring(tmp_path):
     errors = json.loads(run_script("tests/train/context_parallel_methods_script.py", tmp_path,
                                    timeout=1500).split("RESULT ", 1)[1])
@@ -70,7 +70,7 @@ def test_every_method_matches_one_device_on_context_2_and_4_and_the_ring(tmp_pat
             assert max(errs) < TOLERANCE, (case, mesh, errs)
 
 
-@pytest.mark.slow   # 180 s on 2 shared CPU cores: 5 short runs on 3 meshes
+@pytest.mark.slow   # 75 s on 2 shared CPU cores: 5 short runs on 3 meshes (one-device programs cached)
 def test_resume_on_other_context_sizes_continues_the_same_run(tmp_path):
     out = json.loads(run_script("tests/train/context_parallel_resume_script.py", tmp_path).split("RESULT ", 1)[1])
     assert list(out["split"]) == list(out["straight"]) == ["1", "2", "3", "4"]   # same steps, same data
