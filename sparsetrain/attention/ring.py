@@ -13,8 +13,9 @@ A per-key logit bias (`key_bias` [B, K, S], DMA's and NOSA's learned key scores)
 keys: the visiting slice is (K, V, bias), and the bias's gradient comes home with K/V's.
 
 The backward pass is written by hand (`jax.custom_vjp`) so that it holds one visiting slice too: it
-sends K/V (and the bias) around the ring again with their gradient accumulators, recomputes each pair's forward and
-pulls the merged output's cotangent back through it; the accumulators then take one more step home.
+sends K/V (and the bias) around the ring again with their gradient accumulators, recomputes each
+pair's forward and pulls the merged output's cotangent back through it; the accumulators then take
+one more step home.
 Autodiff of the forward loop would instead keep every visiting slice as a residual, the memory of
 the all-gather.
 
