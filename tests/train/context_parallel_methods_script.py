@@ -2,9 +2,9 @@
 sparse method on context-parallel meshes against one device, on packed documents (and plain rows for
 one case). Each case puts a method in each of the model's layers, so every compile checks several,
 and each one-device reference serves every mesh of its case: mesh.context 4 with the all-gather K/V
-exchange for every case; mesh.context 2 with FSDP for one, and 4 over the ring for the cases whose
-methods all run over it (together they hold every such method). Compiling is most of the time, so
-each extra mesh runs where it checks something the others do not.
+exchange for every case; mesh.context 2 with FSDP for one, and 4 over the ring for the case that
+holds every method that runs over it. Compiling is most of the time, so each extra mesh runs where
+it checks something the others do not.
 
     python context_parallel_methods_script.py RUN_DIR
         -> one JSON line: {case: {mesh: [loss err, grad err, reported err]}}
@@ -34,43 +34,44 @@ NSA = ("block_size: 16, kernel_size: 8, kernel_stride: 4, topk: 4, window: 24, s
 NOSA = ("block_size: 16, kernel_size: 8, kernel_stride: 4, coarse_size: 16, coarse_stride: 8, topk: 4, "
         "local_blocks: 1, query_topk: 1, score_chunk: 32")
 DSA = "block_size: 16, index_heads: 2, index_dim: 16, index_rope_dim: 8, topk: 24, dense_len: 16"
+RING_CASE = "seer_sparse_ssa+moba_tile+nosa+dma+infllm_tile+local+dense"
 # {case: (rule of layer 0, rule of layer 1, ...)} in inline YAML.
 CASES = {
-    # Seer's distillation (dense output, block-score target) and MoBA per tile, both with recall;
-    # NOSA and DMA, whose learned key bias travels with K/V (its gradient back with theirs).
-    "seer_distill+moba_tile+nosa+dma": (
-        "method: seer, block_size: 16, d_gate: 16, recall_in_training: true",
+    # Every method that runs over the ring, so that one ring compile checks them all: a sparse Seer
+    # layer (shared GQA selection) with SSA's full branch, MoBA per tile with recall, NOSA and DMA
+    # (their learned key bias travels with K/V, its gradient back with theirs), InfLLM-V2 per tile
+    # switching to sparse at 48 tokens, local's fixed pattern, and a dense layer (K/V in the layout
+    # order).
+    RING_CASE: (
+        "method: seer, block_size: 16, d_gate: 16, mode: sparse, share_kv_heads: true, select: density, "
+        "target_density: 0.5, ssa: true",
         "method: moba, block_size: 16, moba_block: 32, topk: 2, recall_in_training: true",
-        f"method: nosa, {NOSA}", "method: dma, block_size: 16, window: 48"),
+        f"method: nosa, {NOSA}", "method: dma, block_size: 16, window: 48",
+        f"method: infllm_v2, {INFLLM}, dense_len: 48, granularity: tile, score_chunk: 32",
+        "method: local, block_size: 16, local_blocks: 2, initial_blocks: 1", "method: dense"),
     # Token selections: InfLLM-V2 per token (sparse from the start), NSA's three branches, and DSA's
     # sparse phase (the indexer's top-k keys per token, its KL over them, recall; two query chunks).
     "infllm_token+nsa+dsa_sparse": (
         f"method: infllm_v2, {INFLLM}, dense_len: 0, score_chunk: 32", f"method: nsa, {NSA}",
         f"method: dsa, {DSA}, mode: sparse, query_chunk: 64, recall_in_training: true"),
-    # SSA's full branch beside a token selection and a sparse Seer layer (shared GQA selection), and
-    # DSA's warm-up (dense attention, the indexer's KL over every causal key).
-    "moba_token_ssa+seer_sparse_ssa+dsa_warmup": (
+    # SSA's full branch beside a token selection, Seer's distillation (dense output, block-score
+    # target) with recall, DSA's warm-up (dense attention, the indexer's KL over every causal key),
+    # and InfLLM-V2 below dense_len (its dense regime).
+    "moba_token_ssa+seer_distill+dsa_warmup+infllm_dense": (
         "method: moba, block_size: 16, moba_block: 32, topk: 2, granularity: token, ssa: true",
-        "method: seer, block_size: 16, d_gate: 16, mode: sparse, share_kv_heads: true, select: density, "
-        "target_density: 0.5, ssa: true",
-        f"method: dsa, {DSA}, mode: warmup"),
-    # InfLLM-V2 per tile switching to sparse at 48 tokens and below dense_len (its dense regime),
-    # local's fixed pattern, and a dense layer (K/V in the layout order).
-    "infllm_tile+infllm_dense+local+dense": (
-        f"method: infllm_v2, {INFLLM}, dense_len: 48, granularity: tile, score_chunk: 32",
-        "method: infllm_v2, block_size: 16", "method: local, block_size: 16, local_blocks: 2, initial_blocks: 1",
-        "method: dense"),
+        "method: seer, block_size: 16, d_gate: 16, recall_in_training: true",
+        f"method: dsa, {DSA}, mode: warmup", "method: infllm_v2, block_size: 16"),
 }
 # name -> (mesh, K/V exchange, the cases whose packed documents run on it)
 MESHES = {"context4_data2": (MeshConfig(data=2, context=4), "all_gather", tuple(CASES)),
           # n=2 and parameters split over fsdp; the case of the methods that do not run on the ring
           "context2_data2_fsdp2": (MeshConfig(data=2, fsdp=2, context=2), "all_gather",
                                    ("infllm_token+nsa+dsa_sparse",)),
-          "context4_data2_ring": (MeshConfig(data=2, context=4, kv_exchange="ring"), "ring",
-                                  ("seer_distill+moba_tile+nosa+dma", "infllm_tile+infllm_dense+local+dense"))}
+          "context4_data2_ring": (MeshConfig(data=2, context=4, kv_exchange="ring"), "ring", (RING_CASE,))}
 # Packed documents run on every mesh that names the case; this case also runs plain rows (no
-# segment ids), on the finer all-gather split.
-PLAIN_CASES = ("seer_distill+moba_tile+nosa+dma",)
+# segment ids: Seer's block scores then hide the rolled-in keys by ids of their own), on the
+# finer all-gather split.
+PLAIN_CASES = ("moba_token_ssa+seer_distill+dsa_warmup+infllm_dense",)
 
 
 def document_meshes(case: str) -> list[str]:
