@@ -268,7 +268,7 @@ def shard_block_scores(op, q, k, v, segment_ids, *, block_size: int, causal: boo
         raise NotImplementedError("context parallelism runs causal attention only")
     c = check_chunks(q, block_size)
     k_all = gather_natural(k, "natural")
-    v_all = None if v is None else gather_natural(v, "natural")
+    v_all = gather_natural(v, "natural")   # None without v
     q_ids = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
     kv_ids = jnp.zeros(k_all.shape[:2], jnp.int32) if segment_ids is None else gather_natural(segment_ids,
                                                                                                "load_balanced")
