@@ -29,7 +29,10 @@ axis (`KV_EXCHANGES`):
     the backward pass, whose ppermutes JAX derives).
 Tile selections are block masks in natural order; token selections are lists of global key blocks,
 shifted by the roll (their entries are causal, so none wraps). Neither the selection nor this layer
-depends on the kernel's loop order.
+depends on the kernel's loop order. A per-key logit bias (`key_bias` [B, K, S]: DMA's and NOSA's
+key scores) is exchanged with its keys, so its gradient returns to its shard as K/V's do. DSA's
+lists of single keys (`shard_selected_keys`) need no roll: they name global positions, and the
+device's rows run over the gathered K/V.
 
 Axis legend: B batch, T sequence, N query heads, K kv heads, H head dim, bs block size.
 """
@@ -171,13 +174,15 @@ class _Chunk:
                      for s, chunk in enumerate(chunks))
 
 
-def gather_natural(x: jax.Array, layout: str) -> jax.Array:
-    """The whole sequence [B, T, ...] in natural order from each device's [B, 2c, ...] slice, whose
-    `layout` is "natural" (contiguous) or "load_balanced"."""
-    full = jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+def gather_natural(x: jax.Array | None, layout: str, axis: int = 1) -> jax.Array | None:
+    """The whole sequence in natural order (T on `axis`, e.g. [B, T, ...]) from each device's slice of
+    2c tokens there, whose `layout` is "natural" (contiguous) or "load_balanced"; None stays None."""
+    if x is None:
+        return None
+    full = jax.lax.all_gather(x, AXIS, axis=axis, tiled=True)
     if layout == "natural":
         return full
-    return jnp.take(full, np.argsort(load_balanced_order(full.shape[1], jax.lax.axis_size(AXIS))), axis=1)
+    return jnp.take(full, np.argsort(load_balanced_order(full.shape[axis], jax.lax.axis_size(AXIS))), axis=axis)
 
 
 def _chunk_rows(block_mask, chunk: _Chunk, c: int, block_size: int):
@@ -208,14 +213,16 @@ def check_chunks(q: jax.Array, block_size: int) -> int:
 
 
 def shard_attention(q, k, v, block_mask, segment_ids, *, block_size: int, kv_order: str = "natural",
-                    causal: bool = True, return_lse: bool = False, **kwargs):
+                    causal: bool = True, return_lse: bool = False, key_bias=None, **kwargs):
     """One device's block-sparse attention under context parallelism (the body of a shard_map
     over the mesh; batch and heads may be split too).
 
     q: [B, 2c, N, H] this device's two query chunks in layout order; k, v: [B, 2c, K, H] this
     device's slice of the keys, in natural order (`kv_order="natural"`) or in the layout;
     block_mask: bool [B, K or N, nQ, nK] over the whole sequence in natural order, or a token
-    `Selection` of the device's rows (global key blocks); segment_ids: [B, 2c] (q's rows) or None.
+    `Selection` of the device's rows (global key blocks); segment_ids: [B, 2c] (q's rows) or None;
+    key_bias: [B, K, 2c] the device's slice of a per-key logit bias, in k's order, or None (gathered
+    and rolled with the keys: its gradient flows back to the slice as K/V's do).
     kwargs: as `sparsetrain.ops.block_sparse_attention`. Returns [B, 2c, N, H] (and with return_lse
     f32 [B, N, 2c]).
     """
@@ -223,18 +230,28 @@ def shard_attention(q, k, v, block_mask, segment_ids, *, block_size: int, kv_ord
         raise NotImplementedError("context parallelism runs causal attention only")
     c = check_chunks(q, block_size)
     k_all, v_all = gather_natural(k, kv_order), gather_natural(v, kv_order)   # [B, T, K, H]
-    seg_all = None if segment_ids is None else gather_natural(segment_ids, "load_balanced")
+    bias_all = gather_natural(key_bias, kv_order, axis=2)                      # [B, K, T] or None
+    seg_all = gather_natural(segment_ids, "load_balanced")                    # [B, T] or None
     outs = []
     for chunk in _Chunk.of_device(c):
-        roll = lambda x: jnp.roll(x, chunk.shift, axis=1)   # noqa: E731
+        roll = lambda x, axis=1: None if x is None else jnp.roll(x, chunk.shift, axis=axis)   # noqa: E731
         segments = None if seg_all is None else ops.SegmentIds(q=segment_ids[:, chunk.rows], kv=roll(seg_all))
         outs.append(ops.block_sparse_attention(q[:, chunk.rows], roll(k_all), roll(v_all),
                                                _chunk_rows(block_mask, chunk, c, block_size), causal=True,
                                                block_size=block_size, segment_ids=segments,
-                                               return_lse=return_lse, **kwargs))
+                                               key_bias=roll(bias_all, axis=2), return_lse=return_lse, **kwargs))
     if return_lse:
         return jnp.concatenate([o for o, _ in outs], axis=1), jnp.concatenate([lse for _, lse in outs], axis=2)
     return jnp.concatenate(outs, axis=1)
+
+
+def shard_selected_keys(q, k, v, indices, *, kv_order: str = "natural", **kwargs):
+    """One device's attention over selected keys (DSA) under context parallelism: its query rows q
+    [B, 2c, N, H] (any order) with their key lists int [B, 2c, m] of global positions in natural
+    order, over the whole sequence's K/V gathered from the slices k, v [B, 2c, K, H] in `kv_order`.
+    The lists are causal and name their keys, so no roll is needed. kwargs and result as
+    `sparsetrain.ops.selected_key_attention`."""
+    return ops.selected_key_attention(q, gather_natural(k, kv_order), gather_natural(v, kv_order), indices, **kwargs)
 
 
 def shard_block_scores(op, q, k, v, segment_ids, *, block_size: int, causal: bool = True, **kwargs):
@@ -251,7 +268,7 @@ def shard_block_scores(op, q, k, v, segment_ids, *, block_size: int, causal: boo
         raise NotImplementedError("context parallelism runs causal attention only")
     c = check_chunks(q, block_size)
     k_all = gather_natural(k, "natural")
-    v_all = None if v is None else gather_natural(v, "natural")
+    v_all = gather_natural(v, "natural")   # None without v
     q_ids = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
     kv_ids = jnp.zeros(k_all.shape[:2], jnp.int32) if segment_ids is None else gather_natural(segment_ids,
                                                                                                "load_balanced")

@@ -4,8 +4,8 @@ GSPMD cannot see inside a Pallas call, so left to itself it would gather q/k/v o
 Attention is independent per batch row and per GQA group, so each device can run the kernel on its
 own rows and heads: batch split over the data-parallel axes, heads over "tensor" (query and kv heads
 split the same number of ways, so each query head stays with its kv head). Sparse methods call the
-kernels through `block_sparse_attention`, `block_attention_scores` and `attention_with_block_scores`
-here.
+kernels through `block_sparse_attention`, `selected_key_attention`, `block_attention_scores` and
+`attention_with_block_scores` here.
 
 With a "context" mesh axis, sequences are split along T too. Methods work in natural order (see
 sparsetrain/attention/context_parallel.py): these functions take and return natural order, move the
@@ -55,10 +55,7 @@ def _per_shard(q, k, v, block_mask, segment_ids, mesh, seq: str | None, kv_order
     """The kernel under shard_map; with T split over `seq`, the context-parallel body (q and
     segment ids in the load-balanced layout, k/v in `kv_order`, a tile mask in natural order, a
     token selection's rows in the layout). block_mask: a bool tile mask or a `Selection` (tile
-    selections run as their mask); key_bias [B, K, S] or None, split like k's batch and heads."""
-    if seq is not None and key_bias is not None:
-        raise NotImplementedError("key_bias (DMA, NOSA) under mesh.context > 1 is not supported yet; "
-                                  "use mesh.context=1")
+    selections run as their mask); key_bias [B, K, S] or None, split like k (S in `kv_order`)."""
     if seq is not None and kwargs.get("return_skipped"):
         raise NotImplementedError("skip_threshold (BLASST) under mesh.context > 1 is not supported yet; "
                                   "use mesh.context=1")
@@ -82,10 +79,11 @@ def _per_shard(q, k, v, block_mask, segment_ids, mesh, seq: str | None, kv_order
                                                                              key_bias=bias, **kwargs)
     else:
         body = ring_attention if cp.current_kv_exchange() == "ring" else cp.shard_attention
-        kernel = lambda q, k, v, mask, seg, bias: body(q, k, v, mask, seg, kv_order=kv_order, **kwargs)
+        kernel = lambda q, k, v, mask, seg, bias: body(q, k, v, mask, seg, kv_order=kv_order, key_bias=bias,
+                                                       **kwargs)
     # check_vma=False: the Pallas call has no varying-across-mesh typing rule. Segment ids [B, T]
     # split like q's batch and sequence (None is an empty operand), the key bias like k.
-    bias_spec = P(kv_spec[0], kv_spec[2], None)
+    bias_spec = P(kv_spec[0], kv_spec[2], kv_spec[1])
     return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, P(q_spec[0], seq), bias_spec),
                          out_specs=out_spec, check_vma=False)(q, k, v, block_mask, segment_ids, key_bias)
 
@@ -121,6 +119,25 @@ def block_sparse_attention(q, k, v, block_mask, *, segment_ids=None, split_seque
     result = _per_shard(cp.to_load_balanced(q), k, v, _rows_to_layout(block_mask),
                         cp.to_load_balanced(segment_ids), mesh, seq, **kwargs)
     return _rows_to_natural(result, (1, 2))   # o [B, T, N, H], lse [B, N, T]
+
+
+def selected_key_attention(q, k, v, indices, **kwargs):
+    """`sparsetrain.ops.selected_key_attention` (DSA: one key list per token, shared by its heads;
+    same arguments and result), run per shard when a mesh is active: batch and heads split as for
+    `block_sparse_attention`, and under a context split each device runs its load-balanced query
+    rows over the gathered K/V (`context_parallel.shard_selected_keys`). Natural order in and out."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return ops.selected_key_attention(q, k, v, indices, **kwargs)
+    seq = _sequence_axis(mesh)
+    q_spec, kv_spec, _ = _specs(q, k, q.shape[2], mesh, seq)
+    out_spec = (q_spec, P(q_spec[0], q_spec[2], seq)) if kwargs.get("return_lse") else q_spec   # o, lse [B, N, T]
+    body = ops.selected_key_attention if seq is None else cp.shard_selected_keys
+    run = jax.shard_map(functools.partial(body, **kwargs), in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], seq)),
+                        out_specs=out_spec, check_vma=False)
+    if seq is None:
+        return run(q, k, v, indices)
+    return _rows_to_natural(run(cp.to_load_balanced(q), k, v, cp.to_load_balanced(indices)), (1, 2))
 
 
 def causal_attention(q, k, v, *, segment_ids=None, impl: str = "auto", layout: str = "load_balanced"):

@@ -129,7 +129,7 @@ class MethodOptions(Config):
     export: ClassVar["MethodExport | None"] = None
     # The K/V exchanges (`mesh.kv_exchange`) under which the method runs on a context split
     # (mesh.context > 1); empty: it is refused there by name. A method joins once
-    # tests/train/context_parallel_script.py checks it against one device.
+    # tests/train/context_parallel_methods_script.py checks it against one device.
     context_parallel: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:

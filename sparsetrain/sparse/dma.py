@@ -18,6 +18,11 @@ the bias).
 The selection is causal per token: tile i ranks only blocks before it (the diagonal block is
 forced, whatever its later keys score). With packed documents, only blocks of the query's
 document are candidates.
+
+Context parallelism (mesh.context > 1), over either K/V exchange: the bias is computed and the blocks
+chosen in natural order like any selection; the bias [B, K, S] is then a per-key input of the kernel
+that travels with the keys (gathered and rolled with them, or passed around the ring with each K/V
+slice), and its gradient returns to the devices holding those keys.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ class DmaOptions(BlockSparseOptions):
     # Add the key bias to the logits (the paper). False: it only chooses blocks, A and W_delta get
     # no gradient (an ablation; and the suite's full-budget check against dense attention).
     logit_bias: bool = True
+
+    # The key bias travels with K/V over either exchange (its dBias comes back with their gradients).
+    context_parallel = ("all_gather", "ring")
 
     # The suite's ~100-token sequences at 16-token blocks: 3 blocks a query keeps it sparse.
     conformance_base = {"window": 48}

@@ -22,6 +22,14 @@ output never depends on the sequence's length (the exported model decodes exactl
 `candidates="blocks"` is HISA's two-level search: keep the `candidate_blocks` best key blocks by
 their mean indexer key, then score tokens only inside them.
 
+Context parallelism (mesh.context > 1) runs over the all-gather K/V exchange only. The indexer and
+the top-k run as the one-device code in natural order (GSPMD partitions them along T, gathering the
+indexer's keys, one E-wide vector per token), and the attention runs each device's query rows over the
+gathered K/V (`sparsetrain.attention.sharded.selected_key_attention`). The ring does not pay here: a
+token's list mixes keys of every chunk, and the selected-key kernel walks the whole padded list
+whatever it holds, so each of the 2n (query chunk, key chunk) pairs of the ring would walk every list
+again (2n times the attention work) to save the K/V that the all-gather holds.
+
 Deviations from the paper (docs/sparse_methods.md): the indexer reads x, not MLA's query latent;
 no Hadamard rotation or FP8 (both for inference speed); the KL is averaged over tokens, not summed.
 """
@@ -40,8 +48,8 @@ from sparsetrain import ops
 from sparsetrain.attention.dense import dense_causal_attention
 from sparsetrain.attention.documents import document_starts
 from sparsetrain.attention.method import AttentionInputs, BlockSparseOptions, SparseMethod
+from sparsetrain.attention.sharded import selected_key_attention
 from sparsetrain.attention.spec import MethodExport
-from sparsetrain.ops.selected_keys import selected_key_attention
 from sparsetrain.sparse import dsa_indexer
 
 
@@ -65,6 +73,7 @@ class DsaOptions(BlockSparseOptions):
     # HISA (candidates="blocks") shares the sparse path but its block scoring; tests/sparse/test_dsa.py
     # checks its selection, causality and torch export without the whole suite.
     conformance_variants = {"sparse": {"mode": "sparse", "topk": 24, "dense_len": 16}}
+    context_parallel = ("all_gather",)   # not the ring: see the module docstring
     export = MethodExport(
         torch_impl="dsa",
         fields=("mode", "topk", "dense_len", "index_heads", "index_dim", "index_rope_dim", "candidates",

@@ -14,6 +14,9 @@ Granularity: per query tile only (InfLLM-V2's `granularity="tile"`: a tile is sc
 previous tile's tokens), because the key bias is not on the token-level kernel yet; NOSA selects
 per token. Defaults follow NOSA: compressed keys 32/16, blocks of 64, a 1024-token window, 64 blocks
 in all, 1 sink block, no dense switch (dense_len 0). The split of the budget (`query_topk`) is ours.
+
+Under a context split (mesh.context > 1) NOSA runs as InfLLM-V2 does, over either K/V exchange, its
+key bias travelling with the keys as DMA's does (sparsetrain/sparse/dma.py).
 """
 
 from __future__ import annotations
@@ -47,8 +50,6 @@ class NosaOptions(InfllmV2Options):
     # Add the eviction score to the logits (NOSA). False: it only chooses blocks and A, W_delta get
     # no gradient (an ablation; and the suite's full-budget check against dense attention).
     logit_bias: bool = True
-    # InfLLM-V2 runs on a context split, but the key bias has no context-parallel kernel path yet.
-    context_parallel = ()
 
     # Sizes scaled to the suite's 16-token blocks and ~100-token sequences; InfLLM-V2's token
     # variants do not apply.

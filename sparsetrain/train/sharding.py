@@ -46,7 +46,9 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
 @contextlib.contextmanager
 def on_mesh(mesh: jax.sharding.Mesh, cfg: MeshConfig):
     """Trace and run steps on `mesh` with the config's context-parallel K/V exchange (both are
-    ambient while tracing: kernels read them to pick their per-shard form)."""
+    ambient while tracing: kernels read them to pick their per-shard form). The exchange is not
+    part of jit's cache key: a function jitted once and called under two exchanges on the same mesh
+    and shardings runs the first one's program; jit it anew per exchange."""
     with jax.set_mesh(mesh), kv_exchange(cfg.kv_exchange):
         yield
 

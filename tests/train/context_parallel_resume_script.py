@@ -37,6 +37,9 @@ def train(root: Path, name: str, steps: int, context: int, exchange: str) -> Tra
 
 def main(root: Path) -> None:
     assert jax.device_count() == 8, jax.devices()
+    # The one-device legs compile the straight run's programs again: take them from a cache.
+    jax.config.update("jax_compilation_cache_dir", str(root / "compilation_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     straight = train(root, "straight", LEGS[-1][0], 1, "all_gather")
     for steps, context, exchange in LEGS:
         split = train(root, "split", steps, context, exchange)
