@@ -359,6 +359,11 @@ class RunConfig(Config):
                              f"context={self.mesh.context} with kv_exchange={self.mesh.kv_exchange!r} is not "
                              f"supported by method {spec.method!r} (the rule for layers {spec.layers!r}); it runs "
                              f"under {list(spec.context_parallel) or 'no context split'}")
+                # BLASST's skips depend on the kernel's loop over all of a row's keys, which a
+                # context split cuts into per-device pieces (a dense layer would silently not skip).
+                self.require(getattr(spec, "skip_threshold", None) is None, "mesh",
+                             f"context={self.mesh.context} does not support skip_threshold (BLASST) on the rule "
+                             f"for layers {spec.layers!r}; set skip_threshold=None or mesh.context=1")
             # Two chunks per device, each whole kernel tiles (16 for dense layers, else the block size).
             tile = max(getattr(spec, "block_size", 16) for spec in self.model.attention)
             self.require(self.data.seq_len % (2 * self.mesh.context * tile) == 0, "data",

@@ -90,6 +90,9 @@ def test_context_axis_refuses_methods_that_do_not_support_it(tmp_path, monkeypat
                      "model.attention.0.method=moba", "model.attention.0.block_size=16")
     with pytest.raises(ConfigError, match="kv_exchange"):
         small_config(tmp_path, "mesh.kv_exchange=ppermute")
+    with pytest.raises(ConfigError, match="context=2 does not support skip_threshold"):
+        small_config(tmp_path, "data.seq_len=128", "model.max_seq_len=128", "mesh.context=2",
+                     "model.attention.0.method=dense", "model.attention.0.skip_threshold=0.01")
 
 
 def test_context_axis_needs_whole_tiles_per_chunk(tmp_path):
