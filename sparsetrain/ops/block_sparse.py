@@ -31,7 +31,7 @@ _BACKENDS = {
     "triton": (_kernel.block_sparse_attention, _scores.block_attention_scores,
                _kernel.attention_with_block_scores),
     "tpu": (_tpu.block_sparse_attention, _tpu.block_attention_scores, _no_tpu_fused_kernel),
-    # Mosaic GPU attention forward (Triton backward); the scores and the fused pair stay on Triton.
+    # Mosaic GPU attention (forward and backward); the scores and the fused pair stay on Triton.
     "mosaic_gpu": (_mgpu.block_sparse_attention, _scores.block_attention_scores,
                    _kernel.attention_with_block_scores),
 }
@@ -85,10 +85,11 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
         loop order); the decisions depend on that order.
       impl: "auto" | "pallas" | "pallas_tpu" | "mosaic_gpu" | "xla" (see
         `sparsetrain.ops.platform.kernel_backend`; the TPU kernel takes block_size 128 only of
-        these). "mosaic_gpu" (opt-in, Hopper GPU only): a Mosaic GPU forward with the Triton
-        backward, for tile selections, bf16/fp16, block_size 64, head_dim 33..128, without
-        segment_ids or window (NotImplementedError). interpret: None = True off the kernel's own
-        platform.
+        these). "mosaic_gpu" (opt-in, Hopper GPU; in its interpreter with interpret=True): the
+        Mosaic GPU forward and backward, for tile selections, bf16/fp16, block_size 64, head_dim
+        33..128, with segment_ids and window, without key_bias or skip_threshold
+        (NotImplementedError). interpret: None = True off the kernel's own platform ("mosaic_gpu":
+        False).
       return_lse: also return the natural-log log-sum-exp of each row's scaled logits over its
         visible keys, f32 [B, N, T]; -inf for rows with no visible key.
       return_skipped: also return the tiles BLASST skipped, bool [B, N, nQ, nK] (all False
