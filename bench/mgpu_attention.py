@@ -200,12 +200,12 @@ def _anchors():
     return out
 
 
-def _ours(impl: str, backward: str):
+def _ours(impl: str, backward: str, backward_wgs: int = 1):
     from pallas_kernels.block_sparse_mgpu import MgpuTuning, tuning
     from sparsetrain import ops
 
     def attn(q, k, v, m):
-        with tuning(MgpuTuning(backward=backward)):
+        with tuning(MgpuTuning(backward=backward, backward_wgs=backward_wgs)):
             return ops.block_sparse_attention(q, k, v, m, block_size=BS, impl=impl)
     return attn
 
@@ -220,7 +220,7 @@ def stage_fwd_bwd(out: dict) -> None:
 
     from bench.attention import causal_random_mask, median_time
     rng = np.random.default_rng(0)
-    ours = {"mosaic_gpu": _ours("mosaic_gpu", "mosaic_gpu"),
+    ours = {"mosaic_gpu": _ours("mosaic_gpu", "mosaic_gpu"), "mosaic_gpu bwd wgs=2": _ours("mosaic_gpu", "mosaic_gpu", 2),
             "mosaic_gpu fwd + triton bwd": _ours("mosaic_gpu", "triton"), "pallas (triton)": _ours("pallas", "mosaic_gpu")}
     out["rows"] = []
 

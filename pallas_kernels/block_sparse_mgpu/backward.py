@@ -94,6 +94,7 @@ def _dq_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, do_ref, 
 
     @pl.when(wg < w_count)
     def _compute_wg():
+        tiles.claim_registers(w_count)
         w = wg
         row0 = tile_of(w) * BLOCK
         rows = pl.ds(row0, BLOCK)
@@ -139,6 +140,8 @@ def _dq_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, do_ref, 
 
     @pl.when(wg == w_count)
     def _memory_wg():
+        tiles.yield_registers(w_count)
+
         def keys(w, t):
             return pl.ds(block_index(w, t) * BLOCK, BLOCK)
 
@@ -192,6 +195,7 @@ def _dkv_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, do_ref,
 
     @pl.when(wg < w_count)
     def _compute_wg():
+        tiles.claim_registers(w_count)
         w = wg
         key0 = tile_of(w) * BLOCK
         keys = pl.ds(key0, BLOCK)
@@ -242,6 +246,8 @@ def _dkv_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, do_ref,
 
     @pl.when(wg == w_count)
     def _memory_wg():
+        tiles.yield_registers(w_count)
+
         def locate(w, u):
             """(query head, query rows) of compute wg w's step u: the group's lists end to end."""
             head, t, first = query_head(0), u, jnp.int32(0)

@@ -62,8 +62,9 @@ BACKWARDS = ("mosaic_gpu", "triton")
 
 @dataclasses.dataclass(frozen=True)
 class MgpuTuning:
-    """compute_wgs: query tiles (compute warpgroups) per CTA, 1 or 2 (2 ping-pong their softmax
-    against each other's wgmma; the backward's wgs run independently). depth: forward K/V ring
+    """compute_wgs: query tiles (compute warpgroups) per CTA of the forward, 1 or 2 (2 ping-pong
+    their softmax against each other's wgmma); backward_wgs: tiles per CTA of the backward's two
+    kernels (their wgs run independently). depth: forward K/V ring
     slots per compute wg; None = as many as fit in SMEM, at most MAX_DEPTH. backward: which
     kernels differentiate the forward, "mosaic_gpu" (`backward.py`) or "triton" (the Triton
     dq and dk/dv kernels, which also serve GPUs without wgmma)."""
@@ -71,10 +72,12 @@ class MgpuTuning:
     compute_wgs: int = 2
     depth: int | None = None
     backward: str = "mosaic_gpu"
+    backward_wgs: int = 1  # compute wgs per CTA of the Mosaic GPU backward (FA3's default: 1)
 
     def __post_init__(self):
-        if self.compute_wgs not in (1, 2):
-            raise ValueError(f"compute_wgs={self.compute_wgs}; choose 1 or 2")
+        for name in ("compute_wgs", "backward_wgs"):
+            if getattr(self, name) not in (1, 2):
+                raise ValueError(f"{name}={getattr(self, name)}; choose 1 or 2")
         if self.depth is not None and not 2 <= self.depth <= MAX_DEPTH:
             raise ValueError(f"depth={self.depth}; choose 2..{MAX_DEPTH} or None")
         if self.backward not in BACKWARDS:
@@ -114,6 +117,7 @@ class _Launch:
     head_dim: int  # padded: 64 or 128
     n_rows: int  # query tiles, a multiple of compute_wgs
     backward: str
+    backward_wgs: int
     interpret: bool
 
 
@@ -145,8 +149,7 @@ def _attention_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, o
 
     @pl.when(wg < w_count)
     def _compute_wg():
-        if w_count == 2:  # the memory wg gives its registers to the two compute wgs
-            plgpu.set_max_registers(232, action="increase")
+        tiles.claim_registers(w_count)
         w = wg
         row0 = tile_of(w) * BLOCK
         rows = pl.ds(row0, BLOCK)
@@ -232,8 +235,7 @@ def _attention_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, o
 
     @pl.when(wg == w_count)
     def _memory_wg():
-        if w_count == 2:
-            plgpu.set_max_registers(40, action="decrease")
+        tiles.yield_registers(w_count)
 
         def keys(w, t):
             return pl.ds(block_index(w, t) * BLOCK, BLOCK)
@@ -302,9 +304,9 @@ def _attention_fwd(q, k, v, block_mask, seg, lc: _Launch):
 def _mgpu_backward(lc: _Launch, q, k, v, do, lse2, delta, mask, full, seg, bias2, cfg):
     """`triton_kernel._backward`'s signature on the Mosaic GPU kernels (no key bias)."""
     d = cfg.dims
-    lb = backward.BackwardLaunch(d, lc.masking, cfg.scale, lc.compute_wgs, lc.head_dim,
-                                 n_q_rows=lc.n_rows, n_k_rows=-(-d.n_k // lc.compute_wgs) * lc.compute_wgs,
-                                 interpret=lc.interpret)
+    w = lc.backward_wgs
+    lb = backward.BackwardLaunch(d, lc.masking, cfg.scale, w, lc.head_dim, n_q_rows=-(-d.n_q // w) * w,
+                                 n_k_rows=-(-d.n_k // w) * w, interpret=lc.interpret)
     return (*backward.backward(q, k, v, do, lse2, delta, mask, full, seg, lb), None)
 
 
@@ -360,6 +362,6 @@ def block_sparse_attention(q, k, v, block_mask, *, causal=True, block_size=64, s
     masking = tiles.Masking(dims.seq_kv, dims.offset, cfg.causal, cfg.window, cfg.segmented)
     lc = _Launch(cfg, masking, tune.compute_wgs, ring_depth(tune, head_dim, q.dtype.itemsize), head_dim,
                  n_rows=-(-dims.n_q // tune.compute_wgs) * tune.compute_wgs, backward=tune.backward,
-                 interpret=bool(interpret))
+                 backward_wgs=tune.backward_wgs, interpret=bool(interpret))
     o, lse = _attention(q, k, v, block_mask, seg, lc)
     return (o, lse) if return_lse else o

@@ -151,6 +151,19 @@ def stream_blocks(n_steps: Sequence, streams: Sequence[Stream], depth: int) -> N
 
 
 
+def claim_registers(compute_wgs: int) -> None:
+    """Compute wg side of the register split: with 2 compute wgs (3 wgs of 128 threads, 170
+    registers each by default) the memory wg gives its registers to the compute wgs."""
+    if compute_wgs == 2:
+        plgpu.set_max_registers(232, action="increase")
+
+
+def yield_registers(compute_wgs: int) -> None:
+    """Memory wg side of `claim_registers`."""
+    if compute_wgs == 2:
+        plgpu.set_max_registers(40, action="decrease")
+
+
 def launch(body, *, out_type, grid, grid_names, compute_wgs: int, scratch, interpret: bool):
     """plgpu.kernel with W compute warpgroups and one memory warpgroup (the last), compiled or in
     the GPU interpreter."""

@@ -83,8 +83,9 @@ def case_mask(rng, mc: MgpuCase, mask):
 
 
 def mgpu_attention(mask, compute_wgs: int, **kw):
+    """The kernels with `compute_wgs` query (forward) and query or key (backward) tiles per CTA."""
     def run(q, k, v):
-        with tuning(MgpuTuning(compute_wgs=compute_wgs)):  # read while tracing
+        with tuning(MgpuTuning(compute_wgs=compute_wgs, backward_wgs=compute_wgs)):  # read while tracing
             return ops.block_sparse_attention(q, k, v, mask, impl="mosaic_gpu", **kw)
     return run
 
@@ -230,7 +231,7 @@ def test_forward_and_backward_lower_for_hopper(wgs, d, dtype, causal, t, s, n, k
 
     def fwd_bwd(q, k, v, mask):
         def attention(q, k, v):
-            with tuning(MgpuTuning(compute_wgs=wgs)):
+            with tuning(MgpuTuning(compute_wgs=wgs, backward_wgs=wgs)):
                 o, lse = kernel.block_sparse_attention(q, k, v, mask, causal=causal, window=window,
                                                        segment_ids=ids, return_lse=True)
             return o.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0).sum()
