@@ -2,12 +2,15 @@
 a (2, 2, 2) mesh against one device. Prints "RESULT {case: {"loss": err, "grads": err}}" with errors
 relative to the largest reference magnitude.
 
+    python sharded_script.py PART PARTS   -> the cases SHARDED_CASES[PART::PARTS]
+
 SHARDED_CASES is every method's default plus the variants whose sharded program differs: tile
 instead of token selections (infllm_v2-tile, moba-tile), SSA's extra dense pass (local-ssa),
 Seer's gate-selected sparse mode (seer-sparse) and DSA's gathers of selected keys (dsa-sparse). The other variants change routing parameters or
 the compressor inside the same sharded program; the single-device conformance tests cover them."""
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +29,11 @@ def relative_error(a, b) -> float:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def main():
+def main(part: int, parts: int):
     assert jax.device_count() == 8
     mesh = jax.make_mesh((2, 2, 1, 2), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))  # no context split
     results = {}
-    for method, variant in SHARDED_CASES:
+    for method, variant in SHARDED_CASES[part::parts]:
         cfg = model_config(rule(method, variant))   # a dense layer and one of the method
         model = ModelDef.create(cfg)
         params = with_method_params(cfg)
@@ -53,4 +56,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]), int(sys.argv[2]))

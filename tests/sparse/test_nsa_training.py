@@ -9,7 +9,10 @@ from sparsetrain.configbase import apply_overrides
 from sparsetrain.train import train
 from tests.train.helpers import read_metrics
 
-STEPS = 40
+# 25 steps (40 before). Measured at 25 on seeds 0, 1, 2 (trainer.seed = data.seed): dense drops
+# 1.75, 1.69, 1.72 (the test asks > 0.5); NSA's drop / dense's 1.004, 1.000, 1.004 (asks > 0.8);
+# NSA's last loss / dense's 1.000, 1.002, 1.009 (asks < 1.05).
+STEPS = 25
 NARROW = ["model.d_model=64", "model.num_layers=2", "model.head_dim=16", "model.mlp_dim=128", "data.batch_size=4",
           "data.max_documents=200", "trainer.progress_bar=false", "tensorboard=false", "trainer.log_every=1",
           "trainer.eval_every=1000", "trainer.eval_batches=1", "optimizer.warmup_steps=5", f"trainer.steps={STEPS}"]

@@ -14,6 +14,11 @@ from tests.shared import once_per_session
 from tests.train.helpers import read_metrics, small_config
 
 # A model with some attention structure after a short dense run: 2 layers, T=256, blocks of 16.
+# 60 dense and 60 distillation steps (150 and 200 before; the table in docs/sparse_methods.md is
+# from those). Measured at 60/60 on seeds 0, 1, 2 (trainer.seed = data.seed), lagged / block pooling:
+# train KL last/first 0.49/0.36, 0.28/0.28, 0.50/0.39 (the test asks < 0.7); val KL falls 3-4.5x;
+# recall rises by 0.101/0.090, 0.139/0.129, 0.103/0.088 (the test asks > 0.02).
+DENSE_STEPS, DISTILL_STEPS = 60, 60
 SHAPE = ("model.d_model=128", "model.num_layers=2", "model.head_dim=32", "model.mlp_dim=352",
          "model.max_seq_len=256", "data.seq_len=256", "data.max_documents=400", "model.dtype=float32",
          "trainer.eval_batches=4", "data.batch_size=8")
@@ -22,7 +27,8 @@ SHAPE = ("model.d_model=128", "model.num_layers=2", "model.head_dim=32", "model.
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
     def train(root):
-        cfg = small_config(root, *SHAPE, "name=dense", "trainer.steps=150", "trainer.eval_every=150",
+        cfg = small_config(root, *SHAPE, "name=dense", f"trainer.steps={DENSE_STEPS}",
+                           f"trainer.eval_every={DENSE_STEPS}",
                            "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=20")
         return [str(root), float(Trainer(cfg).run()["val/loss"])]
     root, val_loss = once_per_session(tmp_path_factory, "distill", train)   # shared by both poolings' workers
@@ -33,7 +39,8 @@ def dense_run(tmp_path_factory):
 @pytest.mark.parametrize("query_pool", ["lagged", "block"])
 def test_distillation_lowers_kl_and_raises_recall(dense_run, query_pool):
     root, dense_val = dense_run
-    cfg = small_config(root, *SHAPE, f"name=seer_{query_pool}", "trainer.steps=200", "trainer.eval_every=200",
+    cfg = small_config(root, *SHAPE, f"name=seer_{query_pool}", f"trainer.steps={DISTILL_STEPS}",
+                       f"trainer.eval_every={DISTILL_STEPS}",
                        "trainer.log_every=10", f"checkpoint.init_from={root / 'dense'}",
                        "optimizer.learning_rate=1e-3", "optimizer.warmup_steps=20", "optimizer.weight_decay=0",
                        "model.attention.0.method=seer", "model.attention.0.block_size=16",

@@ -8,7 +8,12 @@ from sparsetrain import ops
 from sparsetrain.train import train
 from tests.train.helpers import read_metrics, small_config
 
-LOCAL_TPU = ("model.max_seq_len=384", "data.seq_len=384", "data.batch_size=2", "model.dtype=float32",
+# One sequence per batch and one validation batch: the TPU interpreter (pltpu.InterpretParams) runs
+# the kernels' memory operations through Python callbacks, so its time grows with the batch (a batch
+# of 2 took ~25 s per training step and ~20 s per validation batch on 2 busy CPU cores); one
+# sequence goes through the same kernels.
+LOCAL_TPU = ("model.max_seq_len=384", "data.seq_len=384", "data.batch_size=1", "trainer.eval_batches=1",
+             "model.dtype=float32",
              "model.attention.0.method=local", "model.attention.0.block_size=128",
              "trainer.steps=2", "trainer.eval_every=100",  # 3 blocks, a window of 1: sparse
              # The TPU block-score kernel (recall at evaluation) has no document masking yet.
