@@ -98,11 +98,9 @@ def _dq_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, do_ref, 
         w = wg
         row0 = tile_of(w) * BLOCK
         rows = pl.ds(row0, BLOCK)
-        for name, src in (("q", q_ref.at[batch, rows, head]), ("do", do_ref.at[batch, rows, head]),
+        tiles.load_tiles((("q", q_ref.at[batch, rows, head]), ("do", do_ref.at[batch, rows, head]),
                           ("lse", lse_ref.at[batch, head, rows]), ("delta", delta_ref.at[batch, head, rows]),
-                          *((("qid", qid_ref.at[batch, rows]),) if m.segmented else ())):
-            plgpu.copy_gmem_to_smem(src, smem[name].at[w], bars[name].at[w])
-            plgpu.barrier_wait(bars[name].at[w])
+                          *((("qid", qid_ref.at[batch, rows]),) if m.segmented else ())), smem, bars, w)
         lse = tiles.row_vector(smem["lse"].at[w], 0)
         delta = tiles.row_vector(smem["delta"].at[w], 0)
         q_ids = tiles.row_vector(smem["qid"].at[w], 0) if m.segmented else None
@@ -138,18 +136,9 @@ def _dq_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, do_ref, 
         plgpu.copy_smem_to_gmem(smem["q"].at[w], dq_ref.at[batch, rows, head])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == w_count)
-    def _memory_wg():
-        tiles.yield_registers(w_count)
-
-        def keys(w, t):
-            return pl.ds(block_index(w, t) * BLOCK, BLOCK)
-
-        streams = [Stream(lambda w, t: k_ref.at[batch, keys(w, t), kv_head], smem["k"], bars["k"], bars["k_free"]),
-                   Stream(lambda w, t: v_ref.at[batch, keys(w, t), kv_head], smem["v"], bars["v"], bars["v_free"])]
-        if m.segmented:  # released with K
-            streams.append(Stream(lambda w, t: kid_ref.at[batch, keys(w, t)], smem["kid"], bars["kid"], None))
-        tiles.stream_blocks([count(w, 1) for w in range(w_count)], streams, depth)
+    pl.when(wg == w_count)(lambda: tiles.stream_key_blocks(
+        block_index, [count(w, 1) for w in range(w_count)], (k_ref, v_ref, kid_ref), batch, kv_head, smem, bars,
+        depth, m.segmented))
 
 
 def _dq(q, k, v, do, lse2, delta, idx, cnt, seg, lb: BackwardLaunch):
@@ -199,10 +188,8 @@ def _dkv_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, do_ref,
         w = wg
         key0 = tile_of(w) * BLOCK
         keys = pl.ds(key0, BLOCK)
-        for name, src in (("k", k_ref.at[batch, keys, kv_head]), ("v", v_ref.at[batch, keys, kv_head]),
-                          *((("kid", kid_ref.at[batch, keys]),) if m.segmented else ())):
-            plgpu.copy_gmem_to_smem(src, smem[name].at[w], bars[name].at[w])
-            plgpu.barrier_wait(bars[name].at[w])
+        tiles.load_tiles((("k", k_ref.at[batch, keys, kv_head]), ("v", v_ref.at[batch, keys, kv_head]),
+                          *((("kid", kid_ref.at[batch, keys]),) if m.segmented else ())), smem, bars, w)
         k_ids = tiles.row_vector(smem["kid"].at[w], 0) if m.segmented else None
         stage = smem["stage"].at[w] if lb.interpret else None
         shape = (BLOCK, BLOCK)

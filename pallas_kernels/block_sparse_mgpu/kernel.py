@@ -52,7 +52,7 @@ from pallas_kernels.block_sparse.common import LN2, LOG2E
 from pallas_kernels.block_sparse.selection import Selection
 from pallas_kernels.block_sparse_mgpu import backward, tiles
 from pallas_kernels.block_sparse_mgpu.backward import MAX_DEPTH
-from pallas_kernels.block_sparse_mgpu.tiles import BLOCK, Stream
+from pallas_kernels.block_sparse_mgpu.tiles import BLOCK
 
 __all__ = ["MgpuTuning", "block_sparse_attention", "tuning"]
 
@@ -155,11 +155,8 @@ def _attention_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, o
         rows = pl.ds(row0, BLOCK)
         n_full, n_all = count(w, 0), count(w, 1)
         q_tile = smem["q"].at[w]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, bars["q"].at[w])
-        if m.segmented:
-            plgpu.copy_gmem_to_smem(qid_ref.at[batch, rows], smem["qid"].at[w], bars["qid"].at[w])
-            plgpu.barrier_wait(bars["qid"].at[w])
-        plgpu.barrier_wait(bars["q"].at[w])
+        tiles.load_tiles((("q", q_ref.at[batch, rows, head]),
+                          *((("qid", qid_ref.at[batch, rows]),) if m.segmented else ())), smem, bars, w)
         q_ids = tiles.row_vector(smem["qid"].at[w], 0) if m.segmented else None
         stage = smem["stage"].at[w] if lc.interpret else None
 
@@ -233,18 +230,9 @@ def _attention_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, o
         plgpu.copy_smem_to_gmem(smem["lse"].at[w], lse_ref.at[batch, head, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == w_count)
-    def _memory_wg():
-        tiles.yield_registers(w_count)
-
-        def keys(w, t):
-            return pl.ds(block_index(w, t) * BLOCK, BLOCK)
-
-        streams = [Stream(lambda w, t: k_ref.at[batch, keys(w, t), kv_head], smem["k"], bars["k"], bars["k_free"]),
-                   Stream(lambda w, t: v_ref.at[batch, keys(w, t), kv_head], smem["v"], bars["v"], bars["v_free"])]
-        if m.segmented:  # released with K
-            streams.append(Stream(lambda w, t: kid_ref.at[batch, keys(w, t)], smem["kid"], bars["kid"], None))
-        tiles.stream_blocks([count(w, 1) for w in range(w_count)], streams, depth)
+    pl.when(wg == w_count)(lambda: tiles.stream_key_blocks(
+        block_index, [count(w, 1) for w in range(w_count)], (k_ref, v_ref, kid_ref), batch, kv_head, smem, bars,
+        depth, m.segmented))
 
 
 def _launch(q, k, v, idx, cnt, seg: common.SegmentIds, lc: _Launch):

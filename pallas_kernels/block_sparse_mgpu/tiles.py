@@ -151,6 +151,31 @@ def stream_blocks(n_steps: Sequence, streams: Sequence[Stream], depth: int) -> N
 
 
 
+def load_tiles(sources, smem, bars, w) -> None:
+    """Copies each (name, GMEM block) into smem[name].at[w] and waits for all of them."""
+    for name, src in sources:
+        plgpu.copy_gmem_to_smem(src, smem[name].at[w], bars[name].at[w])
+    for name, _ in sources:
+        plgpu.barrier_wait(bars[name].at[w])
+
+
+def stream_key_blocks(block_index, n_steps: Sequence, refs, batch, kv_head, smem, bars, depth: int,
+                      segmented: bool) -> None:
+    """The memory wg of the kernels that walk query tiles' lists (forward, dq): K and V blocks
+    (and their segment ids, released with K) of kv head `kv_head` at rows block_index(w, t) * 64."""
+    yield_registers(len(n_steps))
+    k_ref, v_ref, kid_ref = refs
+
+    def keys(w, t):
+        return pl.ds(block_index(w, t) * BLOCK, BLOCK)
+
+    streams = [Stream(lambda w, t: k_ref.at[batch, keys(w, t), kv_head], smem["k"], bars["k"], bars["k_free"]),
+               Stream(lambda w, t: v_ref.at[batch, keys(w, t), kv_head], smem["v"], bars["v"], bars["v_free"])]
+    if segmented:
+        streams.append(Stream(lambda w, t: kid_ref.at[batch, keys(w, t)], smem["kid"], bars["kid"], None))
+    stream_blocks(n_steps, streams, depth)
+
+
 def claim_registers(compute_wgs: int) -> None:
     """Compute wg side of the register split: with 2 compute wgs (3 wgs of 128 threads, 170
     registers each by default) the memory wg gives its registers to the compute wgs."""
