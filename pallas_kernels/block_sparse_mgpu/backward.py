@@ -80,17 +80,11 @@ def _stage(lb: BackwardLaunch, dtype):
 
 def _dq_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                smem, bars, *, lb: BackwardLaunch, depth: int):
-    d, w_count, m = lb.dims, lb.compute_wgs, lb.masking
+    w_count, m = lb.compute_wgs, lb.masking
     dtype = q_ref.dtype
-    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-    group = lax.axis_index("q_tiles")
-    if m.causal:  # causal rows grow with the tile index: launch the longest first
-        group = lb.n_q_rows // w_count - 1 - group
-    mask_head = lax.div(head, jnp.int32(d.mask_group))
-    kv_head = lax.div(head, jnp.int32(d.group))
-    tile_of = lambda w: group * w_count + w  # noqa: E731
-    count = lambda w, which: cnt_ref[batch, mask_head, tile_of(w), which]  # noqa: E731
-    block_index = lambda w, t: idx_ref[batch, mask_head, tile_of(w), t]  # noqa: E731
+    cta = tiles.QueryTiles.of_cta(idx_ref, cnt_ref, lb.dims, w_count, lb.n_q_rows, m.causal)
+    batch, head, wg, kv_head = cta.batch, cta.head, cta.wg, cta.kv_head
+    tile_of, count, block_index = cta.tile, cta.count, cta.block_index
 
     @pl.when(wg < w_count)
     def _compute_wg():

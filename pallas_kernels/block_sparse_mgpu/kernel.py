@@ -124,23 +124,10 @@ class _Launch:
 def _attention_kernel(idx_ref, cnt_ref, qid_ref, kid_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, *,
                       lc: _Launch):
     w_count, depth, m = lc.compute_wgs, lc.depth, lc.masking
-    d = lc.cfg.dims
     dtype = q_ref.dtype
-    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-    group = lax.axis_index("q_tiles")
-    if m.causal:  # causal rows grow with the tile index: launch the longest first
-        group = lc.n_rows // w_count - 1 - group
-    mask_head = lax.div(head, jnp.int32(d.mask_group))
-    kv_head = lax.div(head, jnp.int32(d.group))
-
-    def tile_of(w):
-        return group * w_count + w
-
-    def count(w, which: int):  # which = 0: full tiles (the prefix), 1: all tiles
-        return cnt_ref[batch, mask_head, tile_of(w), which]
-
-    def block_index(w, t):
-        return idx_ref[batch, mask_head, tile_of(w), t]
+    cta = tiles.QueryTiles.of_cta(idx_ref, cnt_ref, lc.cfg.dims, w_count, lc.n_rows, m.causal)
+    batch, head, wg, kv_head = cta.batch, cta.head, cta.wg, cta.kv_head
+    tile_of, count, block_index = cta.tile, cta.count, cta.block_index
 
     def meet_schedule():  # both compute wgs pass here together (a no-op with one)
         if w_count == 2:

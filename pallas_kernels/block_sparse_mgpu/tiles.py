@@ -26,6 +26,39 @@ BLOCK = 64  # query tile = key tile = selection block (one wgmma M of 64 rows pe
 TILE_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+@dataclasses.dataclass(frozen=True)
+class QueryTiles:
+    """Where a CTA of the kernels that walk query tiles' lists (forward, dq) sits: grid axes
+    ("heads", "q_tiles", "batch", and "wg" for the warpgroup) and its W tiles' lists."""
+
+    batch: jax.Array
+    head: jax.Array
+    wg: jax.Array
+    mask_head: jax.Array
+    kv_head: jax.Array
+    group: jax.Array  # the CTA's tiles are group * W + w
+    compute_wgs: int
+    idx_ref: object
+    cnt_ref: object
+
+    @classmethod
+    def of_cta(cls, idx_ref, cnt_ref, dims, compute_wgs: int, n_rows: int, causal: bool) -> "QueryTiles":
+        head, group = lax.axis_index("heads"), lax.axis_index("q_tiles")
+        if causal:  # causal rows grow with the tile index: launch the longest first
+            group = n_rows // compute_wgs - 1 - group
+        return cls(lax.axis_index("batch"), head, lax.axis_index("wg"), lax.div(head, jnp.int32(dims.mask_group)),
+                   lax.div(head, jnp.int32(dims.group)), group, compute_wgs, idx_ref, cnt_ref)
+
+    def tile(self, w):
+        return self.group * self.compute_wgs + w
+
+    def count(self, w, which: int):  # which = 0: full tiles (the prefix), 1: all tiles
+        return self.cnt_ref[self.batch, self.mask_head, self.tile(w), which]
+
+    def block_index(self, w, t):
+        return self.idx_ref[self.batch, self.mask_head, self.tile(w), t]
+
+
 def smem_tiles(shape, dtype):
     """SMEM for wgmma operand tiles [..., 64, D]."""
     return plgpu.SMEM(shape, dtype, transforms=TILE_TRANSFORMS)
