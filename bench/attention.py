@@ -91,7 +91,7 @@ def list_build_fn(t: int, bs: int, head_dim: int):
     @jax.jit
     def build(m):
         m = m & possible
-        return common.block_lists(m, full), common.block_lists(jnp.swapaxes(m, -1, -2), ~full.T)
+        return common.block_lists(m, full), common.transposed_block_lists(m, full)
     return build
 
 

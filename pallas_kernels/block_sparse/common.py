@@ -307,6 +307,14 @@ def block_lists(mask, first):
     return idx, jnp.stack([n_first, n_all], axis=-1)
 
 
+def transposed_block_lists(mask, full):
+    """`block_lists` of the dk/dv kernels: per key block, the query blocks that selected it, the
+    masked tiles first. mask [B, H, R, C]; full as `block_lists` takes `first` (a static numpy
+    [R, C] keeps its static fast path)."""
+    full_t = full.T if isinstance(full, np.ndarray) else jnp.swapaxes(full, -1, -2)
+    return block_lists(jnp.swapaxes(mask, -1, -2), ~full_t)
+
+
 def normalise_rows(x):
     """x / x.sum(-1): each row of non-negative block scores sums to 1; rows with no mass stay 0."""
     total = x.sum(-1, keepdims=True)

@@ -36,7 +36,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
@@ -310,8 +309,7 @@ def _backward(q, k, v, do, lse, delta, mask, full, seg, bias2, cfg: _Config):
         name="block_sparse_dq")(idx, cnt, *seg, bias2, q, k, v, do, lse, delta)
 
     # Transposed lists: per key block, the query blocks that selected it; masked tiles first.
-    full_t = full.T if isinstance(full, np.ndarray) else jnp.swapaxes(full, -1, -2)
-    idx_t, cnt_t = common.block_lists(jnp.swapaxes(mask, -1, -2), ~full_t)
+    idx_t, cnt_t = common.transposed_block_lists(mask, full)
     lists_t = pl.BlockSpec((None, None, None, d.n_q), lambda j, b, h: (b, h // d.mask_group, j, 0))
     counts_t = pl.BlockSpec((None, None, None, 2), lambda j, b, h: (b, h // d.mask_group, j, 0))
     qseg_all = pl.BlockSpec((None, t_p), lambda j, b, h: (b, 0))

@@ -291,8 +291,7 @@ def backward(q, k, v, do, lse2, delta, mask, full, seg: common.SegmentIds, lb: B
     seg = common.SegmentIds(pad_q(seg.q, 1), pad_k(seg.kv, 1))
     # Tiles padding the last CTA get empty lists: zero counts, never-read indices.
     idx, cnt = (pad_q(x, 2) for x in common.block_lists(mask, full))
-    full_t = jnp.swapaxes(jnp.broadcast_to(full, mask.shape), -1, -2)
-    idx_t, cnt_t = (pad_k(x, 2) for x in common.block_lists(jnp.swapaxes(mask, -1, -2), ~full_t))
+    idx_t, cnt_t = (pad_k(x, 2) for x in common.transposed_block_lists(mask, full))
     dq = _dq(q, k, v, do, lse2, delta, idx, cnt, seg, lb)
     dk, dv = _dkv(q, k, v, do, lse2, delta, idx_t, cnt_t, seg, lb)
     return dq[:, :t_p], dk[:, :s_p], dv[:, :s_p]

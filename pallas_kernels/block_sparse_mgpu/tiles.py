@@ -21,6 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.state import types as state_types
 
+# The elementwise rule of a masked tile, shared with the Triton kernels.
+from pallas_kernels.block_sparse.kernel import visible
+
 BLOCK = 64  # query tile = key tile = selection block (one wgmma M of 64 rows per compute wg)
 # 128-byte swizzle: a 16-bit row of 64 elements per swizzle atom (as the wgmma operands want).
 TILE_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -121,15 +124,12 @@ def tile_keep(m: Masking, q0, k0, *, keys_as_rows: bool = False, q_ids=None, k_i
     j = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=plgpu.Layout.WGMMA)
     q_axis, k_axis = (1, 0) if keys_as_rows else (0, 1)
     q_pos, k_pos = (j + q0, i + k0) if keys_as_rows else (i + q0, j + k0)
-    keep = k_pos < m.seq_kv
-    if m.causal:
-        keep = keep & (k_pos <= q_pos + m.offset)
-    if m.window is not None:
-        keep = keep & (k_pos > q_pos + (m.offset - m.window))
+    same_doc = None
     if m.segmented:
         shape = (BLOCK, BLOCK)
-        keep = keep & (lax.broadcast_in_dim(q_ids, shape, [q_axis]) == lax.broadcast_in_dim(k_ids, shape, [k_axis]))
-    return keep
+        same_doc = lax.broadcast_in_dim(q_ids, shape, [q_axis]) == lax.broadcast_in_dim(k_ids, shape, [k_axis])
+    return visible(q_pos, k_pos, causal=m.causal, offset=m.offset, seq_kv=m.seq_kv, window=m.window,
+                   same_doc=same_doc)
 
 
 def row_vector(ref, rows_axis: int):
@@ -181,7 +181,6 @@ def stream_blocks(n_steps: Sequence, streams: Sequence[Stream], depth: int) -> N
                         def _():
                             plgpu.barrier_wait(s.free.at[slot])
                     plgpu.copy_gmem_to_smem(s.src(w, t), s.dst.at[slot], s.ready.at[slot])
-
 
 
 def load_tiles(sources, smem, bars, w) -> None:
